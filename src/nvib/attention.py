@@ -1,0 +1,302 @@
+"""NV attention inside transformers' attention modules (spec §6, §8, §9).
+
+The module's own code keeps running. Its q/k/v projections are replaced (instance `forward`) by ones
+that emit, per head, E+1 channels: the transformed query/key/value of the fast form plus one
+channel carrying the per-key score bias c_n (keys), a constant 1/s (queries) and the prior
+indicator (values, so the output reads the prior's attention weight a_m0). The module's head size
+attribute is set to E+1 so its reshapes and its KV cache carry those channels unchanged. The
+registered attention function "nvib" then prepends the prior component and calls
+`scaled_dot_product_attention`. The prior never enters the cache (the self-attention cache length
+drives positions); for cross-attention, whose cached keys do not change between decoding steps,
+the keys and values with the prior prepended are kept until the cache hands over new ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from nvib.architectures import Site
+from nvib.layer import NVIBLayer
+
+ATTN_NAME = "nvib"
+C_LIMIT = 1e4  # |c_n| bound so the bias channel stays finite in float16 (e^-1e4 is already 0)
+
+
+@dataclasses.dataclass(eq=False)
+class Slot:
+    """What one converted attention module needs: its site's layer and its cached fast-form weights."""
+
+    layer: NVIBLayer
+    kind: str
+    heads: int
+    head_dim: int  # E of the pretrained module
+    scaling: float
+    proj: tuple[nn.Module, ...]  # (q, k, v) or (fused,)
+    fused: bool
+    folded: dict | None = None
+    folded_key: tuple | None = None
+    prior_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # training: this forward's sampled prior k, v
+    mass_log: list | None = None  # record_prior_mass: (Σ a_m0, number of queries) per call
+    with_prior: tuple | None = None  # (key, value, folded, key with prior, value with prior) of the last cross call
+
+    # ---- pretrained projections as [out, in] weights ----------------------------------------
+
+    def qkv_weights(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        if not self.fused:
+            return [(p.weight, p.bias) for p in self.proj]
+        conv = self.proj[0]  # transformers Conv1D: weight [in, out]
+        P = self.heads * self.head_dim
+        return [
+            (conv.weight[:, i * P : (i + 1) * P].t(), None if conv.bias is None else conv.bias[i * P : (i + 1) * P])
+            for i in range(3)
+        ]
+
+    def _tensors(self) -> list[torch.Tensor]:
+        ts = [t for wb in self.qkv_weights() for t in wb if t is not None]
+        return ts + list(self.layer.parameters()) + list(self.layer.buffers())
+
+    def fold(self) -> dict:
+        """Fast-form weights (spec §6), rebuilt only when a parameter, dtype or device changed."""
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in self._tensors())
+        key = tuple((t._version, t.data_ptr(), t.dtype) for t in self._tensors())
+        if not grad and self.folded is not None and key == self.folded_key:
+            return self.folded
+        with torch.set_grad_enabled(grad):
+            folded = self._build()
+        if not grad:
+            self.folded, self.folded_key = folded, key
+        return folded
+
+    def _build(self) -> dict:
+        (wq, bq), (wk, bk), (wv, bv) = self.qkv_weights()
+        dtype, H, E = wq.dtype, self.heads, self.head_dim
+        t = self.layer.fast_terms()  # float64
+        f = torch.promote_types(dtype, torch.float32)
+
+        def heads_plus_one(w: torch.Tensor, extra: float = 0.0) -> torch.Tensor:
+            """[H*E, ...] -> [H*(E+1), ...] with `extra` in each head's last row."""
+            w = w.reshape(H, E, *w.shape[1:])
+            pad = torch.full((H, 1, *w.shape[2:]), extra, dtype=w.dtype, device=w.device)
+            return torch.cat([w, pad], dim=1).reshape(H * (E + 1), *w.shape[2:])
+
+        def zeros_if_none(b):
+            return torch.zeros(wq.shape[0], dtype=dtype, device=wq.device) if b is None else b
+
+        bq, bk, bv = zeros_if_none(bq), zeros_if_none(bk), zeros_if_none(bv)
+        wk64, wv64 = wk.to(torch.float64), wv.to(torch.float64)
+        key_w = wk64 * t.key_scale
+        val_w = wv64 * t.key_scale
+        key_b = wk64 @ t.key_shift + bk.to(torch.float64)
+        val_b = wv64 @ t.key_shift + bv.to(torch.float64)
+        prior_k = torch.cat([(wk64 @ t.prior_point + bk.to(torch.float64)).view(H, E), t.prior_c.expand(H, 1)], 1)
+        prior_v = torch.cat([(wv64 @ t.prior_point + bv.to(torch.float64)).view(H, E), torch.ones_like(prior_k[:, :1])], 1)
+        # G = W_v diag(σ²/β) W_kᵀ per head; the prior's G_0 enters weighted by a_m0, the tokens' by 1 − a_m0.
+        wk_h, wv_h = wk64.view(H, E, -1), wv64.view(H, E, -1)
+        g0 = (wv_h * t.prior_ratio) @ wk_h.transpose(1, 2)
+        use_g = bool(t.ratio.max() > 1e-9)
+        g = (wv_h * t.ratio) @ wk_h.transpose(1, 2) if use_g else None
+        return dict(
+            q_w=heads_plus_one(wq),
+            q_b=heads_plus_one(bq, 1.0 / self.scaling),
+            k_w=heads_plus_one(key_w.to(dtype)),
+            k_b=heads_plus_one(key_b.to(dtype)),
+            v_w=heads_plus_one(val_w.to(dtype)),
+            v_b=heads_plus_one(val_b.to(dtype)),
+            c_lin=t.c_lin.to(f),
+            c_quad=t.c_quad.to(f),
+            prior_k=prior_k.to(dtype),
+            prior_v=prior_v.to(dtype),
+            g=None if g is None else g.transpose(1, 2).to(dtype),  # [H, E, E], applied as q @ Gᵀ
+            g0_minus_g=(g0 if g is None else g0 - g).transpose(1, 2).to(dtype),
+        )
+
+    # ---- projections ------------------------------------------------------------------------
+
+    def project(self, which: str, x: torch.Tensor) -> torch.Tensor:
+        """Replacement forward of the q, k or v projection (or "qkv" for a fused one): [B, N, H(E+1)]."""
+        if self.fused:
+            return torch.cat([self._project1(w, x) for w in "qkv"], dim=-1)
+        return self._project1(which, x)
+
+    def _project1(self, which: str, x: torch.Tensor) -> torch.Tensor:
+        if self.layer.training:
+            return self._project_train(which, x)
+        w = self.fold()
+        out = F.linear(x, w[f"{which}_w"], w[f"{which}_b"])
+        if which == "q":
+            return out
+        if which == "k":
+            z = x.to(w["c_lin"].dtype)
+            c = (z @ w["c_lin"] + (z * z) @ w["c_quad"]).clamp(-C_LIMIT, C_LIMIT)
+            out = out.view(*out.shape[:-1], self.heads, self.head_dim + 1)
+            out[..., -1] = c.unsqueeze(-1).to(out.dtype)
+            out = out.flatten(-2)
+        return out
+
+    def _project_train(self, which: str, x: torch.Tensor) -> torch.Tensor:
+        """Spec §8: keys/values of a sampled z̃, with log γ − ‖z̃‖²/(2√E) as the key's bias channel."""
+        (wq, bq), (wk, bk), (wv, bv) = self.qkv_weights()
+        H, E = self.heads, self.head_dim
+        if which == "q":
+            out = F.linear(x, wq, bq).view(*x.shape[:-1], H, E)
+            return torch.cat([out, torch.full_like(out[..., :1], 1.0 / self.scaling)], -1).flatten(-2)
+        z_t, bias, prior_z, prior_bias = self.layer.sample(x)
+        w, b = (wk, bk) if which == "k" else (wv, bv)
+        extra, prior_extra = (bias, prior_bias) if which == "k" else (0 * bias, torch.ones_like(prior_bias))
+        out = torch.cat([F.linear(z_t, w, b).view(*z_t.shape[:-1], H, E), _channel(extra, H, x.dtype)], -1)
+        prior = torch.cat([F.linear(prior_z, w, b).view(-1, H, E), _channel(prior_extra, H, x.dtype)], -1)
+        k_or_v = 0 if which == "k" else 1
+        kv = list(self.prior_kv or (None, None))
+        kv[k_or_v] = prior.unsqueeze(2)  # [B, H, 1, E+1]
+        self.prior_kv = tuple(kv)
+        return out.flatten(-2)
+
+    # ---- attention --------------------------------------------------------------------------
+
+    def prepend_prior(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, H, N, E+1] with the prior component at n = 0."""
+        if self.layer.training:
+            prior_k, prior_v = self.prior_kv
+        else:
+            w = self.fold()
+            memo = self.with_prior
+            if memo is not None and memo[0] is key and memo[1] is value and memo[2] is w:
+                return memo[3], memo[4]
+            B = key.shape[0]
+            prior_k, prior_v = (w[n].view(1, self.heads, 1, -1).expand(B, -1, -1, -1) for n in ("prior_k", "prior_v"))
+        out = torch.cat([prior_k, key], 2), torch.cat([prior_v, value], 2)
+        if self.kind == "cross" and not self.layer.training:
+            self.with_prior = (key, value, w, *out)
+        return out
+
+    def correct(self, out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """Add (1 − a_m0)·G q + a_m0·G_0 q (spec §6) to the attention output [B, H, Q, E+1] → [B, H, Q, E]."""
+        o, a0 = out[..., :-1], out[..., -1:]
+        if self.mass_log is not None:
+            self.mass_log.append((float(a0.float().sum()), a0.numel()))
+        if self.layer.training:
+            return o
+        w = self.fold()
+        q = query[..., :-1]
+        o = o + a0 * (q @ w["g0_minus_g"])
+        if w["g"] is not None:
+            o = o + q @ w["g"]
+        return o
+
+
+def _channel(values: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """[...] -> [..., H, 1], one value repeated for every head."""
+    return values.clamp(-C_LIMIT, C_LIMIT).to(dtype)[..., None, None].expand(*values.shape, heads, 1)
+
+
+def _key_mask(mask: torch.Tensor | None, batch: int, q_len: int, n_tokens: int, is_causal: bool, device):
+    """A boolean [B, 1, Q, N] mask (True = attend) over the tokens, or None for no mask."""
+    if mask is None:
+        if not is_causal or q_len == 1:
+            return None
+        return torch.ones(q_len, n_tokens, dtype=torch.bool, device=device).tril(n_tokens - q_len)[None, None]
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+def nv_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    position_bias: torch.Tensor | None = None,
+    **kwargs,
+):
+    """NV attention: q/k/v [B, H, *, E+1] from `Slot.project`; returns ([B, Q, H, E], None)."""
+    slot: Slot | None = getattr(module, "_nv_slot", None)
+    if slot is None:  # a model that shares its config with a converted one stays stock
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+            position_bias=position_bias, **kwargs,
+        )  # fmt: skip
+    B, _, Q, _ = query.shape
+    key, value = slot.prepend_prior(key, value)
+    n_tokens = key.shape[2] - 1
+    if attention_mask is not None and attention_mask.shape[-1] > n_tokens:
+        attention_mask = attention_mask[..., -n_tokens:]  # some models size masks by the cache incl. prior
+    allowed = _key_mask(attention_mask, B, Q, n_tokens, bool(getattr(module, "is_causal", False)), query.device)
+    if slot.layer.training:
+        slot.layer.compute_kl(None if allowed is None else allowed[:, 0].any(1).expand(B, -1))
+    mask = None
+    if allowed is not None:
+        mask = F.pad(allowed, (1, 0), value=True)
+    if position_bias is not None:
+        bias = position_bias if position_bias.shape[-1] == n_tokens + 1 else F.pad(position_bias, (1, 0))
+        bias = bias.to(query.dtype)
+        mask = bias if mask is None else torch.where(mask, bias, torch.finfo(query.dtype).min)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=slot.scaling
+    )
+    return slot.correct(out, query).transpose(1, 2), None
+
+
+def _nv_mask(*args, **kwargs):
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+def register() -> None:
+    """Make "nvib" selectable by `model.set_attn_implementation` (spec §9)."""
+    AttentionInterface.register(ATTN_NAME, nv_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, _nv_mask)
+
+
+def mpnet_forward(self, hidden_states, attention_mask=None, position_bias=None, output_attentions=False, **kw):
+    """MPNetSelfAttention does not use the attention interface; this forward routes it through NV attention."""
+    slot: Slot = self._nv_slot
+    shape = (*hidden_states.shape[:-1], -1, slot.head_dim + 1)
+    q, k, v = (p(hidden_states).view(shape).transpose(1, 2) for p in (self.q, self.k, self.v))
+    out, _ = nv_attention_forward(
+        self, q, k, v, attention_mask, dropout=self.dropout.p, scaling=slot.scaling, position_bias=position_bias
+    )
+    return (self.o(out.reshape(*hidden_states.shape[:-1], -1)),)
+
+
+def install(site: Site, layer: NVIBLayer) -> Slot:
+    """Route one attention module through NV attention; `uninstall` reverts it."""
+    module, arch = site.module, site.arch
+    E = getattr(module, arch.head_dim_attr)
+    scaling = float(getattr(module, "scaling", E**-0.5))
+    fused = arch.fused_qkv is not None
+    proj = (getattr(module, arch.fused_qkv),) if fused else tuple(getattr(module, n) for n in (arch.q, arch.k, arch.v))
+    heads = proj[0].weight.shape[0 if not fused else 1] // (E * (3 if fused else 1))
+    slot = Slot(layer, site.kind, heads, E, scaling, proj, fused)
+    object.__setattr__(module, "_nv_slot", slot)
+    setattr(module, arch.head_dim_attr, E + 1)
+    if fused:
+        module.split_size = heads * (E + 1)
+        proj[0].forward = functools.partial(slot.project, "qkv")
+    else:
+        for which, p in zip("qkv", proj, strict=True):
+            p.forward = functools.partial(slot.project, which)
+    if not arch.uses_attention_interface:
+        module.forward = functools.partial(mpnet_forward, module)
+    return slot
+
+
+def uninstall(site: Site) -> None:
+    module, arch = site.module, site.arch
+    slot: Slot = module.__dict__.pop("_nv_slot")
+    setattr(module, arch.head_dim_attr, slot.head_dim)
+    if slot.fused:
+        module.split_size = slot.heads * slot.head_dim
+    for p in slot.proj:
+        p.__dict__.pop("forward", None)
+    module.__dict__.pop("forward", None)

@@ -1,0 +1,69 @@
+"""`NVConfig`: the regularisation knobs of an NV model (spec §3)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+KINDS = ("encoder", "cross", "decoder")
+SUFFIX = {"encoder": "e", "cross": "c", "decoder": "d"}
+
+
+@dataclasses.dataclass(frozen=True)
+class NVConfig:
+    """Knobs per site kind (e = encoder self-attention, c = cross-attention, d = decoder self-attention).
+
+    The defaults are the equivalence setting: the NV model computes what the pretrained model computes.
+    """
+
+    alpha_tau_e: float = 10.0
+    alpha_tau_c: float = 10.0
+    alpha_tau_d: float = 10.0
+    stdev_tau_e: float = 0.0
+    stdev_tau_c: float = 0.0
+    stdev_tau_d: float = 0.0
+    mu_tau: float = 1.0
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"NVConfig.{field.name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"NVConfig.{field.name} must be finite, got {value}; pass a real number")
+            if field.name.startswith("stdev_tau") and value < 0:
+                raise ValueError(
+                    f"NVConfig.{field.name} is a width in prior standard deviations and must be >= 0, got {value}"
+                )
+
+    def alpha_tau(self, kind: str) -> float:
+        return getattr(self, f"alpha_tau_{SUFFIX[kind]}")
+
+    def stdev_tau(self, kind: str) -> float:
+        return getattr(self, f"stdev_tau_{SUFFIX[kind]}")
+
+    def replace(self, **changes: float) -> NVConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> NVConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown NVConfig fields {unknown}; valid fields are {sorted(known)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> NVConfig:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); it should be written by NVConfig.save") from err

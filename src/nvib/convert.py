@@ -1,0 +1,112 @@
+"""convert / configure / unload: turn a transformers model into its NV form and back."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from nvib import attention
+from nvib.architectures import find_sites
+from nvib.config import NVConfig
+from nvib.layer import NVIBLayer
+
+LAYERS = "nvib_layers"  # the ModuleDict of NVIB layers on the converted model
+
+
+def is_converted(model: nn.Module) -> bool:
+    return LAYERS in model._modules
+
+
+def nv_layers(model: nn.Module) -> dict[str, NVIBLayer]:
+    """Site name ("encoder.0", ..., "cross") -> its NVIB layer."""
+    if not is_converted(model):
+        raise ValueError("this model is not an NV model; call nvib.convert(model) first")
+    return {layer.site: layer for layer in model._modules[LAYERS].values()}
+
+
+def convert(model: nn.Module, config: NVConfig | None = None, prior=None) -> nn.Module:
+    """Attach one NVIB layer per attention site (spec §1) with the identity initialisation (§3), in place.
+
+    `prior` is an `EmpiricalPrior` (§7); without one every site gets the default prior.
+    """
+    if is_converted(model):
+        raise ValueError("this model is already an NV model; use nvib.configure to change its knobs")
+    config = config or NVConfig()
+    sites = find_sites(model)
+    param = next(model.parameters())
+    layers: dict[str, NVIBLayer] = {}
+    for site in sites:
+        if site.name not in layers:
+            layer = NVIBLayer(site.name, site.kind, site.key_dim, site.noise)
+            layers[site.name] = layer.to(device=param.device, dtype=param.dtype).train(model.training)
+    if prior is not None:
+        prior.check_compatible(model, layers)
+        for name, layer in layers.items():
+            s = prior.sites[name]
+            layer.set_prior(s.mean, s.var, s.log_alpha_mean, s.log_alpha_std)
+    attention.register()
+    model.add_module(LAYERS, nn.ModuleDict({n.replace(".", "_"): layer for n, layer in layers.items()}))
+    for site in sites:
+        attention.install(site, layers[site.name])
+    model.__dict__["_nv_sites"] = sites
+    model.__dict__["nv_prior"] = prior
+    model.__dict__["_nv_attn_original"] = _select_attention(model, attention.ATTN_NAME)
+    configure(model, config)
+    return model
+
+
+def _select_attention(model: nn.Module, name: str) -> list[tuple[PretrainedConfig, str]]:
+    """Select attention `name` on every config the model's modules read (sub-models may hold their own
+    copies, e.g. inside a deep-copied EncoderDecoderModel); returns what to restore."""
+    configs = {id(model.config): model.config}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if isinstance(config, PretrainedConfig):
+            configs.setdefault(id(config), config)
+    original = [(c, c._attn_implementation) for c in configs.values()]
+    model.set_attn_implementation(name)
+    for config in configs.values():
+        config._attn_implementation = name
+    return original
+
+
+def configure(model: nn.Module, config: NVConfig) -> nn.Module:
+    """Re-initialise every site with new knobs, in place; cheap enough to call once per search trial."""
+    if not isinstance(config, NVConfig):
+        raise TypeError(f"configure expects an nvib.NVConfig, got {type(config).__name__}")
+    for layer in nv_layers(model).values():
+        layer.reset(config.alpha_tau(layer.kind), config.stdev_tau(layer.kind), config.mu_tau)
+    model.__dict__["nv_config"] = config
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove the NV layers and give back the plain pretrained model, in place."""
+    nv_layers(model)
+    for site in model.__dict__.pop("_nv_sites"):
+        attention.uninstall(site)
+    del model._modules[LAYERS]
+    for config, implementation in model.__dict__.pop("_nv_attn_original"):
+        config._attn_implementation = implementation
+    model.__dict__.pop("nv_config", None)
+    model.__dict__.pop("nv_prior", None)
+    return model
+
+
+def kl_terms(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Site -> (KL_G, KL_D) of the last training-mode forward pass (spec §8)."""
+    terms = {}
+    for name, layer in nv_layers(model).items():
+        if layer.kl_gaussian is None:
+            raise RuntimeError(
+                f"site {name} has no KL terms: run a forward pass in model.train() mode before nvib.kl_loss"
+            )
+        terms[name] = (layer.kl_gaussian, layer.kl_dirichlet)
+    return terms
+
+
+def kl_loss(model: nn.Module, lambda_g: float = 1.0, lambda_d: float = 1.0) -> torch.Tensor:
+    """λ_G Σ_sites KL_G + λ_D Σ_sites KL_D of the last training-mode forward pass."""
+    terms = kl_terms(model).values()
+    return sum(lambda_g * g.float() + lambda_d * d.float() for g, d in terms)

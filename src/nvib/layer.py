@@ -1,0 +1,160 @@
+"""`NVIBLayer`: the parameters of one NV site and what they imply (spec §2, §3, §6, §8).
+
+The layer maps a key-side vector z (size P) to a Gaussian component (μ, σ²) and a log
+pseudo-count log α. It is parameterised so that its identity initialisation costs nothing:
+μ = mu_scale·z + mu_bias (W_μ = τ_μ·I), one shared log-variance (W_σ = 0), and
+log α = alpha_w1·z + alpha_w2·(z⊙z) + alpha_bias.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+TINY_VARIANCE = 1e-12  # spec §3: b_σ = log((s_0 τ_σ)² + tiny)
+LOG_ALPHA_GAUSSIAN = 10.0  # above this log α, Gamma(α, 1) is sampled by its normal approximation
+
+
+@dataclasses.dataclass
+class FastTerms:
+    """Per-site vectors of the fast form (spec §6), all of size P unless noted.
+
+    For a token z: k̃ = W_k(key_scale ⊙ z + key_shift); c = c_lin·z + c_quad·(z⊙z) (token constant
+    removed: it is the same for every token and drops out of the softmax).
+    """
+
+    key_scale: torch.Tensor
+    key_shift: torch.Tensor
+    c_lin: torch.Tensor
+    c_quad: torch.Tensor
+    ratio: torch.Tensor  # σ²/β of the tokens
+    prior_point: torch.Tensor  # √E m_0/β_0
+    prior_ratio: torch.Tensor  # s_0²/β_0
+    prior_c: torch.Tensor  # scalar: c_0 minus the token constant
+
+
+class NVIBLayer(nn.Module):
+    """One NV site: P-dimensional NVIB parameters plus the site's prior statistics (buffers).
+
+    `noise` is the query noise variance √E (1/s for models scaling scores by s, spec §1).
+    """
+
+    def __init__(self, site: str, kind: str, dim: int, noise: float):
+        super().__init__()
+        self.site, self.kind, self.dim, self.noise = site, kind, dim, float(noise)
+        self.mu_scale = nn.Parameter(torch.ones(()))
+        self.mu_bias = nn.Parameter(torch.zeros(dim))
+        self.logvar_bias = nn.Parameter(torch.full((dim,), math.log(TINY_VARIANCE)))
+        self.alpha_w1 = nn.Parameter(torch.zeros(dim))
+        self.alpha_w2 = nn.Parameter(torch.full((dim,), 1 / (2 * self.noise)))
+        self.alpha_bias = nn.Parameter(torch.zeros(()))
+        self.register_buffer("prior_mean", torch.zeros(dim))
+        self.register_buffer("prior_var", torch.ones(dim))
+        self.register_buffer("prior_log_alpha", torch.zeros(()))
+        self.register_buffer("prior_scale", torch.ones(()))
+        self.kl_gaussian: torch.Tensor | None = None
+        self.kl_dirichlet: torch.Tensor | None = None
+        self._sample: tuple | None = None
+
+    def extra_repr(self) -> str:
+        return f"site={self.site!r}, kind={self.kind!r}, dim={self.dim}, noise={self.noise:.4g}"
+
+    @torch.no_grad()
+    def set_prior(self, mean: torch.Tensor, var: torch.Tensor, log_alpha_mean: float, log_alpha_std: float):
+        self.prior_mean.copy_(mean)
+        self.prior_var.copy_(var)
+        self.prior_log_alpha.fill_(float(log_alpha_mean))
+        self.prior_scale.fill_(float(log_alpha_std))
+
+    @torch.no_grad()
+    def reset(self, alpha_tau: float, stdev_tau: float, mu_tau: float = 1.0) -> None:
+        """Identity initialisation with knobs (spec §3), in place."""
+        m0 = self.prior_mean.to(self.mu_bias.dtype)
+        s0sq = self.prior_var.to(torch.float64)
+        self.mu_scale.fill_(mu_tau)
+        self.mu_bias.copy_((1 - mu_tau) * m0)
+        self.logvar_bias.copy_(torch.log(s0sq * stdev_tau**2 + TINY_VARIANCE))
+        self.alpha_w1.zero_()
+        self.alpha_w2.fill_(1 / (2 * self.noise))
+        self.alpha_bias.fill_(alpha_tau * float(self.prior_scale))
+
+    # ---- evaluation (spec §4, §6) -------------------------------------------------------------
+
+    def fast_terms(self) -> FastTerms:
+        """The fast-form vectors in float64 (differentiable in the layer's parameters)."""
+        f = torch.float64
+        s, b = self.mu_scale.to(f), self.mu_bias.to(f)
+        var = self.logvar_bias.to(f).exp()
+        beta = var + self.noise
+        d = self.noise / beta
+        m0, s0sq = self.prior_mean.to(f), self.prior_var.to(f)
+        beta0 = s0sq + self.noise
+        token_const = self.alpha_bias.to(f) - 0.5 * (b * b / beta).sum() - 0.5 * beta.log().sum()
+        c0 = self.prior_log_alpha.to(f) - 0.5 * (m0 * m0 / beta0).sum() - 0.5 * beta0.log().sum()
+        return FastTerms(
+            key_scale=d * s,
+            key_shift=d * b,
+            c_lin=self.alpha_w1.to(f) - s * b / beta,
+            c_quad=self.alpha_w2.to(f) - s * s / (2 * beta),
+            ratio=var / beta,
+            prior_point=self.noise * m0 / beta0,
+            prior_ratio=s0sq / beta0,
+            prior_c=c0 - token_const,
+        )
+
+    def posterior(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """μ [..., P], log σ² [..., P] and log α [...] of key vectors z [..., P], in float32 or wider."""
+        z = z.to(torch.promote_types(z.dtype, torch.float32))
+        mu = self.mu_scale * z + self.mu_bias
+        logvar = self.logvar_bias.expand_as(mu)
+        log_alpha = z @ self.alpha_w1.to(z.dtype) + (z * z) @ self.alpha_w2.to(z.dtype) + self.alpha_bias
+        return mu, logvar, log_alpha
+
+    # ---- training (spec §8) -------------------------------------------------------------------
+
+    def sample(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One reparameterised sample for key vectors z [B, N, P], shared by every module of the site.
+
+        Returns z̃ [B, N, P], the per-key score bias log γ − ‖z̃‖²/(2√E) [B, N] (float32), and the same
+        two for the prior component: z̃_0 [B, P], bias_0 [B].
+        """
+        if self._sample is not None and self._sample[0] is z:
+            return self._sample[1]
+        mu, logvar, log_alpha = self.posterior(z)
+        z_tilde = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
+        m0 = self.prior_mean.to(mu.dtype).expand(z.shape[0], -1)
+        prior_tilde = m0 + self.prior_var.to(mu.dtype).sqrt() * torch.randn_like(m0)
+        prior_log_alpha = self.prior_log_alpha.to(mu.dtype).expand(z.shape[0])
+        bias = sample_log_gamma(log_alpha) - (z_tilde * z_tilde).sum(-1) / (2 * self.noise)
+        prior_bias = sample_log_gamma(prior_log_alpha) - (prior_tilde * prior_tilde).sum(-1) / (2 * self.noise)
+        out = (z_tilde.to(z.dtype), bias, prior_tilde.to(z.dtype), prior_bias)
+        self._sample = (z, out, (mu, logvar, log_alpha))
+        self.kl_gaussian = self.kl_dirichlet = None
+        return out
+
+    def compute_kl(self, valid: torch.Tensor | None) -> None:
+        """KL_G and KL_D of the last sample (spec §8), averaged over the batch; `valid` [B, N] marks real keys."""
+        if self._sample is None or self.kl_gaussian is not None:
+            return
+        from nvib.kl import kl_dirichlet, kl_gaussian
+
+        mu, logvar, log_alpha = self._sample[2]
+        if valid is None:
+            valid = torch.ones(log_alpha.shape, dtype=torch.bool, device=log_alpha.device)
+        self.kl_gaussian = kl_gaussian(
+            mu, logvar, log_alpha, valid, self.prior_mean, self.prior_var, self.prior_log_alpha
+        ).mean()
+        self.kl_dirichlet = kl_dirichlet(log_alpha, valid, self.prior_log_alpha).mean()
+
+
+def sample_log_gamma(log_alpha: torch.Tensor) -> torch.Tensor:
+    """log γ with γ ~ Gamma(α, 1), reparameterised, from log α without ever forming a huge α."""
+    small = log_alpha.clamp(max=LOG_ALPHA_GAUSSIAN)
+    gamma = torch.distributions.Gamma(small.exp().clamp(min=1e-6), 1.0).rsample()
+    log_small = gamma.clamp(min=1e-30).log()
+    big = log_alpha.clamp(min=LOG_ALPHA_GAUSSIAN)  # Gamma(α,1) ≈ N(α, α): log γ ≈ log α + log1p(ε/√α)
+    log_big = big + torch.log1p(torch.randn_like(big) * (-0.5 * big).exp())
+    return torch.where(log_alpha > LOG_ALPHA_GAUSSIAN, log_big, log_small)

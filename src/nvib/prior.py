@@ -1,0 +1,261 @@
+"""`EmpiricalPrior`: per-site statistics of the key vectors on in-domain data (spec §7).
+
+One streaming pass, float64 accumulators merged with Chan's parallel update, so shards estimated by
+separate processes or machines merge exactly (`EmpiricalPrior.merge`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from nvib.architectures import Site, find_sites
+from nvib.config import NVConfig
+
+
+@dataclasses.dataclass
+class SiteStats:
+    """Statistics of one site over `count` token vectors z (size P), float64.
+
+    mean, var: per-dimension mean and unbiased variance of z (m_0, s_0²);
+    log_alpha_mean, log_alpha_std: mean and standard deviation of ‖z‖²/(2√E) (a_0, ς).
+    """
+
+    count: int
+    mean: torch.Tensor
+    m2: torch.Tensor  # Σ (z − mean)², per dimension
+    norm_mean: float
+    norm_m2: float
+
+    @property
+    def var(self) -> torch.Tensor:
+        return self.m2 / max(self.count - 1, 1)
+
+    @property
+    def log_alpha_mean(self) -> float:
+        return self.norm_mean
+
+    @property
+    def log_alpha_std(self) -> float:
+        return (self.norm_m2 / max(self.count - 1, 1)) ** 0.5
+
+    @classmethod
+    def of(cls, z: torch.Tensor, noise: float) -> SiteStats:
+        """Direct statistics of token vectors z [T, P]."""
+        z = z.to(torch.float64)
+        mean = z.mean(0)
+        r = (z * z).sum(-1) / (2 * noise)
+        return cls(z.shape[0], mean, ((z - mean) ** 2).sum(0), float(r.mean()), float(((r - r.mean()) ** 2).sum()))
+
+    def merge(self, other: SiteStats) -> SiteStats:
+        """Chan et al.'s exact pairwise update."""
+        n = self.count + other.count
+        if self.count == 0 or other.count == 0:
+            return other if self.count == 0 else self
+        w = other.count / n
+        delta = other.mean - self.mean
+        norm_delta = other.norm_mean - self.norm_mean
+        return SiteStats(
+            n,
+            self.mean + delta * w,
+            self.m2 + other.m2 + delta * delta * self.count * w,
+            self.norm_mean + norm_delta * w,
+            self.norm_m2 + other.norm_m2 + norm_delta * norm_delta * self.count * w,
+        )
+
+
+def model_signature(model: nn.Module) -> dict[str, object]:
+    """What a prior must match: model type and the size of every site."""
+    sites = {s.name: s.key_dim for s in find_sites(model)}
+    text = json.dumps({"model_type": model.config.model_type, "sites": sites}, sort_keys=True)
+    return {
+        "model_type": model.config.model_type,
+        "sites": sites,
+        "config_hash": hashlib.sha256(text.encode()).hexdigest()[:16],
+    }
+
+
+class PriorMismatchError(ValueError):
+    pass
+
+
+def _valid_mask(kind: str, batch: Mapping[str, torch.Tensor], z: torch.Tensor, pad_id, seq2seq: bool):
+    """[B, N] True where z is a real token, read off the batch's masks."""
+    mask = batch.get("attention_mask")
+    if kind == "decoder" and seq2seq:
+        if "decoder_attention_mask" in batch:
+            mask = batch["decoder_attention_mask"]
+        elif "decoder_input_ids" in batch:
+            mask = None if pad_id is None else batch["decoder_input_ids"] != pad_id
+        else:
+            mask = batch["labels"] != -100 if "labels" in batch else None
+    if mask is None or mask.shape != z.shape[:2]:
+        return torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
+    return mask.bool().to(z.device)
+
+
+class EmpiricalPrior:
+    """Site name ("encoder.0", ..., "decoder.0", ..., "cross") -> `SiteStats`, plus where they came from."""
+
+    def __init__(self, sites: dict[str, SiteStats], metadata: dict[str, object]):
+        self.sites = sites
+        self.metadata = metadata
+
+    def __repr__(self) -> str:
+        tokens = {k: v.count for k, v in self.sites.items()}
+        return f"EmpiricalPrior(model={self.metadata.get('model_name')!r}, tokens={tokens})"
+
+    @classmethod
+    @torch.no_grad()
+    def estimate(
+        cls,
+        model: nn.Module,
+        batches: Iterable[Mapping[str, torch.Tensor]],
+        *,
+        data: str = "",
+        total: int | None = None,
+        progress: bool = True,
+    ) -> EmpiricalPrior:
+        """One teacher-forced pass over tokenised `batches` (dicts as the model's forward takes them).
+
+        Ctrl-C stops the pass and returns the statistics so far (metadata `complete` = False): estimate the
+        rest and `merge`, which is exact.
+        """
+        from nvib.convert import configure, is_converted
+
+        sites = find_sites(model)
+        stats: dict[str, SiteStats] = {}
+        pad_id = getattr(model.config, "pad_token_id", None)
+        if pad_id is None and model.config.model_type == "encoder-decoder":
+            pad_id = model.config.decoder.pad_token_id
+        seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+        current: dict[str, Mapping] = {}
+
+        def hook_for(site: Site):
+            def hook(module, args, kwargs):
+                z = args[0] if args else next(iter(kwargs.values()))
+                valid = _valid_mask(site.kind, current["batch"], z, pad_id, seq2seq)
+                new = SiteStats.of(z[valid], site.noise)
+                stats[site.name] = stats[site.name].merge(new) if site.name in stats else new
+
+            return hook
+
+        hooked = {}
+        for site in sites:
+            if site.name not in hooked:  # cross-attention: the encoder output, taken once
+                hooked[site.name] = site.key_projection.register_forward_pre_hook(hook_for(site), with_kwargs=True)
+        was_training, old_config = model.training, getattr(model, "nv_config", None)
+        model.eval()
+        if is_converted(model):
+            configure(model, NVConfig())  # the pretrained computation (spec §5)
+        device = next(model.parameters()).device
+        complete = True
+        bar = Progress(
+            TextColumn("prior"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[tokens]} tokens"), disable=not progress,
+        )  # fmt: skip
+        try:
+            with bar:
+                task = bar.add_task("prior", total=total, tokens=0)
+                for batch in batches:
+                    current["batch"] = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+                    model(**current["batch"], use_cache=False)
+                    tokens = max((s.count for s in stats.values()), default=0)
+                    bar.update(task, advance=1, tokens=tokens)
+        except KeyboardInterrupt:
+            complete = False
+        finally:
+            for handle in hooked.values():
+                handle.remove()
+            model.train(was_training)
+            if old_config is not None:
+                configure(model, old_config)
+        if not stats:
+            raise ValueError("no batches were seen: the data iterable is empty")
+        signature = model_signature(model)
+        metadata = {
+            "model_name": str(getattr(model.config, "_name_or_path", "")),
+            "model_type": signature["model_type"],
+            "config_hash": signature["config_hash"],
+            "data": data,
+            "complete": complete,
+            "tokens": {k: v.count for k, v in stats.items()},
+        }
+        return cls(stats, metadata)
+
+    @classmethod
+    def merge(cls, *priors: EmpiricalPrior) -> EmpiricalPrior:
+        """Exact merge of priors estimated on disjoint shards of the data."""
+        if not priors:
+            raise ValueError("merge needs at least one prior")
+        first = priors[0]
+        for p in priors[1:]:
+            if p.metadata.get("config_hash") != first.metadata.get("config_hash") or set(p.sites) != set(first.sites):
+                raise PriorMismatchError("cannot merge priors estimated on different models")
+        sites = {}
+        for name in first.sites:
+            acc = first.sites[name]
+            for p in priors[1:]:
+                acc = acc.merge(p.sites[name])
+            sites[name] = acc
+        metadata = dict(first.metadata)
+        metadata["data"] = " + ".join(str(p.metadata.get("data", "")) for p in priors)
+        metadata["complete"] = all(p.metadata.get("complete", True) for p in priors)
+        metadata["tokens"] = {k: v.count for k, v in sites.items()}
+        return cls(sites, metadata)
+
+    def check_compatible(self, model: nn.Module, layers: Mapping | None = None) -> None:
+        """Raise `PriorMismatchError` unless this prior has the sites and sizes of `model`."""
+        signature = model_signature(model)
+        ours = {name: int(s.mean.shape[0]) for name, s in self.sites.items()}
+        if ours != signature["sites"]:
+            raise PriorMismatchError(
+                f"this prior was estimated on a {self.metadata.get('model_type')} model "
+                f"({self.metadata.get('model_name') or 'unnamed'}) with sites {ours}, but the model has sites "
+                f"{signature['sites']}: estimate a prior on this model with nvib.EmpiricalPrior.estimate"
+            )
+
+    def save(self, path: str | Path) -> None:
+        tensors = {}
+        for name, s in self.sites.items():
+            tensors[f"{name}.mean"] = s.mean.contiguous()
+            tensors[f"{name}.m2"] = s.m2.contiguous()
+            tensors[f"{name}.norm"] = torch.tensor([s.norm_mean, s.norm_m2], dtype=torch.float64)
+            tensors[f"{name}.count"] = torch.tensor(s.count, dtype=torch.int64)
+        meta = {k: json.dumps(v) for k, v in self.metadata.items()}
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> EmpiricalPrior:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no prior file at {path}: estimate one with `nvib prior` or EmpiricalPrior.estimate")
+        try:
+            tensors = load_file(str(path))
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                raw = f.metadata() or {}
+        except Exception as err:  # safetensors raises its own error types
+            raise ValueError(f"{path} is not a prior saved by EmpiricalPrior.save ({err})") from err
+        names = sorted({k.rsplit(".", 1)[0] for k in tensors})
+        sites = {}
+        for name in names:
+            norm = tensors[f"{name}.norm"]
+            sites[name] = SiteStats(
+                int(tensors[f"{name}.count"]), tensors[f"{name}.mean"], tensors[f"{name}.m2"], float(norm[0]), float(norm[1])
+            )
+        metadata = {}
+        for k, v in raw.items():
+            with contextlib.suppress(json.JSONDecodeError):
+                metadata[k] = json.loads(v)
+        return cls(sites, metadata)

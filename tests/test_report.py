@@ -1,0 +1,124 @@
+"""Tests for nvib.report."""
+
+from __future__ import annotations
+
+import base64
+import re
+from pathlib import Path
+
+import optuna
+import torch
+
+from nvib.metrics import BootstrapResult
+from nvib.report import plot_knobs, plot_search_history, write_report
+from nvib.search import run_search
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def small_study() -> optuna.Study:
+    def objective(knobs: dict[str, float], n: int) -> tuple[float, int]:
+        return 30 - abs(knobs["alpha_tau_e"] + 3) - 10 * knobs["stdev_tau_d"], 7 * n
+
+    return run_search(
+        objective,
+        {"encoder", "decoder"},
+        n_trials=12,
+        storage=None,
+        study_name="rep",
+        slices=[2, 4],
+        progress=False,
+    )
+
+
+RESULTS = {
+    "unconverted": {"xsum": {"rouge1": 31.234, "rougeL": 24.5}, "cnn": {"rouge1": 40.01}},
+    "NV equivalence": {"xsum": {"rouge1": 31.234, "rougeL": 24.5}, "cnn": {"rouge1": 40.01}},
+    "NV tuned": {"xsum": {"rouge1": 32.875, "rougeL": 25.125}, "cnn": {"rouge1": 39.5}},
+}
+DIFFS = {
+    "NV tuned": {
+        "xsum": {
+            "rouge1": BootstrapResult(1.641, 1.6, 0.512, 2.777, 0.01, 1000),
+            "rougeL": (0.625, -0.25, 1.5),
+        },
+        "cnn": {"rouge1": (-0.51, -1.2, 0.3)},
+    }
+}
+PRIOR_STATS = {
+    f"encoder.layer.{i}.attention": {
+        "mean": torch.full((8,), float(i)),
+        "var": torch.ones(8) * (i + 1),
+        "log_alpha_mean": -1.5 + i,
+        "log_alpha_std": 0.25,
+        "count": 100 + i,
+    }
+    for i in range(3)
+}
+PRIOR_MASS = {"encoder": 0.0123, "cross": 0.0456, "decoder": 0.0789}
+
+
+def test_write_report_writes_files_and_values(tmp_path: Path) -> None:
+    study = small_study()
+    paths = write_report(
+        tmp_path,
+        title="Test run",
+        study=study,
+        results=RESULTS,
+        differences=DIFFS,
+        baseline="unconverted",
+        prior_stats=PRIOR_STATS,
+        prior_mass=PRIOR_MASS,
+        notes={"model": "tiny-<model>"},
+    )
+    assert paths.markdown == tmp_path / "report.md" and paths.markdown.is_file()
+    assert paths.html == tmp_path / "report.html" and paths.html.is_file()
+    assert set(paths.plots) == {"search_history", "knobs", "prior_stats", "prior_mass"}
+    for p in paths.plots.values():
+        assert p.parent == tmp_path / "plots"
+        assert p.read_bytes().startswith(PNG_MAGIC) and p.stat().st_size > 2000
+
+    html_text = paths.html.read_text(encoding="utf-8")
+    md = paths.markdown.read_text(encoding="utf-8")
+    for text in (html_text, md):
+        # results table values and bootstrap differences, 2 decimals
+        for value in ("31.23", "24.50", "40.01", "32.88", "25.12", "39.50"):
+            assert value in text
+        assert "Δ +1.64 [+0.51, +2.78]" in text
+        assert "Δ -0.51 [-1.20, +0.30]" in text
+        assert "unconverted" in text and "NV tuned" in text and "xsum rouge1" in text
+        # search summary, prior statistics, prior mass
+        assert f"{study.best_value:.4f}" in text
+        assert "0.0456" in text and "encoder.layer.2.attention" in text
+        assert "0.500 ± 0.250" in text  # log_alpha of layer 2
+        assert "5.6569" in text  # ||mean|| of layer 2: sqrt(8 * 2**2)
+    # The NV equivalence row has no difference cells.
+    eq_row = re.search(r"<tr><td>NV equivalence</td>.*?</tr>", html_text)
+    assert eq_row is not None and "Δ" not in eq_row.group(0)
+    # HTML-escaped notes; self-contained images that decode to the written PNGs.
+    assert "tiny-&lt;model&gt;" in html_text
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', html_text)
+    assert len(images) == 4
+    assert {base64.b64decode(i) for i in images} == {p.read_bytes() for p in paths.plots.values()}
+    # Markdown links the files by relative path.
+    for p in paths.plots.values():
+        assert f"](plots/{p.name})" in md
+
+
+def test_sections_are_optional(tmp_path: Path) -> None:
+    paths = write_report(tmp_path, results={"unconverted": {"test": {"bleu": 12.0}}})
+    assert paths.plots == {}
+    md = paths.markdown.read_text(encoding="utf-8")
+    assert "12.00" in md and "Knob search" not in md and "Prior" not in md
+    assert "<img" not in paths.html.read_text(encoding="utf-8")
+
+
+def test_plots_skip_study_without_complete_trials(tmp_path: Path) -> None:
+    study = optuna.create_study()
+    assert plot_search_history(study, tmp_path / "h.png") is None
+    assert plot_knobs(study, tmp_path / "k.png") is None
+    assert not list(tmp_path.iterdir())
+    paths = write_report(tmp_path, study=study)
+    assert "0 / 0 / 0" in paths.markdown.read_text(encoding="utf-8")

@@ -1,0 +1,246 @@
+"""Tests for nvib.search."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from nvib.search import (
+    KNOBS,
+    SearchSpace,
+    best_knobs,
+    equivalence_point,
+    knob_names,
+    run_search,
+)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def peaked(knobs: dict[str, float], n: int) -> float:
+    """Smooth function with its maximum 0 at alpha_tau_e = -3, stdev_tau_e = 0.2."""
+    return -(((knobs["alpha_tau_e"] + 3) / 4) ** 2) - ((knobs["stdev_tau_e"] - 0.2) / 0.1) ** 2
+
+
+def states(study: optuna.Study) -> list[str]:
+    return [t.state.name for t in study.trials]
+
+
+def test_knob_names_and_equivalence() -> None:
+    assert knob_names({"encoder", "cross", "decoder"}) == list(KNOBS)
+    assert knob_names({"decoder"}) == ["alpha_tau_d", "stdev_tau_d"]
+    assert equivalence_point({"encoder", "cross"}) == {
+        "alpha_tau_e": 10.0,
+        "alpha_tau_c": 10.0,
+        "stdev_tau_e": 0.0,
+        "stdev_tau_c": 0.0,
+    }
+    with pytest.raises(ValueError, match="unknown site kind"):
+        knob_names({"self"})
+    with pytest.raises(ValueError, match="no site kinds"):
+        knob_names(set())
+
+
+def test_search_space_validation() -> None:
+    assert SearchSpace(overrides={"alpha_tau_c": (-5, 0)}).range("alpha_tau_c") == (-5.0, 0.0)
+    assert SearchSpace().range("stdev_tau_d") == (0.0, 0.5)
+    with pytest.raises(ValueError, match="unknown knob"):
+        SearchSpace(overrides={"alpha_tau_x": (0, 1)}).validate()
+    with pytest.raises(ValueError, match="low <= high"):
+        SearchSpace(alpha_tau=(1, -1)).validate()
+    with pytest.raises(ValueError, match=">= 0"):
+        SearchSpace(stdev_tau=(-0.1, 0.5)).validate()
+
+
+def test_finds_known_optimum() -> None:
+    study = run_search(
+        peaked,
+        {"encoder"},
+        n_trials=60,
+        storage=None,
+        study_name="peak",
+        slices=[8, 16],
+        progress=False,
+        seed=0,
+    )
+    best = best_knobs(study)
+    assert set(best) == {"alpha_tau_e", "stdev_tau_e"}
+    assert best["alpha_tau_e"] == pytest.approx(-3, abs=1.0)
+    assert best["stdev_tau_e"] == pytest.approx(0.2, abs=0.05)
+    assert study.best_value > -0.1
+    # The equivalence point ran first, outside the configured alpha range, without warnings.
+    first = study.trials[0]
+    assert first.params == {"alpha_tau_e": 10.0, "stdev_tau_e": 0.0}
+    assert first.user_attrs["start_point"] == "equivalence"
+    # Sampled trials cover the configured range; the distribution is the hull with 10.
+    assert first.distributions["alpha_tau_e"].low == -15 and first.distributions["alpha_tau_e"].high == 10
+    assert all(t.distributions == first.distributions for t in study.trials)
+
+
+def test_no_out_of_range_warning() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_search(peaked, {"encoder"}, n_trials=3, storage=None, study_name="w", slices=[4], progress=False)
+
+
+def test_start_points_enqueued_and_user_attrs() -> None:
+    calls: list[tuple[dict[str, float], int]] = []
+
+    def objective(knobs: dict[str, float], n: int) -> tuple[float, int]:
+        calls.append((knobs, n))
+        return peaked(knobs, n), 10 * n
+
+    start = [{"alpha_tau_e": -2.0, "stdev_tau_e": 0.1}, {"alpha_tau_e": 7.5}]
+    study = run_search(
+        objective,
+        {"encoder"},
+        n_trials=4,
+        storage=None,
+        study_name="s",
+        slices=[2, 5],
+        start_points=start,
+        progress=False,
+    )
+    assert [t.params["alpha_tau_e"] for t in study.trials[:3]] == [10.0, -2.0, 7.5]
+    assert study.trials[1].params["stdev_tau_e"] == 0.1
+    assert 0 <= study.trials[2].params["stdev_tau_e"] <= 0.5  # left out: sampled
+    assert [n for _, n in calls[:2]] == [2, 5]
+    t = study.trials[1]
+    assert t.user_attrs["knobs"] == {"alpha_tau_e": -2.0, "stdev_tau_e": 0.1}
+    assert t.user_attrs["metric"] == pytest.approx(t.value)
+    assert t.user_attrs["n_tokens"] == 70  # 10 * (2 + 5)
+    assert t.user_attrs["slice_metrics"].keys() == {"2", "5"}
+    assert t.user_attrs["wall_time_s"] >= 0
+    assert t.intermediate_values.keys() == {2, 5}
+    with pytest.raises(ValueError, match="not searched"):
+        run_search(
+            objective, {"encoder"}, n_trials=1, storage=None, study_name="x", slices=[2],
+            start_points=[{"alpha_tau_d": 0.0}], progress=False,
+        )  # fmt: skip
+
+
+def test_kinds_subset_only_searches_present_knobs() -> None:
+    seen: list[set[str]] = []
+
+    def objective(knobs: dict[str, float], n: int) -> float:
+        seen.append(set(knobs))
+        return 0.0
+
+    study = run_search(
+        objective,
+        {"encoder", "decoder"},
+        n_trials=5,
+        storage=None,
+        study_name="k",
+        slices=[3],
+        progress=False,
+    )
+    expected = {"alpha_tau_e", "alpha_tau_d", "stdev_tau_e", "stdev_tau_d"}
+    assert all(s == expected for s in seen) and len(seen) == 5
+    assert all(set(t.params) == expected for t in study.trials)
+
+
+def test_overrides_constrain_sampled_values() -> None:
+    space = SearchSpace(overrides={"alpha_tau_d": (-1.0, 0.0)}, stdev_tau=(0.1, 0.2))
+    study = run_search(
+        lambda k, n: 0.0, {"decoder"}, n_trials=12, storage=None, study_name="o", slices=[1],
+        space=space, equivalence=False, progress=False,
+    )  # fmt: skip
+    for t in study.trials:
+        assert -1.0 <= t.params["alpha_tau_d"] <= 0.0
+        assert 0.1 <= t.params["stdev_tau_d"] <= 0.2
+
+
+def test_resume_after_interruption(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path}/study.db"
+    seen_first: list[dict[str, float]] = []
+
+    def interrupted(knobs: dict[str, float], n: int) -> float:
+        if len(seen_first) == 5 * 2:  # 5 trials x 2 slices done: interrupt trial 6
+            raise KeyboardInterrupt
+        seen_first.append(knobs)
+        return peaked(knobs, n)
+
+    kwargs = dict(
+        kinds={"encoder", "cross"}, n_trials=12, storage=storage, study_name="resume", slices=[4, 8],
+        progress=False, n_startup_trials=100,  # no pruning here: every trial uses both slices
+    )  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        run_search(interrupted, **kwargs)
+    study = optuna.load_study(study_name="resume", storage=storage)
+    assert states(study) == ["COMPLETE"] * 5 + ["FAIL"]
+
+    seen_second: list[dict[str, float]] = []
+
+    def resumed(knobs: dict[str, float], n: int) -> float:
+        seen_second.append(knobs)
+        return peaked(knobs, n)
+
+    study = run_search(resumed, **kwargs)
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 12
+    assert len(seen_second) == 2 * (12 - 5)
+    first_knobs = seen_first[::2]
+    assert not any(k in first_knobs for k in seen_second)
+    # The equivalence point ran once (trial 0) and is not repeated on resume.
+    eq = [t for t in done if t.user_attrs.get("start_point") == "equivalence"]
+    assert len(eq) == 1 and eq[0].number == 0
+    # Running again with the target reached runs nothing.
+    study = run_search(resumed, **kwargs)
+    assert len(seen_second) == 2 * (12 - 5)
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 12
+
+
+def test_equivalence_retried_if_interrupted(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path}/study.db"
+
+    def boom(knobs: dict[str, float], n: int) -> float:
+        raise KeyboardInterrupt
+
+    kwargs = dict(kinds={"decoder"}, n_trials=3, storage=storage, study_name="eq", slices=[2], progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(boom, **kwargs)
+    study = run_search(lambda k, n: -abs(k["alpha_tau_d"]), **kwargs)
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 3
+    assert done[0].params == {"alpha_tau_d": 10.0, "stdev_tau_d": 0.0}
+
+
+def test_pruning_prunes_bad_trials() -> None:
+    calls: dict[int, int] = {}
+
+    def objective(knobs: dict[str, float], n: int) -> float:
+        calls[n] = calls.get(n, 0) + 1
+        return peaked(knobs, n) + 0.001 * n
+
+    study = run_search(
+        objective, {"encoder"}, n_trials=30, storage=None, study_name="p", slices=[4, 8, 16], progress=False
+    )
+    s = states(study)
+    assert s.count("PRUNED") >= 5
+    assert s.count("COMPLETE") + s.count("PRUNED") == 30
+    assert calls[16] < calls[4] == 30  # pruned trials never reached the largest slice
+    for t in study.trials:
+        if t.state == TrialState.PRUNED:
+            assert max(t.intermediate_values) < 16
+
+
+def test_minimize_direction() -> None:
+    study = run_search(
+        lambda k, n: (k["alpha_tau_c"] - 1) ** 2, {"cross"}, n_trials=40, storage=None, study_name="m",
+        slices=[1], direction="minimize", progress=False,
+    )  # fmt: skip
+    assert best_knobs(study)["alpha_tau_c"] == pytest.approx(1, abs=1.0)
+
+
+def test_argument_checks() -> None:
+    with pytest.raises(ValueError, match="slices"):
+        run_search(
+            peaked, {"encoder"}, n_trials=1, storage=None, study_name="a", slices=[8, 4], progress=False
+        )
+    with pytest.raises(ValueError, match="no complete trial"):
+        best_knobs(optuna.create_study())
