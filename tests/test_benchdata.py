@@ -204,6 +204,13 @@ def test_strip_wiki_markup() -> None:
     assert "A list item about frobs." in paras  # list items are their own paragraphs
 
 
+def test_tidy_parens_keeps_signs() -> None:
+    assert wk.tidy_parens("Albania (;), officially (; , ) X") == "Albania, officially X"
+    assert wk.tidy_parens("Einstein (;; 14 March 1879) at ( -33 °C ) and (-COOH)") == (
+        "Einstein (14 March 1879) at (-33 °C) and (-COOH)"
+    )
+
+
 def test_split_sentences_keeps_abbreviations_and_initials() -> None:
     s = "It lies in St. Louis. It was described by Dr. J. R. R. Smith in 1900. The U.S. Army (USA). Done!"
     assert split_sentences(s) == [

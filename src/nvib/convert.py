@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from transformers import PretrainedConfig
@@ -42,9 +44,18 @@ def convert(model: nn.Module, config: NVConfig | None = None, prior=None) -> nn.
             layers[site.name] = layer.to(device=param.device, dtype=param.dtype).train(model.training)
     if prior is not None:
         prior.check_compatible(model, layers)
+        flat = []
         for name, layer in layers.items():
             s = prior.sites[name]
             layer.set_prior(s.mean, s.var, s.log_alpha_mean, s.log_alpha_std)
+            if s.log_alpha_std < 0.05:
+                flat.append(name)
+        if flat:  # b_α = τ_α·ς (spec §3): with ς ≈ 0 the knob cannot move the prior's weight
+            warnings.warn(
+                f"the prior's spread ς of ‖z‖²/(2√E) is below 0.05 at sites {flat}: alpha_tau has almost no effect "
+                "there (typical of random-weight models whose LayerNorm fixes ‖z‖)",
+                stacklevel=2,
+            )
     attention.register()
     model.add_module(LAYERS, nn.ModuleDict({n.replace(".", "_"): layer for n, layer in layers.items()}))
     for site in sites:

@@ -217,11 +217,13 @@ class EmpiricalPrior:
         """Raise `PriorMismatchError` unless this prior has the sites and sizes of `model`."""
         signature = model_signature(model)
         ours = {name: int(s.mean.shape[0]) for name, s in self.sites.items()}
-        if ours != signature["sites"]:
+        theirs = self.metadata.get("model_type")
+        if ours != signature["sites"] or theirs not in (None, signature["model_type"]):
             raise PriorMismatchError(
                 f"this prior was estimated on a {self.metadata.get('model_type')} model "
                 f"({self.metadata.get('model_name') or 'unnamed'}) with sites {ours}, but the model has sites "
-                f"{signature['sites']}: estimate a prior on this model with nvib.EmpiricalPrior.estimate"
+                f"{signature['sites']} and type {signature['model_type']}: estimate a prior on this model with "
+                "nvib.EmpiricalPrior.estimate or `nvib prior`"
             )
 
     def save(self, path: str | Path) -> None:

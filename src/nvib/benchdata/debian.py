@@ -127,13 +127,14 @@ def parse_description(desc: str) -> tuple[str, str]:
 # cleaning
 
 _SYNOPSIS_DROP = re.compile(
-    r"\btransitional\b|\bdummy\b|\bdebug(?:ging)? symbols?\b|\bdbgsym\b|\bdetached debug\b"
-    r"|\bobsolete\b|\bdeprecated (?:package|alias)\b|\bempty package\b",
+    r"\btransi[a-z]*ional\b|\btransition package\b|\bdummy (?:transitional )?package\b|\bdummy transitional\b"
+    r"|\bdebug(?:ging)? symbols?\b|\bdbgsym\b|\bdetached debug\b|\(obsolete[^)]*\)"
+    r"|\bobsolete (?:version|metapackage|package)\b|\bdeprecated package\b|\bempty package\b",
     re.I,
 )
 _LONG_DROP = re.compile(
-    r"\b(?:transitional|dummy|empty) (?:dummy )?package\b|\bcan (?:be )?safely (?:be )?removed\b"
-    r"|\bdebug(?:ging)? symbols\b|\bthis package is obsolete\b",
+    r"\b(?:transitional|dummy|empty) (?:dummy |transitional )?package\b"
+    r"|\bcan (?:be )?safely (?:be )?removed\b|\bthis package is obsolete\b",
     re.I,
 )
 

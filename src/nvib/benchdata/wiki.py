@@ -125,8 +125,8 @@ _HEADING_RE = re.compile(r"^\s*(=+)\s*(.*?)\s*\1\s*$")
 _MAGIC_RE = re.compile(r"__[A-Z]+__")
 _EMPTY_PARENS_RE = re.compile(r"\s*\(\s*\)")
 _PAREN_INNER_SPACE_RE = re.compile(r"\(\s+|\s+\)")
-_PAREN_OPEN_PUNCT_RE = re.compile(r"\(\s*(?:[,;:.\-–]\s*)+")
-_PAREN_CLOSE_PUNCT_RE = re.compile(r"(?:\s*[,;:\-–])+\s*\)")
+_PAREN_OPEN_PUNCT_RE = re.compile(r"\(\s*(?:[,;:]\s*)+")
+_PAREN_CLOSE_PUNCT_RE = re.compile(r"(?:\s*[,;:])+\s*\)")
 
 
 def tidy_parens(text: str) -> str:

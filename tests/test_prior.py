@@ -1,0 +1,125 @@
+"""The empirical prior (spec §7): exact statistics, exact merging, storage, mismatches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import REAL_WEIGHTS, TINY
+from test_equivalence import output, pair
+
+import nvib
+from nvib.architectures import find_sites
+
+
+def batches(case, n=4, seed=0):
+    return [case.inputs(batch=3, src=9 + i, tgt=5 + i, seed=seed + i) for i in range(n)]
+
+
+def direct_statistics(model, data):
+    """Collect every real token vector per site, then compute the statistics in one go."""
+    sites = {}
+    for site in find_sites(model):
+        sites.setdefault(site.name, site)
+    seen = {name: [] for name in sites}
+    current = {}
+
+    def hook(name):
+        def fn(module, args):
+            z = args[0]
+            kind = sites[name].kind
+            mask = current["decoder_attention_mask"] if kind == "decoder" else current["attention_mask"]
+            seen[name].append(z[mask.bool()].double())
+
+        return fn
+
+    handles = [sites[n].key_projection.register_forward_pre_hook(hook(n)) for n in sites]
+    with torch.no_grad():
+        for batch in data:
+            current.clear()
+            current.update(batch)
+            model(**batch)
+    for h in handles:
+        h.remove()
+    out = {}
+    for name, chunks in seen.items():
+        z = torch.cat(chunks)
+        r = (z * z).sum(-1) / (2 * sites[name].noise)
+        out[name] = (z.mean(0), z.var(0, unbiased=True), r.mean(), r.std(unbiased=True), z.shape[0])
+    return out
+
+
+def test_statistics_are_exact_and_merge_exactly(tmp_path):
+    case = TINY[0]
+    stock, _ = pair(case)
+    data = batches(case)
+    prior = nvib.EmpiricalPrior.estimate(stock, data, data="four batches", progress=False)
+    direct = direct_statistics(stock, data)
+    assert set(prior.sites) == set(direct)
+    for name, (mean, var, a0, scale, count) in direct.items():
+        s = prior.sites[name]
+        assert s.count == count
+        assert torch.allclose(s.mean, mean, atol=1e-12) and torch.allclose(s.var, var, atol=1e-12)
+        assert abs(s.log_alpha_mean - float(a0)) < 1e-10 and abs(s.log_alpha_std - float(scale)) < 1e-10
+    shards = [nvib.EmpiricalPrior.estimate(stock, data[i::2], progress=False) for i in range(2)]
+    merged = nvib.EmpiricalPrior.merge(*shards)
+    for name, s in prior.sites.items():
+        m = merged.sites[name]
+        assert m.count == s.count and torch.allclose(m.mean, s.mean, atol=1e-12) and torch.allclose(m.var, s.var, atol=1e-12)
+        assert abs(m.log_alpha_std - s.log_alpha_std) < 1e-10
+    prior.save(tmp_path / "prior.safetensors")
+    loaded = nvib.EmpiricalPrior.load(tmp_path / "prior.safetensors")
+    assert loaded.metadata["data"] == "four batches" and loaded.metadata["tokens"] == prior.metadata["tokens"]
+    for name, s in prior.sites.items():
+        assert torch.equal(loaded.sites[name].mean, s.mean) and loaded.sites[name].count == s.count
+
+
+def test_converted_model_estimates_the_same_prior_and_keeps_its_knobs():
+    case = TINY[0]
+    stock, nv = pair(case)
+    from test_equivalence import REGULARISED
+
+    nvib.configure(nv, REGULARISED)
+    data = batches(case, 2)
+    a = nvib.EmpiricalPrior.estimate(stock, data, progress=False)
+    b = nvib.EmpiricalPrior.estimate(nv, data, progress=False)
+    assert nv.nv_config == REGULARISED
+    for name in a.sites:
+        assert torch.allclose(a.sites[name].mean, b.sites[name].mean, atol=1e-5)
+
+
+def test_prior_enters_the_layers_and_keeps_equivalence():
+    """Real weights: with a random-weight LayerNorm model ‖z‖ is constant, ς = 0 and alpha_tau does nothing."""
+    case = REAL_WEIGHTS[1]
+    stock, nv = pair(case)
+    prior = nvib.EmpiricalPrior.estimate(stock, batches(case, 2), progress=False)
+    nvib.unload(nv)
+    nvib.convert(nv, prior=prior)
+    layer = nvib.nv_layers(nv)["encoder.1"]
+    assert torch.allclose(layer.prior_mean.double(), prior.sites["encoder.1"].mean)
+    inputs = case.inputs()
+    assert (output(nv, inputs) - output(stock, inputs)).abs().max() <= 1e-4
+    nvib.configure(nv, nvib.NVConfig(alpha_tau_e=-3, alpha_tau_c=-3, alpha_tau_d=-3))
+    assert (output(nv, inputs) - output(stock, inputs)).abs().max() > 1e-2
+
+
+def test_degenerate_prior_scale_warns():
+    case = TINY[0]
+    stock, nv = pair(case)
+    prior = nvib.EmpiricalPrior.estimate(stock, batches(case), progress=False)
+    nvib.unload(nv)
+    with pytest.warns(UserWarning, match="alpha_tau has almost no effect"):
+        nvib.convert(nv, prior=prior)
+
+
+def test_mismatched_prior_is_a_clear_error(tmp_path):
+    prior = nvib.EmpiricalPrior.estimate(pair(TINY[0])[0], batches(TINY[0], 1), progress=False)
+    t5, _ = pair(TINY[4])
+    with pytest.raises(nvib.PriorMismatchError, match="estimate a prior on this model"):
+        nvib.convert(t5, prior=prior)
+    with pytest.raises(FileNotFoundError, match="no prior file"):
+        nvib.EmpiricalPrior.load(tmp_path / "nope.safetensors")
+    (tmp_path / "bad.safetensors").write_text("not a prior")
+    with pytest.raises(ValueError, match="not a prior"):
+        nvib.EmpiricalPrior.load(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="empty"):
+        nvib.EmpiricalPrior.estimate(pair(TINY[0])[0], [], progress=False)
