@@ -76,40 +76,26 @@ class Slot:
         return folded
 
     def _build(self) -> dict:
-        (wq, bq), (wk, bk), (wv, bv) = self.qkv_weights()
-        dtype, H, E = wq.dtype, self.heads, self.head_dim
+        """Small per-site/per-module tensors; the pretrained weights are used as they are."""
+        (_, _), (wk, bk), (wv, bv) = self.qkv_weights()
+        dtype, H, E = wk.dtype, self.heads, self.head_dim
         t = self.layer.fast_terms()  # float64
         f = torch.promote_types(dtype, torch.float32)
-
-        def heads_plus_one(w: torch.Tensor, extra: float = 0.0) -> torch.Tensor:
-            """[H*E, ...] -> [H*(E+1), ...] with `extra` in each head's last row."""
-            w = w.reshape(H, E, *w.shape[1:])
-            pad = torch.full((H, 1, *w.shape[2:]), extra, dtype=w.dtype, device=w.device)
-            return torch.cat([w, pad], dim=1).reshape(H * (E + 1), *w.shape[2:])
-
-        def zeros_if_none(b):
-            return torch.zeros(wq.shape[0], dtype=dtype, device=wq.device) if b is None else b
-
-        bq, bk, bv = zeros_if_none(bq), zeros_if_none(bk), zeros_if_none(bv)
         wk64, wv64 = wk.to(torch.float64), wv.to(torch.float64)
-        key_w = wk64 * t.key_scale
-        val_w = wv64 * t.key_scale
-        key_b = wk64 @ t.key_shift + bk.to(torch.float64)
-        val_b = wv64 @ t.key_shift + bv.to(torch.float64)
-        prior_k = torch.cat([(wk64 @ t.prior_point + bk.to(torch.float64)).view(H, E), t.prior_c.expand(H, 1)], 1)
-        prior_v = torch.cat([(wv64 @ t.prior_point + bv.to(torch.float64)).view(H, E), torch.ones_like(prior_k[:, :1])], 1)
+        bk64 = torch.zeros(H * E, dtype=torch.float64, device=wk.device) if bk is None else bk.to(torch.float64)
+        bv64 = torch.zeros(H * E, dtype=torch.float64, device=wk.device) if bv is None else bv.to(torch.float64)
+        prior_k = torch.cat([(wk64 @ t.prior_point + bk64).view(H, E), t.prior_c.expand(H, 1)], 1)
+        prior_v = torch.cat([(wv64 @ t.prior_point + bv64).view(H, E), torch.ones_like(prior_k[:, :1])], 1)
         # G = W_v diag(σ²/β) W_kᵀ per head; the prior's G_0 enters weighted by a_m0, the tokens' by 1 − a_m0.
         wk_h, wv_h = wk64.view(H, E, -1), wv64.view(H, E, -1)
         g0 = (wv_h * t.prior_ratio) @ wk_h.transpose(1, 2)
-        use_g = bool(t.ratio.max() > 1e-9)
-        g = (wv_h * t.ratio) @ wk_h.transpose(1, 2) if use_g else None
+        g = (wv_h * t.ratio) @ wk_h.transpose(1, 2) if bool(t.ratio.max() > 1e-9) else None
+        key_scale, key_shift = t.key_scale.to(dtype), t.key_shift.to(dtype)
         return dict(
-            q_w=heads_plus_one(wq),
-            q_b=heads_plus_one(bq, 1.0 / self.scaling),
-            k_w=heads_plus_one(key_w.to(dtype)),
-            k_b=heads_plus_one(key_b.to(dtype)),
-            v_w=heads_plus_one(val_w.to(dtype)),
-            v_b=heads_plus_one(val_b.to(dtype)),
+            # k̃ = W_k(key_scale ⊙ z + key_shift) + b_k: transform z, not the weights (spec §6 with W_μ = τ_μ I)
+            identity=bool((key_scale == 1).all() and (key_shift == 0).all()),
+            key_scale=key_scale,
+            key_shift=key_shift,
             c_lin=t.c_lin.to(f),
             c_quad=t.c_quad.to(f),
             prior_k=prior_k.to(dtype),
@@ -126,38 +112,43 @@ class Slot:
             return torch.cat([self._project1(w, x) for w in "qkv"], dim=-1)
         return self._project1(which, x)
 
+    def _linear(self, which: str, x: torch.Tensor) -> torch.Tensor:
+        """The pretrained projection, [..., H, E]."""
+        w, b = self.qkv_weights()["qkv".index(which)]
+        return F.linear(x, w, b).view(*x.shape[:-1], self.heads, self.head_dim)
+
+    def _with_channel(self, out: torch.Tensor, extra: torch.Tensor | float) -> torch.Tensor:
+        """[..., H, E] plus one channel per head ([...] or a constant) -> [..., H(E+1)]."""
+        if isinstance(extra, float):
+            channel = out.new_full((*out.shape[:-1], 1), extra)
+        else:
+            channel = extra.clamp(-C_LIMIT, C_LIMIT).to(out.dtype)[..., None, None].expand(*out.shape[:-1], 1)
+        return torch.cat([out, channel], -1).flatten(-2)
+
     def _project1(self, which: str, x: torch.Tensor) -> torch.Tensor:
+        if which == "q":
+            return self._with_channel(self._linear("q", x), 1.0 / self.scaling)
         if self.layer.training:
             return self._project_train(which, x)
         w = self.fold()
-        out = F.linear(x, w[f"{which}_w"], w[f"{which}_b"])
-        if which == "q":
-            return out
-        if which == "k":
-            z = x.to(w["c_lin"].dtype)
-            c = (z @ w["c_lin"] + (z * z) @ w["c_quad"]).clamp(-C_LIMIT, C_LIMIT)
-            out = out.view(*out.shape[:-1], self.heads, self.head_dim + 1)
-            out[..., -1] = c.unsqueeze(-1).to(out.dtype)
-            out = out.flatten(-2)
-        return out
+        z = x if w["identity"] else x * w["key_scale"] + w["key_shift"]
+        if which == "v":
+            return self._with_channel(self._linear("v", z), 0.0)
+        x32 = x.to(w["c_lin"].dtype)
+        c = x32 @ w["c_lin"] + (x32 * x32) @ w["c_quad"]
+        return self._with_channel(self._linear("k", z), c)
 
     def _project_train(self, which: str, x: torch.Tensor) -> torch.Tensor:
         """Spec §8: keys/values of a sampled z̃, with log γ − ‖z̃‖²/(2√E) as the key's bias channel."""
-        (wq, bq), (wk, bk), (wv, bv) = self.qkv_weights()
-        H, E = self.heads, self.head_dim
-        if which == "q":
-            out = F.linear(x, wq, bq).view(*x.shape[:-1], H, E)
-            return torch.cat([out, torch.full_like(out[..., :1], 1.0 / self.scaling)], -1).flatten(-2)
         z_t, bias, prior_z, prior_bias = self.layer.sample(x)
-        w, b = (wk, bk) if which == "k" else (wv, bv)
-        extra, prior_extra = (bias, prior_bias) if which == "k" else (0 * bias, torch.ones_like(prior_bias))
-        out = torch.cat([F.linear(z_t, w, b).view(*z_t.shape[:-1], H, E), _channel(extra, H, x.dtype)], -1)
-        prior = torch.cat([F.linear(prior_z, w, b).view(-1, H, E), _channel(prior_extra, H, x.dtype)], -1)
-        k_or_v = 0 if which == "k" else 1
+        if which == "k":
+            out, prior = self._with_channel(self._linear("k", z_t), bias), self._with_channel(self._linear("k", prior_z), prior_bias)
+        else:
+            out, prior = self._with_channel(self._linear("v", z_t), 0.0), self._with_channel(self._linear("v", prior_z), 1.0)
         kv = list(self.prior_kv or (None, None))
-        kv[k_or_v] = prior.unsqueeze(2)  # [B, H, 1, E+1]
+        kv["kv".index(which)] = prior.view(x.shape[0], self.heads, 1, -1)  # [B, H, 1, E+1]
         self.prior_kv = tuple(kv)
-        return out.flatten(-2)
+        return out
 
     # ---- attention --------------------------------------------------------------------------
 
@@ -190,11 +181,6 @@ class Slot:
         if w["g"] is not None:
             o = o + q @ w["g"]
         return o
-
-
-def _channel(values: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """[...] -> [..., H, 1], one value repeated for every head."""
-    return values.clamp(-C_LIMIT, C_LIMIT).to(dtype)[..., None, None].expand(*values.shape, heads, 1)
 
 
 def _key_mask(mask: torch.Tensor | None, batch: int, q_len: int, n_tokens: int, is_causal: bool, device):

@@ -1,0 +1,444 @@
+"""Generate, score and compare: the unconverted model, the NV model at equivalence and the tuned NV model.
+
+Tasks and their metrics: ``summarisation`` -> ROUGE-1/2/L (rouge-score, stemmed), ``translation`` ->
+sacreBLEU BLEU and chrF, ``lm`` -> teacher-forced perplexity (token-weighted over the whole set). Every
+metric is a :class:`nvib.metrics.CorpusMetric`, so paired bootstrap intervals come from per-example
+statistics; for perplexity the per-example "outputs" are ``(summed NLL, token count)`` rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from nvib.config import NVConfig
+from nvib.convert import configure, convert, is_converted, unload
+from nvib.data import DataError, Example, batches
+from nvib.diagnostics import record_prior_mass
+from nvib.metrics import CorpusMetric, get_metric, paired_bootstrap
+
+__all__ = [
+    "TASKS",
+    "TASK_METRICS",
+    "VARIANTS",
+    "DevObjective",
+    "Evaluation",
+    "Evaluator",
+    "GenerationArgs",
+    "Output",
+    "evaluate_variants",
+    "metric",
+    "new_progress",
+]
+
+TASKS = ("summarisation", "translation", "lm")
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "summarisation": ("rouge1", "rouge2", "rougeL"),
+    "translation": ("bleu", "chrf"),
+    "lm": ("perplexity",),
+}
+#: The metric the knob search optimises unless the run config names another.
+DEFAULT_OBJECTIVE = {"summarisation": "rougeL", "translation": "bleu", "lm": "perplexity"}
+#: Metrics where lower is better: the search maximises their negative.
+LOWER_IS_BETTER = frozenset({"perplexity"})
+#: Variant key -> label in the report.
+VARIANTS = {"unconverted": "unconverted", "nv_equivalence": "NV equivalence", "nv_tuned": "NV tuned"}
+
+
+def _perplexity_stats(outputs: Sequence[Any], _refs: Sequence[Any]) -> np.ndarray:
+    return np.asarray(outputs, dtype=np.float64).reshape(len(outputs), 2)
+
+
+PERPLEXITY = CorpusMetric(
+    "perplexity", _perplexity_stats, lambda s: float(math.exp(s[0] / s[1])) if s[1] else math.nan
+)
+
+
+def metric(name: str) -> CorpusMetric:
+    """A task metric by name: ``perplexity`` or any of :data:`nvib.metrics.METRICS`."""
+    return PERPLEXITY if name == "perplexity" else get_metric(name)
+
+
+def new_progress(enabled: bool = True, console=None) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        disable=not enabled,
+        console=console,
+    )
+
+
+@dataclass(frozen=True)
+class GenerationArgs:
+    """How predictions are made. ``kwargs`` go to ``model.generate`` as they are (e.g. length_penalty)."""
+
+    num_beams: int = 1
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("num_beams", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        reserved = {"num_beams", "max_new_tokens", "do_sample", "input_ids", "attention_mask"} & set(
+            self.kwargs
+        )
+        if reserved:
+            raise ValueError(
+                f"kwargs may not set {sorted(reserved)}: use the generation fields of the same name"
+            )
+
+
+@dataclass(frozen=True)
+class Output:
+    """One example's output: a prediction (generation tasks) or its summed NLL (lm); ``n_tokens`` counts
+    the generated tokens, or the scored target tokens for lm."""
+
+    prediction: str | None
+    n_tokens: int
+    nll: float | None = None
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _count_generated(rows: torch.Tensor, eos: int | None, pad: int | None) -> list[int]:
+    """Generated tokens per row: up to and including the first EOS, else every non-pad token."""
+    counts = []
+    for row in rows.tolist():
+        if eos is not None and eos in row:
+            counts.append(row.index(eos) + 1)
+        else:
+            counts.append(sum(t != pad for t in row) if pad is not None else len(row))
+    return counts
+
+
+class Evaluator:
+    """Runs one model over examples for one task; the model may change (convert/configure) between calls."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        task: str,
+        generation: GenerationArgs,
+        *,
+        max_source_len: int,
+        max_target_len: int,
+        lm_separator: str = "\n",
+        progress: Progress | None = None,
+    ):
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+        self.model, self.tokenizer, self.task, self.generation = model, tokenizer, task, generation
+        self.max_source_len, self.max_target_len, self.lm_separator = (
+            max_source_len,
+            max_target_len,
+            lm_separator,
+        )
+        self.progress = progress
+        self.seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return TASK_METRICS[self.task]
+
+    def outputs(self, examples: Sequence[Example], description: str = "generate") -> list[Output]:
+        """One output per example, in order, made in batches of ``generation.batch_size``."""
+        if self.task != "lm":
+            missing = [i for i, ex in enumerate(examples) if ex.target is None]
+            if missing:
+                raise DataError(
+                    f"{description}: example {missing[0]} has no reference text. "
+                    "Fix: load the data with a target column (data.target_column)."
+                )
+        run = self._nll if self.task == "lm" else self._generate
+        bar = self.progress
+        task_id = bar.add_task(description, total=len(examples), info="") if bar is not None else None
+        out: list[Output] = []
+        self.model.eval()
+        try:
+            for chunk in _chunks(examples, self.generation.batch_size):
+                with torch.inference_mode():
+                    out += run(chunk)
+                if bar is not None:
+                    bar.update(task_id, advance=len(chunk), info=f"{sum(o.n_tokens for o in out)} tokens")
+        finally:
+            if bar is not None:
+                bar.remove_task(task_id)
+        return out
+
+    def _generate(self, chunk: Sequence[Example]) -> list[Output]:
+        model, tok, gen = self.model, self.tokenizer, self.generation
+        config = model.generation_config
+        if self.seq2seq:
+            enc = tok(
+                [ex.source for ex in chunk],
+                truncation=True,
+                max_length=self.max_source_len,
+                padding=True,
+                return_tensors="pt",
+            )
+        else:  # decoder-only: the prompt is the source and the separator, padded on the left
+            enc = tok(
+                [ex.source + self.lm_separator for ex in chunk],
+                truncation=True,
+                max_length=self.max_source_len,
+                padding=True,
+                padding_side="left",
+                return_tensors="pt",
+            )
+        device = next(model.parameters()).device
+        enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        pad = config.pad_token_id if config.pad_token_id is not None else tok.pad_token_id
+        eos = config.eos_token_id
+        eos = eos[0] if isinstance(eos, list) else eos
+        sequences = model.generate(
+            **enc,
+            num_beams=gen.num_beams,
+            max_new_tokens=gen.max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            **dict(gen.kwargs),
+        )
+        new = sequences[:, 1:] if self.seq2seq else sequences[:, enc["input_ids"].shape[1] :]
+        texts = tok.batch_decode(new, skip_special_tokens=True)
+        counts = _count_generated(new, eos, pad)
+        return [Output(text.strip(), n) for text, n in zip(texts, counts, strict=True)]
+
+    def _nll(self, chunk: Sequence[Example]) -> list[Output]:
+        kind = "seq2seq" if self.seq2seq else "lm"
+        device = next(self.model.parameters()).device
+        (batch,) = batches(
+            chunk,
+            self.tokenizer,
+            len(chunk),
+            self.max_source_len,
+            self.max_target_len,
+            kind,
+            lm_separator=self.lm_separator,
+        )
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch["labels"]
+        if self.seq2seq:  # the model shifts the labels into decoder inputs itself
+            logits = self.model(**batch, use_cache=False).logits
+        else:
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2).double(), labels, ignore_index=-100, reduction="none"
+        ).sum(-1)
+        counts = (labels != -100).sum(-1)
+        return [Output(None, int(n), float(v)) for v, n in zip(nll.tolist(), counts.tolist(), strict=True)]
+
+    def metric_inputs(self, outputs: Sequence[Output]) -> list[Any]:
+        """What the task's CorpusMetrics take as predictions."""
+        if self.task == "lm":
+            return [(o.nll, o.n_tokens) for o in outputs]
+        return [o.prediction for o in outputs]
+
+    def scores(self, outputs: Sequence[Output], examples: Sequence[Example]) -> dict[str, float]:
+        preds, refs = self.metric_inputs(outputs), [ex.target for ex in examples]
+        return {name: metric(name)(preds, refs) for name in self.metrics}
+
+
+class DevObjective:
+    """The knob-search objective: ``objective(knobs, n)`` -> (metric on the first n dev examples, new tokens).
+
+    Outputs are cached per (knobs, example index), so a trial's growing slices only generate the new
+    examples. Lower-is-better metrics (perplexity) are negated: the search always maximises.
+    """
+
+    def __init__(
+        self,
+        evaluator: Evaluator,
+        examples: Sequence[Example],
+        metric_name: str,
+        on_call: Callable[[dict[str, float], int], None] | None = None,
+    ):
+        if metric_name not in evaluator.metrics:
+            raise ValueError(
+                f"metric {metric_name!r} is not computed for task {evaluator.task!r}; "
+                f"choose one of {', '.join(evaluator.metrics)}"
+            )
+        self.evaluator, self.examples, self.metric_name = evaluator, list(examples), metric_name
+        self.sign = -1.0 if metric_name in LOWER_IS_BETTER else 1.0
+        self.cache: dict[tuple[tuple[str, float], ...], dict[int, Output]] = {}
+        self.on_call = on_call
+        self.n_generated = 0  # examples run through the model, over all calls
+
+    def __call__(self, knobs: dict[str, float], n: int) -> tuple[float, int]:
+        if not 1 <= n <= len(self.examples):
+            raise ValueError(f"slice of {n} examples asked, but the dev set has {len(self.examples)}")
+        if self.on_call is not None:
+            self.on_call(knobs, n)
+        key = tuple(sorted((k, float(v)) for k, v in knobs.items()))
+        done = self.cache.setdefault(key, {})
+        missing = [i for i in range(n) if i not in done]
+        new_tokens = 0
+        if missing:
+            configure(self.evaluator.model, NVConfig(**knobs))
+            outputs = self.evaluator.outputs([self.examples[i] for i in missing], f"dev [{n}]")
+            done.update(zip(missing, outputs, strict=True))
+            new_tokens = sum(o.n_tokens for o in outputs)
+            self.n_generated += len(missing)
+        outputs = [done[i] for i in range(n)]
+        refs = [ex.target for ex in self.examples[:n]]
+        value = metric(self.metric_name)(self.evaluator.metric_inputs(outputs), refs)
+        return self.sign * value, new_tokens
+
+
+@dataclass
+class Evaluation:
+    """Everything `evaluate_variants` measured; ``to_json()`` is what scores.json holds."""
+
+    task: str
+    metrics: tuple[str, ...]
+    tuned: dict[str, float]
+    results: dict[str, dict[str, dict[str, float]]]  # variant -> test set -> metric -> value
+    differences: dict[str, dict[str, dict[str, Any]]]  # variant -> test set -> metric -> BootstrapResult
+    equivalence: dict[str, dict[str, Any]]  # test set -> {identical, ...}
+    tokens: dict[str, dict[str, int]]  # variant -> test set -> generated tokens (lm: scored tokens)
+    seconds: dict[str, dict[str, float]]
+    prior_mass: dict[str, dict[str, float]]  # test set -> site kind -> mass at the tuned knobs
+    generation: dict[str, Any]
+    predictions: dict[str, dict[str, str]]  # variant -> test set -> file name
+
+    @property
+    def identical(self) -> bool:
+        return all(e["identical"] for e in self.equivalence.values())
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["differences"] = {
+            v: {ts: {m: asdict(r) for m, r in per.items()} for ts, per in sets.items()}
+            for v, sets in self.differences.items()
+        }
+        out["equivalence_identical"] = self.identical
+        return out
+
+
+def _equivalence_check(task: str, a: Sequence[Output], b: Sequence[Output], scores_a, scores_b) -> dict:
+    """Generation: identical iff every prediction is; lm: iff perplexities agree to 1e-6 relative."""
+    if task == "lm":
+        rel = max(abs(scores_b[m] - scores_a[m]) / max(abs(scores_a[m]), 1e-300) for m in scores_a)
+        return {"identical": bool(rel <= 1e-6), "max_relative_difference": rel}
+    differing = sum(x.prediction != y.prediction for x, y in zip(a, b, strict=True))
+    return {"identical": differing == 0 and scores_a == scores_b, "differing_predictions": differing}
+
+
+def _write_predictions(path: Path, examples: Sequence[Example], outputs: Sequence[Output]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for ex, o in zip(examples, outputs, strict=True):
+            row: dict[str, Any] = {"source": ex.source, "reference": ex.target}
+            if o.prediction is not None:
+                row["prediction"] = o.prediction
+                row["generated_tokens"] = o.n_tokens
+            else:
+                row.update(nll=o.nll, tokens=o.n_tokens, perplexity=math.exp(o.nll / max(o.n_tokens, 1)))
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def evaluate_variants(
+    evaluator: Evaluator,
+    test_sets: Mapping[str, Sequence[Example]],
+    prior: Any,
+    tuned: NVConfig,
+    out_dir: str | Path,
+    *,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> Evaluation:
+    """Evaluate the unconverted model, the NV model at equivalence and at ``tuned`` on every test set.
+
+    One model object throughout: an NV model is unloaded first, then converted (with ``prior``) and
+    reconfigured; it is left converted at ``tuned``. Writes ``predictions/<variant>.<test set>.jsonl``
+    and ``scores.json`` under ``out_dir``.
+    """
+    model = evaluator.model
+    out = Path(out_dir)
+    (out / "predictions").mkdir(parents=True, exist_ok=True)
+    if is_converted(model):
+        unload(model)
+    outputs: dict[str, dict[str, list[Output]]] = {v: {} for v in VARIANTS}
+    seconds: dict[str, dict[str, float]] = {v: {} for v in VARIANTS}
+    mass: dict[str, dict[str, float]] = {}
+
+    def run(variant: str) -> None:
+        for name, examples in test_sets.items():
+            start = time.perf_counter()
+            if variant == "nv_tuned":
+                with record_prior_mass(model) as m:
+                    outputs[variant][name] = evaluator.outputs(examples, f"{variant} · {name}")
+                mass[name] = dict(m)
+            else:
+                outputs[variant][name] = evaluator.outputs(examples, f"{variant} · {name}")
+            seconds[variant][name] = time.perf_counter() - start
+
+    run("unconverted")
+    convert(model, NVConfig(), prior=prior)
+    run("nv_equivalence")
+    configure(model, tuned)
+    run("nv_tuned")
+
+    results: dict[str, dict[str, dict[str, float]]] = {v: {} for v in VARIANTS}
+    differences: dict[str, dict[str, dict[str, Any]]] = {"nv_equivalence": {}, "nv_tuned": {}}
+    equivalence: dict[str, dict[str, Any]] = {}
+    files: dict[str, dict[str, str]] = {v: {} for v in VARIANTS}
+    for name, examples in test_sets.items():
+        refs = [ex.target for ex in examples]
+        for variant in VARIANTS:
+            results[variant][name] = evaluator.scores(outputs[variant][name], examples)
+            file = f"{variant}.{name}.jsonl"
+            _write_predictions(out / "predictions" / file, examples, outputs[variant][name])
+            files[variant][name] = f"predictions/{file}"
+        base = evaluator.metric_inputs(outputs["unconverted"][name])
+        for variant in differences:
+            other = evaluator.metric_inputs(outputs[variant][name])
+            differences[variant][name] = {
+                m: paired_bootstrap(metric(m), base, other, refs, n=bootstrap, seed=seed)
+                for m in evaluator.metrics
+            }
+        equivalence[name] = _equivalence_check(
+            evaluator.task,
+            outputs["unconverted"][name],
+            outputs["nv_equivalence"][name],
+            results["unconverted"][name],
+            results["nv_equivalence"][name],
+        )
+        verdict = "identical" if equivalence[name]["identical"] else "NOT identical"
+        log(f"equivalence on {name}: NV model at equivalence is {verdict} to the unconverted model")
+    evaluation = Evaluation(
+        task=evaluator.task,
+        metrics=evaluator.metrics,
+        tuned=tuned.to_dict(),
+        results=results,
+        differences=differences,
+        equivalence=equivalence,
+        tokens={
+            v: {n: sum(o.n_tokens for o in outs) for n, outs in sets.items()} for v, sets in outputs.items()
+        },
+        seconds=seconds,
+        prior_mass=mass,
+        generation={**asdict(evaluator.generation), "kwargs": dict(evaluator.generation.kwargs)},
+        predictions=files,
+    )
+    (out / "scores.json").write_text(json.dumps(evaluation.to_json(), indent=2) + "\n", encoding="utf-8")
+    return evaluation

