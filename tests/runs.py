@@ -26,7 +26,9 @@ def save_tiny_model(path: Path, kind: str = "seq2seq") -> Path:
         )  # fmt: skip
         model = tf.BartForConditionalGeneration(config)
     else:
-        config = tf.GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128, **special)
+        config = tf.GPT2Config(
+            vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128, **special
+        )
         model = tf.GPT2LMHeadModel(config)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

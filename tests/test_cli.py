@@ -61,7 +61,14 @@ def test_help(command: str | None) -> None:
 
 def test_run_writes_everything(finished_run: tuple[Path, Path]) -> None:
     _, out = finished_run
-    for name in ("prior.safetensors", "study.db", "nv_config.json", "scores.json", "report.md", "report.html"):
+    for name in (
+        "prior.safetensors",
+        "study.db",
+        "nv_config.json",
+        "scores.json",
+        "report.md",
+        "report.html",
+    ):
         assert (out / name).is_file(), name
     for plot in ("search_history", "knobs", "prior_stats", "prior_mass"):
         assert (out / "plots" / f"{plot}.png").is_file(), plot
@@ -158,7 +165,9 @@ def test_error_malformed_data(model_dir: Path, tmp_path: Path) -> None:
     bad.write_text('{"source": "a b c", "target": "a"}\n{"source": "oops"\n')
     config = run_config(model_dir)
     config["data"] = {**config["data"], "train": str(bad)}
-    result = invoke("run", write_config(tmp_path / "run.yaml", config), "--run-dir", tmp_path / "out", "--no-progress")
+    result = invoke(
+        "run", write_config(tmp_path / "run.yaml", config), "--run-dir", tmp_path / "out", "--no-progress"
+    )
     assert_user_error(result, "bad.jsonl, line 2: malformed JSON", "Fix:")
 
 
@@ -184,7 +193,9 @@ def test_error_bad_config_values(model_dir: Path, tmp_path: Path, section: dict,
 
 def test_error_missing_files(model_dir: Path, tmp_path: Path) -> None:
     assert_user_error(invoke("run", tmp_path / "nope.yaml"), "no config file at", "Fix:")
-    assert_user_error(invoke("prior-merge", tmp_path / "a.safetensors", "-o", tmp_path / "m.safetensors"), "no prior file")
+    assert_user_error(
+        invoke("prior-merge", tmp_path / "a.safetensors", "-o", tmp_path / "m.safetensors"), "no prior file"
+    )
     data = DEMO_DATA / "train.jsonl"
     assert_user_error(invoke("prior", model_dir, data, "--shard", "3/2"), "need 0 <= i < n", "Fix:")
     assert_user_error(invoke("prior", model_dir, tmp_path / "none.jsonl"), "file not found", "Fix:")

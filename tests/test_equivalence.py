@@ -219,3 +219,17 @@ def test_config_json_round_trip(tmp_path):
     assert nvib.NVConfig.load(path) == REGULARISED
     with pytest.raises(ValueError, match="unknown NVConfig fields"):
         nvib.NVConfig.from_dict({"alpha": 1})
+
+
+def test_convert_and_configure_inside_inference_mode():
+    case = TINY[0]
+    stock, _ = pair(case)
+    inputs = case.inputs()
+    ref = output(stock, inputs)
+    with torch.inference_mode():
+        nv = nvib.convert(copy.deepcopy(stock))
+        assert (nv(**inputs).logits - ref).abs().max() <= 1e-4
+    nvib.configure(nv, REGULARISED)  # outside: the NV parameters are ordinary tensors
+    with torch.inference_mode():
+        nvib.configure(nv, nvib.NVConfig())
+        assert (nv(**inputs).logits - ref).abs().max() <= 1e-4

@@ -66,7 +66,7 @@ class Slot:
     def fold(self) -> dict:
         """Fast-form weights (spec §6), rebuilt only when a parameter, dtype or device changed."""
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in self._tensors())
-        key = tuple((t._version, t.data_ptr(), t.dtype) for t in self._tensors())
+        key = tuple((0 if t.is_inference() else t._version, t.data_ptr(), t.dtype) for t in self._tensors())
         if not grad and self.folded is not None and key == self.folded_key:
             return self.folded
         with torch.set_grad_enabled(grad):

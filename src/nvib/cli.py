@@ -15,7 +15,15 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from nvib.pipeline import ModelSection, Run, RunConfig, estimate_prior, load_model, parse_shard
+from nvib.pipeline import (
+    ModelSection,
+    Run,
+    RunConfig,
+    describe_schema,
+    estimate_prior,
+    load_model,
+    parse_shard,
+)
 from nvib.prior import EmpiricalPrior
 
 app = typer.Typer(
@@ -66,7 +74,9 @@ def main(
         import optuna
         import transformers
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        optuna.logging.set_verbosity(
+            optuna.logging.ERROR
+        )  # a Ctrl-C would log a failed trial with a traceback
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
@@ -74,6 +84,12 @@ def main(
 
 # ----------------------------------------------------------------------------------------------
 # shared options
+
+CONFIG_HELP = (
+    "\b\nRun config keys (YAML or TOML; paths relative to the config file, package:NAME/sub = a path inside "
+    "an installed package; `nvib demo` runs demo_data/demo.yaml of the nvib package, a commented example):\n"
+    + describe_schema()
+)
 
 ConfigArg = Annotated[Path, typer.Argument(help="Run config file (.yaml or .toml).", show_default=False)]
 RunDirOpt = Annotated[
@@ -193,7 +209,7 @@ def prior_merge_cmd(
     _console().print(f"merged {len(priors)} priors, {tokens} tokens{note} -> {output}")
 
 
-@app.command("search")
+@app.command("search", epilog=CONFIG_HELP)
 @friendly_errors
 def search_cmd(
     config: ConfigArg,
@@ -206,7 +222,7 @@ def search_cmd(
     _run(RunConfig.load(config), run_dir, n_trials, progress, prior).search()
 
 
-@app.command("evaluate")
+@app.command("evaluate", epilog=CONFIG_HELP)
 @friendly_errors
 def evaluate_cmd(
     config: ConfigArg,
@@ -229,7 +245,7 @@ def evaluate_cmd(
     run.report(evaluation)
 
 
-@app.command("run")
+@app.command("run", epilog=CONFIG_HELP)
 @friendly_errors
 def run_cmd(
     config: Annotated[

@@ -34,6 +34,11 @@ def convert(model: nn.Module, config: NVConfig | None = None, prior=None) -> nn.
     """
     if is_converted(model):
         raise ValueError("this model is already an NV model; use nvib.configure to change its knobs")
+    with torch.inference_mode(False):  # NV parameters must stay trainable and re-configurable afterwards
+        return _convert(model, config, prior)
+
+
+def _convert(model: nn.Module, config: NVConfig | None, prior) -> nn.Module:
     config = config or NVConfig()
     sites = find_sites(model)
     param = next(model.parameters())

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-# Pseudo-counts are e^(‖z‖²/2√E + …): with real hidden-state norms Σα overflows any float. KL_D grows like
-# Σα·log K, so past e^60 it is astronomically large anyway; clamping there keeps it (and float32 losses) finite.
+# Pseudo-counts are e^(‖z‖²/2√E + …): with real hidden-state norms Σα overflows any float. KL_D only grows
+# like ((K−1)/2)·log Σα, but Σα itself must stay finite: it is clamped at e^60.
 MAX_LOG_PSEUDO_COUNT = 60.0
+MIN_PRIOR_VARIANCE = 1e-12  # real models have dimensions with (float32) zero variance: s0² = 0 would give 0/0
+SERIES_FROM = 10.0  # Stirling-type series for lnΓ and ψ from here on (truncation error < 1e-10)
 
 
 def _with_prior(log_alpha: torch.Tensor, valid: torch.Tensor, prior_log_alpha: torch.Tensor):
@@ -23,18 +27,49 @@ def kl_gaussian(mu, logvar, log_alpha, valid, prior_mean, prior_var, prior_log_a
     mu, logvar [B, N, P]; log_alpha, valid [B, N]; the prior component (its own KL is 0) counts in Σα.
     """
     weights = torch.softmax(_with_prior(log_alpha, valid, prior_log_alpha), dim=1)[:, 1:]
-    log_s0sq = prior_var.to(mu.dtype).log()
+    log_s0sq = prior_var.to(mu.dtype).clamp(min=MIN_PRIOR_VARIANCE).log()
     log_ratio = logvar - log_s0sq
     per_token = 0.5 * (log_ratio.exp() + (mu - prior_mean.to(mu.dtype)) ** 2 / log_s0sq.exp() - 1 - log_ratio)
     return (weights * per_token.mean(-1).to(weights.dtype)).sum(-1)
 
 
 def kl_dirichlet(log_alpha, valid, prior_log_alpha, delta: float = 1.0) -> torch.Tensor:
-    """KL_D [B] between Dir(α) and the prior Dirichlet, in float64 (spec §8); L = K."""
+    """KL_D [B] between Dir(α) and the prior Dirichlet, in float64 (spec §8); L = K.
+
+    The spec's lnΓ(A_q) − lnΓ(A_p) + (A_q − A_p)(ψ(A_q/K) − ψ(A_q)) + K(lnΓ(A_p/K) − lnΓ(A_q/K)) cancels
+    terms of size A·log A, hopeless in float64 once A ≳ 1e6. With lnΓ(x) = (x−½)ln x − x + ½ln 2π + r(x)
+    and ψ(x) = ln x + s(x) it is exactly
+    ((K−1)/2)(ln A_q − ln A_p) + (A_q − A_p)(s(A_q/K) − s(A_q)) + R(A_q) − R(A_p), R(A) = r(A) − K·r(A/K),
+    where every term stays small.
+    """
     la = _with_prior(log_alpha, valid, prior_log_alpha)
     K = la.isfinite().sum(1).to(torch.float64)
-    A_q = torch.logsumexp(la, dim=1).clamp(max=MAX_LOG_PSEUDO_COUNT).exp()
+    log_A_q = torch.logsumexp(la, dim=1).clamp(max=MAX_LOG_PSEUDO_COUNT)
+    A_q = log_A_q.exp()
     A_p = prior_log_alpha.to(torch.float64).clamp(max=MAX_LOG_PSEUDO_COUNT).exp() + delta * (K - 1)
-    lg, dg = torch.lgamma, torch.digamma
-    kl = lg(A_q) - lg(A_p) + (A_q - A_p) * (dg(A_q / K) - dg(A_q)) + K * (lg(A_p / K) - lg(A_q / K))
+    kl = (
+        0.5 * (K - 1) * (log_A_q - A_p.log())
+        + (A_q - A_p) * (_digamma_rest(A_q / K) - _digamma_rest(A_q))
+        + _lgamma_rest(A_q) - K * _lgamma_rest(A_q / K)
+        - _lgamma_rest(A_p) + K * _lgamma_rest(A_p / K)
+    )  # fmt: skip
     return kl / K
+
+
+def _lgamma_rest(x: torch.Tensor) -> torch.Tensor:
+    """r(x) = lnΓ(x) − [(x − ½)ln x − x + ½ln 2π], x > 0."""
+    big = x.clamp(min=SERIES_FROM)
+    inv, inv2 = 1 / big, 1 / (big * big)
+    series = inv * (1 / 12 - inv2 * (1 / 360 - inv2 * (1 / 1260 - inv2 / 1680)))
+    small = x.clamp(max=SERIES_FROM)
+    direct = torch.lgamma(small) - ((small - 0.5) * small.log() - small + 0.5 * math.log(2 * math.pi))
+    return torch.where(x >= SERIES_FROM, series, direct)
+
+
+def _digamma_rest(x: torch.Tensor) -> torch.Tensor:
+    """s(x) = ψ(x) − ln x, x > 0."""
+    big = x.clamp(min=SERIES_FROM)
+    inv, inv2 = 1 / big, 1 / (big * big)
+    series = -0.5 * inv - inv2 * (1 / 12 - inv2 * (1 / 120 - inv2 * (1 / 252 - inv2 / 240)))
+    small = x.clamp(max=SERIES_FROM)
+    return torch.where(x >= SERIES_FROM, series, torch.digamma(small) - small.log())

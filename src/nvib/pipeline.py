@@ -16,6 +16,7 @@ import difflib
 import importlib.util
 import json
 import math
+import time
 import tomllib
 import types
 import typing
@@ -64,9 +65,12 @@ __all__ = [
     "Run",
     "RunConfig",
     "SearchSection",
+    "describe_data",
+    "describe_schema",
     "estimate_prior",
     "load_model",
     "parse_shard",
+    "prior_stats",
     "resolve_path",
 ]
 
@@ -275,6 +279,30 @@ class RunConfig:
         return Path(self.run_dir) if self.run_dir else Path("runs") / Path(self.source).stem
 
 
+def describe_schema() -> str:
+    """The config keys with their defaults, one section a line (for ``--help``)."""
+
+    def keys(cls: type) -> str:
+        parts, types_ = [], typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("internal") or dataclasses.is_dataclass(types_[f.name]):
+                continue
+            if f.default is not dataclasses.MISSING:
+                parts.append(f"{f.name}={f.default!r}")
+            elif f.default_factory is not dataclasses.MISSING:
+                parts.append(f"{f.name}={f.default_factory()!r}")
+            else:
+                parts.append(f"{f.name} (required)")
+        return ", ".join(parts)
+
+    hints = typing.get_type_hints(RunConfig)
+    lines = [f"top level: {keys(RunConfig)} (task: {', '.join(TASKS)})"]
+    for f in dataclasses.fields(RunConfig):
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.append(f"{f.name}: {keys(hints[f.name])}")
+    return "\n".join(lines)
+
+
 def _build(cls: type, raw: Any, where: str, source: str) -> Any:
     """Build dataclass ``cls`` from a mapping, checking keys and value types; errors name the key."""
     label = where or "the top level"
@@ -361,7 +389,10 @@ def resolve_path(value: str | Path, base_dir: str | Path = ".") -> Path:
     text = str(value)
     if text.startswith("package:"):
         name, _, sub = text[len("package:") :].partition("/")
-        spec = importlib.util.find_spec(name) if name else None
+        try:
+            spec = importlib.util.find_spec(name) if name else None
+        except ImportError:  # a dotted name whose parent package is missing
+            spec = None
         if spec is None or not (spec.submodule_search_locations or spec.origin):
             raise FileNotFoundError(
                 f"{text}: Python package {name!r} is not installed. Fix: install it, or give a directory path"
@@ -642,6 +673,7 @@ class Run:
         if is_converted(model):
             unload(model)
         d = self.config.data
+        start = time.perf_counter()
         prior = estimate_prior(
             model,
             tokenizer,
@@ -656,7 +688,8 @@ class Run:
         prior.save(self.prior_path)
         if not prior.metadata.get("complete", True):
             raise KeyboardInterrupt(f"prior interrupted after {_tokens(prior)} tokens; partial prior saved")
-        self.console.print(f"prior: {_tokens(prior)} tokens -> {self.prior_path}")
+        seconds = time.perf_counter() - start
+        self.console.print(f"prior: {_tokens(prior)} tokens in {seconds:.0f} s -> {self.prior_path}")
         self._prior = prior
         return prior
 
@@ -690,7 +723,7 @@ class Run:
         if done:
             self.console.print(f"search: resuming study with {done} finished trials; {remaining} to run")
         kinds = {layer.kind for layer in nv_layers(model).values()}
-        bar = new_progress(self.progress, self.console)
+        bar, start = new_progress(self.progress, self.console), time.perf_counter()
         with bar:
             trials = bar.add_task("search", total=remaining, info=metric_name)
             started = [0]
@@ -721,8 +754,9 @@ class Run:
         tuned.save(self.dir / KNOBS_FILE)
         sign = -1 if metric_name in LOWER_IS_BETTER else 1
         self.console.print(
-            f"search: best {metric_name} {sign * study.best_value:.4f} (trial #{study.best_trial.number}, "
-            f"{objective.n_generated} dev examples run now); knobs -> {self.dir / KNOBS_FILE}"
+            f"search: {started[0]} trials in {time.perf_counter() - start:.0f} s "
+            f"({objective.n_generated} dev examples run); best {metric_name} {sign * study.best_value:.4f} "
+            f"(trial #{study.best_trial.number}); knobs -> {self.dir / KNOBS_FILE}"
         )
         return study
 
@@ -742,7 +776,7 @@ class Run:
         tuned = knobs or self.tuned_knobs()
         self._start()
         tests = {name: self.examples("test", name) for name in cfg.data.test}
-        bar = new_progress(self.progress, self.console)
+        bar, start = new_progress(self.progress, self.console), time.perf_counter()
         with bar:
             evaluation = evaluate_variants(
                 self.evaluator(bar),
@@ -755,6 +789,7 @@ class Run:
                 log=bar.console.print,
             )
         self.console.print(_results_table(evaluation))
+        self.console.print(f"evaluation: {time.perf_counter() - start:.0f} s -> {self.dir / 'scores.json'}")
         return evaluation
 
     def report(self, evaluation: Evaluation | None = None) -> ReportPaths:
@@ -831,7 +866,7 @@ def _tokens(prior: EmpiricalPrior) -> int:
 
 
 def _results_table(evaluation: Evaluation) -> Table:
-    table = Table(title=f"{evaluation.task}: Δ vs unconverted with 95% paired-bootstrap interval")
+    table = Table(caption="(Δ vs unconverted; 95% bootstrap intervals in scores.json and report.md)")
     for column in ("test set", "metric", *VARIANTS.values()):
         table.add_column(column, justify="left" if column in ("test set", "metric") else "right")
     for name in evaluation.equivalence:
@@ -841,7 +876,7 @@ def _results_table(evaluation: Evaluation) -> Table:
                 cell = f"{evaluation.results[variant][name][m]:.2f}"
                 diff = evaluation.differences.get(variant, {}).get(name, {}).get(m)
                 if diff is not None:
-                    cell += f" ({diff.delta:+.2f} [{diff.ci_low:+.2f}, {diff.ci_high:+.2f}])"
+                    cell += f" ({diff.delta:+.2f})"
                 cells.append(cell)
             table.add_row(name, m, *cells)
     return table

@@ -1,0 +1,357 @@
+"""Fine-tuning with the NVIB regularisers (spec §8): NVTrainer, λ schedules, freezing, resume, save/load, CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import transformers as tf
+import typer
+from cases import TINY
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from typer.testing import CliRunner
+
+import nvib
+from nvib.data import Example
+from nvib.finetune import (
+    CHECKPOINTS,
+    RUN_LOG,
+    Collator,
+    LambdaSchedule,
+    build_trainer,
+    finetune,
+    finetune_cli,
+    prepare_model,
+    tokenise,
+)
+from nvib.layer import LOG_ALPHA_GAUSSIAN
+
+BART, BERT2BERT = TINY[0], next(c for c in TINY if c.name == "bert2bert")
+GPT2 = next(c for c in TINY if c.name == "gpt2")
+SPECIALS = {"bart": (0, 1, 2, 3), "bert2bert": (3, 0, 4, 1), "gpt2": (2, 0, 4, 1)}  # bos, pad, eos, unk
+KL_KEYS = {f"kl_{w}{kind}" for w in ("", "g_", "d_") for kind in ("encoder", "cross", "decoder")}
+
+
+def tiny_tokenizer(name: str = "bart", vocab: int = 96) -> tf.PreTrainedTokenizerFast:
+    """Words w0..w95 map to ids 0..95 (special tokens at the model's special ids)."""
+    bos, pad, eos, unk = SPECIALS[name]
+    names = {bos: "<s>", pad: "<pad>", eos: "</s>", unk: "<unk>"}
+    tok = Tokenizer(models.WordLevel({names.get(i, f"w{i}"): i for i in range(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", bos), ("</s>", eos)]
+    )
+    return tf.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def examples(n: int = 8, seed: int = 0) -> list[Example]:
+    g = torch.Generator().manual_seed(seed)
+
+    def words(k: int) -> str:
+        return " ".join(
+            f"w{int(i)}"
+            for i in torch.randint(5, 96, (int(torch.randint(2, k, (1,), generator=g)),), generator=g)
+        )
+
+    return [Example(words(10), words(6)) for _ in range(n)]
+
+
+def no_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for config in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values():
+        for key in ("dropout", "attention_dropout", "activation_dropout", "hidden_dropout_prob"):
+            if hasattr(config, key):
+                setattr(config, key, 0.0)
+    return model
+
+
+def stock_model(case, dropout: bool = False) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = case.build().eval()
+    return model if dropout else no_dropout(model)
+
+
+def trainer_for(model, tmp_path, name="bart", **kw):
+    kw = {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "progress": False, "logging_steps": 1, **kw}
+    return build_trainer(model, examples(), tiny_tokenizer(name), output_dir=tmp_path, **kw)
+
+
+def first_batch(trainer, n: int = 8):
+    return trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
+
+
+def task_loss(model, batch) -> float:
+    with torch.no_grad():
+        return float(model.eval()(**batch).loss)
+
+
+# ---- λ schedules -----------------------------------------------------------------------------
+
+
+def test_lambda_schedules():
+    assert [LambdaSchedule()(0.5, s) for s in (0, 7, 10**6)] == [0.5, 0.5, 0.5]
+    linear = LambdaSchedule("linear", steps=10)
+    assert [linear(2.0, s) for s in (0, 1, 5, 10, 11, 1000)] == pytest.approx([0, 0.2, 1.0, 2.0, 2.0, 2.0])
+    cyclic = LambdaSchedule("cyclic", steps=10)  # rises over the first half of each period of 10
+    got = [cyclic(1.0, s) for s in (0, 2, 4, 5, 9, 10, 12, 15, 20, 23)]
+    assert got == pytest.approx([0, 0.4, 0.8, 1, 1, 0, 0.4, 1, 0, 0.6])
+    assert LambdaSchedule("cyclic", steps=4, ramp=1.0)(1.0, 3) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="steps"):
+        LambdaSchedule("linear")
+    with pytest.raises(ValueError, match="constant, linear|'constant'"):
+        LambdaSchedule("cosine")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="ramp"):
+        LambdaSchedule("cyclic", steps=4, ramp=0)
+
+
+# ---- the loss --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", [BART, BERT2BERT], ids=lambda c: c.name)
+def test_step0_eval_loss_is_the_stock_loss(case, tmp_path):
+    stock = stock_model(case, dropout=True)
+    nv = copy.deepcopy(stock)
+    prior = knobs = None
+    if case is BART:  # conversion with an empirical prior is still the identity
+        feats, collate = tokenise(examples(), tiny_tokenizer(), "seq2seq", 64, 64), Collator(pad_id=1)
+        prior = nvib.EmpiricalPrior.estimate(stock, [collate(feats[:4]), collate(feats[4:])], progress=False)
+        for stats in prior.sites.values():  # random weights: LayerNorm fixes ‖z‖, so ς ≈ 0 and alpha_tau does
+            stats.norm_m2 = stats.count - 1.0  # nothing; give the prior a spread ς = 1 as real weights have
+        knobs = nvib.NVConfig(alpha_tau_e=20, alpha_tau_c=20, alpha_tau_d=20)
+    prepare_model(nv, knobs, prior=prior)
+    trainer = trainer_for(nv, tmp_path, name=case.name, lambda_g=0.0, lambda_d=0.0)
+    batch = first_batch(trainer)
+    ref = task_loss(stock, batch)
+    nv.eval()
+    with torch.no_grad():
+        assert abs(float(trainer.compute_loss(nv, batch)) - ref) <= 1e-5
+        trainer.lambda_g = trainer.lambda_d = 1.0  # evaluation never adds KL terms
+        assert abs(float(trainer.compute_loss(nv, batch)) - ref) <= 1e-5
+
+
+def test_train_mode_sampling_with_zero_lambda_is_close_to_stock(tmp_path):
+    stock = stock_model(BART)
+    nv = prepare_model(copy.deepcopy(stock))
+    trainer = trainer_for(nv, tmp_path, lambda_g=0.0, lambda_d=0.0)
+    batch = first_batch(trainer)
+    ref = task_loss(stock, batch)
+    nv.train()
+    with torch.no_grad():
+        sampled = float(trainer.compute_loss(nv, batch))
+        kl = nvib.kl_loss(nv, 1.0, 1.0)
+    assert abs(sampled - ref) < 0.05
+    assert kl > 0  # the KL terms are computed even when they do not enter the loss
+    trainer.lambda_g, trainer.lambda_d = 0.1, 0.01
+    with torch.no_grad():
+        torch.manual_seed(1)
+        with_kl = float(trainer.compute_loss(nv, batch))
+        g, d = (sum(t[i] for t in nvib.kl_terms(nv).values()) for i in (0, 1))
+        torch.manual_seed(1)
+        trainer.lambda_g = trainer.lambda_d = 0.0
+        without = float(trainer.compute_loss(nv, batch))
+    assert with_kl == pytest.approx(without + 0.1 * float(g) + 0.01 * float(d), rel=1e-5)
+
+
+def test_gradients_flow_through_gamma_sampling_into_alpha(tmp_path):
+    """λ = 0: the task loss alone reaches alpha_* through the reparameterised Gamma draws of π."""
+    knobs = nvib.NVConfig(alpha_tau_e=-5, alpha_tau_c=-5, alpha_tau_d=-5, stdev_tau_e=0.1, stdev_tau_c=0.1)
+    nv = prepare_model(stock_model(BART), knobs)
+    trainer = trainer_for(nv, tmp_path, lambda_g=0.0, lambda_d=0.0)
+    nv.train()
+    trainer.compute_loss(nv, first_batch(trainer)).backward()
+    for site, layer in nvib.nv_layers(nv).items():
+        log_alpha = layer._sample[2][2]
+        assert log_alpha.max() < LOG_ALPHA_GAUSSIAN, site  # the Gamma sampler, not its normal approximation
+        for name in ("alpha_w1", "alpha_w2", "alpha_bias"):
+            grad = getattr(layer, name).grad
+            assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, (site, name)
+
+
+def test_kl_is_scaled_consistently_under_gradient_accumulation(tmp_path):
+    """One SGD step on 4 examples = two accumulated steps on 2 + 2 (task loss and KL alike)."""
+    updates = []
+    for batch_size, accumulate in ((4, 1), (2, 2)):
+        nv = prepare_model(stock_model(BART))
+        start = {k: v.clone() for k, v in nv.named_parameters()}
+        trainer = trainer_for(
+            nv, tmp_path / str(batch_size), max_steps=1, batch_size=batch_size, lambda_g=0.05, lambda_d=0.05,
+            gradient_accumulation_steps=accumulate, optim="sgd", max_grad_norm=0.0, lr=1.0, lr_scheduler="constant",
+            save_strategy="no",
+        )  # fmt: skip
+        trainer.train()
+        updates.append({k: (v.detach() - start[k]) for k, v in nv.named_parameters()})
+    for key, delta in updates[0].items():
+        assert torch.allclose(delta, updates[1][key], rtol=1e-3, atol=1e-5), key
+
+
+# ---- training runs ---------------------------------------------------------------------------
+
+
+def test_finetune_reduces_loss_logs_kl_and_round_trips(tmp_path):
+    data = examples(8) * 2
+    model = stock_model(BART)
+    tok = tiny_tokenizer()
+    probe = trainer_for(prepare_model(copy.deepcopy(model)), tmp_path / "probe")
+    batch = first_batch(probe)
+    before = task_loss(model, batch)
+    schedule = LambdaSchedule("linear", steps=10)
+    out = tmp_path / "run"
+    tuned = finetune(
+        model, data, tok, output_dir=out, lambda_g=1e-3, lambda_d=1e-3, schedule=schedule, max_steps=20,
+        batch_size=8, lr=3e-3, seed=0, max_source_len=16, max_target_len=8, logging_steps=5, save_steps=10,
+        progress=False,
+    )  # fmt: skip
+    assert tuned is model and nvib.is_converted(model) and not model.training
+    assert task_loss(model, batch) < before - 0.2
+    log = json.loads((out / RUN_LOG).read_text())
+    train_logs = [entry for entry in log if "loss" in entry]
+    assert len(train_logs) == 4
+    for entry in train_logs:
+        assert KL_KEYS <= set(entry) and {"lambda_g", "lambda_d", "task_loss"} <= set(entry)
+        assert entry["lambda_g"] == pytest.approx(schedule(1e-3, entry["step"]))
+        assert entry["kl_encoder"] == pytest.approx(entry["kl_g_encoder"] + entry["kl_d_encoder"], rel=1e-5)
+    assert (out / CHECKPOINTS / "checkpoint-20").is_dir()
+    loaded = nvib.load(out)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs["decoder_input_ids"] = batch["labels"].clamp(min=0)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+    assert tf.AutoTokenizer.from_pretrained(out)("w5 w6")["input_ids"] == tok("w5 w6")["input_ids"]
+
+
+@pytest.mark.parametrize("train_nv", [True, False])
+def test_freezing_really_freezes(tmp_path, train_nv):
+    nv = prepare_model(stock_model(BART), train_nv=train_nv, train_pretrained=not train_nv)
+    nv_names = {f"nvib_layers.{k}" for k, _ in nv.nvib_layers.named_parameters()}
+    start = {k: v.detach().clone() for k, v in nv.named_parameters()}
+    for name, param in nv.named_parameters():
+        assert param.requires_grad == ((name in nv_names) == train_nv), name
+    trainer_for(nv, tmp_path, save_strategy="no", lambda_g=0.1, lambda_d=0.1).train()
+    for name, param in nv.named_parameters():
+        trains = (name in nv_names) == train_nv
+        if not trains:
+            assert torch.equal(param, start[name]), name
+    changed = [n for n, p in nv.named_parameters() if not torch.equal(p, start[n])]
+    assert changed and all(((n in nv_names) == train_nv) for n in changed)
+    with pytest.raises(ValueError, match="nothing to train"):
+        prepare_model(nv, train_nv=False, train_pretrained=False)
+
+
+class _Interrupt(tf.TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
+    kw = {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "save_steps": 2, "progress": False, "lambda_g": 0.01}
+    data, tok = examples(8), tiny_tokenizer()
+    straight = finetune(stock_model(BART, dropout=True), data, tok, output_dir=tmp_path / "a", **kw)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(
+            stock_model(BART, dropout=True),
+            data,
+            tok,
+            output_dir=tmp_path / "b",
+            callbacks=[_Interrupt()],
+            **kw,
+        )
+    assert (tmp_path / "b" / CHECKPOINTS / "checkpoint-2").is_dir()
+    with pytest.raises(ValueError, match="different settings.*lr"):
+        finetune(stock_model(BART), data, tok, output_dir=tmp_path / "b", **{**kw, "lr": 2e-3})
+    resumed = finetune(stock_model(BART, dropout=True), data, tok, output_dir=tmp_path / "b", **kw)
+    log = json.loads((tmp_path / "b" / RUN_LOG).read_text())
+    assert max(entry["step"] for entry in log) == 4
+    expected = dict(straight.named_parameters())
+    for name, param in resumed.named_parameters():
+        assert torch.allclose(param, expected[name], atol=1e-6), name
+
+
+@pytest.mark.parametrize("case", [BERT2BERT, GPT2], ids=lambda c: c.name)
+def test_other_architectures_train(case, tmp_path):
+    model = stock_model(case)
+    finetune(model, examples(4), tiny_tokenizer(case.name), output_dir=tmp_path, max_steps=2, batch_size=2,
+             lr=1e-3, logging_steps=1, progress=False)  # fmt: skip
+    kinds = {layer.kind for layer in nvib.nv_layers(model).values()}
+    log = [e for e in json.loads((tmp_path / RUN_LOG).read_text()) if "loss" in e]
+    assert {f"kl_{kind}" for kind in kinds} <= set(log[0])
+    assert all(k[3:] in kinds or k[5:] in kinds for k in log[0] if k.startswith("kl_"))
+
+
+def test_bad_arguments():
+    model = stock_model(BART)
+    with pytest.raises(ValueError, match="lambda_g"):
+        finetune(model, examples(2), tiny_tokenizer(), output_dir="unused", lambda_g=-1)
+    with pytest.raises(ValueError, match="no training examples"):
+        finetune(model, [], tiny_tokenizer(), output_dir="unused")
+    with pytest.raises(ValueError, match="encoder-only"):
+        nv = prepare_model(tf.BertForMaskedLM(tf.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1,
+                                                             num_attention_heads=4, intermediate_size=64)))  # fmt: skip
+        build_trainer(nv, examples(2), tiny_tokenizer(), output_dir="unused")
+    with pytest.raises(ValueError, match="already an NV model"):
+        prepare_model(prepare_model(stock_model(BART)), prior=nvib.EmpiricalPrior({}, {}))
+
+
+# ---- command line ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli():
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+    app.command("finetune")(finetune_cli)
+
+    @app.command("noop")
+    def _noop() -> None:  # a second command, so `finetune` is a subcommand as in the real CLI
+        pass
+
+    return lambda *args: CliRunner().invoke(app, ["finetune", *map(str, args)])
+
+
+def test_cli_help_and_errors(cli, tmp_path):
+    result = cli("--help")
+    assert result.exit_code == 0
+    for option in ("--lambda-g", "--lambda-d", "--schedule", "--schedule-steps", "--freeze-nv", "--freeze-pretrained",
+                   "--max-steps", "--batch-size", "--lr", "--seed", "--source-column", "--target-column",
+                   "--output-dir", "--prior", "--knobs", "--resume"):  # fmt: skip
+        assert option in result.output, option
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"source": "w5 w6", "target": "w7"}\n')
+    bad = [
+        ((tmp_path / "nomodel", train, "-o", tmp_path / "o"), "no model"),
+        ((tmp_path, tmp_path / "missing.jsonl", "-o", tmp_path / "o"), "file not found"),
+        ((tmp_path, train, "-o", tmp_path / "o", "--schedule", "cosine"), "constant, linear or cyclic"),
+        ((tmp_path, train, "-o", tmp_path / "o", "--schedule", "linear"), "steps"),
+        ((tmp_path, train, "-o", tmp_path / "o", "--freeze-nv", "--freeze-pretrained"), "nothing to train"),
+    ]
+    for args, message in bad:
+        result = cli(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output and "Traceback" not in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_cli_trains_and_saves(cli, tmp_path):
+    model_dir = tmp_path / "model"
+    stock_model(BART).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"doc": e.source, "sum": e.target}) + "\n" for e in examples(6)))
+    out = tmp_path / "out"
+    args = (model_dir, train, "-o", out, "--source-column", "doc", "--target-column", "sum", "--max-steps", 2,
+            "--batch-size", 3, "--lambda-g", 0.01, "--schedule", "cyclic", "--schedule-steps", 2, "--freeze-nv",
+            "--no-progress")  # fmt: skip
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    tuned = nvib.load(out)
+    for name, param in tuned.nvib_layers.named_parameters():  # frozen NV layers: still the identity init
+        fresh = prepare_model(stock_model(BART)).nvib_layers.get_parameter(name)
+        assert torch.equal(param, fresh), name
+    result = cli(out, train, "-o", tmp_path / "again", "--source-column", "doc", "--target-column", "sum",
+                 "--max-steps", 1, "--no-progress")  # fmt: skip
+    assert result.exit_code == 0, result.output  # an NV model directory fine-tunes further
