@@ -77,7 +77,16 @@ def main(argv: list[str] | None = None) -> None:
         return
     rows = {}
     for variant in VARIANTS:
-        cmd = [sys.executable, __file__, "--variant", variant, "--reps", str(args.reps), "--threads", str(args.threads)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--variant",
+            variant,
+            "--reps",
+            str(args.reps),
+            "--threads",
+            str(args.threads),
+        ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows[variant] = json.loads(out.strip().splitlines()[-1])
         print(variant, rows[variant], flush=True)
@@ -89,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     for variant, r in rows.items():
         lines.append(
             f"| {variant} | {r['forward']:.3f} | {r['forward'] / stock['forward']:.3f} | {r['generate']:.3f} | "
-            f"{r['generate'] / stock['generate']:.3f} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / stock['peak_rss_mb']:.3f} |"
+            f"{r['generate'] / stock['generate']:.3f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['peak_rss_mb'] / stock['peak_rss_mb']:.3f} |"
         )
     table = "\n".join(lines)
     print(table)

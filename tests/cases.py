@@ -78,17 +78,37 @@ TINY = [
     Case(
         "t5",
         lambda: tf.T5ForConditionalGeneration(
-            tf.T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
+            tf.T5Config(
+                vocab_size=96,
+                d_model=32,
+                d_kv=8,
+                d_ff=64,
+                num_layers=2,
+                num_heads=4,
+                decoder_start_token_id=0,
+            )
         ),
         "seq2seq",
         96,
     ),
     Case("bert", lambda: tf.BertForMaskedLM(_tiny_bert()), "encoder", 96),
-    Case("roberta", lambda: tf.RobertaForMaskedLM(tf.RobertaConfig(**{**_tiny_bert().to_dict(), "pad_token_id": 1})), "encoder", 96, pad=1),
+    Case(
+        "roberta",
+        lambda: tf.RobertaForMaskedLM(tf.RobertaConfig(**{**_tiny_bert().to_dict(), "pad_token_id": 1})),
+        "encoder",
+        96,
+        pad=1,
+    ),
     Case(
         "mpnet",
         lambda: tf.MPNetForMaskedLM(
-            tf.MPNetConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+            tf.MPNetConfig(
+                vocab_size=96,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+            )
         ),
         "encoder",
         96,
@@ -96,7 +116,9 @@ TINY = [
     ),
     Case(
         "gpt2",
-        lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0)),
+        lambda: tf.GPT2LMHeadModel(
+            tf.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0)
+        ),
         "lm",
         96,
     ),
@@ -108,13 +130,20 @@ REAL_SIZE = [
     Case(
         "opus-mt-en-de",
         lambda: tf.MarianMTModel(
-            tf.MarianConfig(vocab_size=58101, decoder_vocab_size=58101, pad_token_id=58100, decoder_start_token_id=58100)
+            tf.MarianConfig(
+                vocab_size=58101, decoder_vocab_size=58101, pad_token_id=58100, decoder_start_token_id=58100
+            )
         ),
         "seq2seq",
         58101,
         pad=58100,
     ),
-    Case("t5-small", lambda: tf.T5ForConditionalGeneration(tf.T5Config(decoder_start_token_id=0)), "seq2seq", 32128),
+    Case(
+        "t5-small",
+        lambda: tf.T5ForConditionalGeneration(tf.T5Config(decoder_start_token_id=0)),
+        "seq2seq",
+        32128,
+    ),
     Case("bert-base", lambda: tf.BertForMaskedLM(tf.BertConfig()), "encoder", 30522),
     Case("gpt2", lambda: tf.GPT2LMHeadModel(tf.GPT2Config(pad_token_id=0)), "lm", 50257),
 ]

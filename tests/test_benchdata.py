@@ -170,8 +170,7 @@ def _page_xml(pages: list[tuple[str, str]]) -> bytes:
         for i, (t, x) in enumerate(pages)
     )
     return (
-        '<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/" version="0.10" xml:lang="en">'
-        f"{body}</mediawiki>"
+        f'<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/" version="0.10" xml:lang="en">{body}</mediawiki>'
     ).encode()
 
 
@@ -196,9 +195,7 @@ def test_strip_wiki_markup() -> None:
         "first frob",
     ):
         assert junk not in text, junk
-    assert paras[0].startswith(
-        "Frobnication (from Latin frobare) is the art of tweaking a knob until something"
-    )
+    assert paras[0].startswith("Frobnication (from Latin frobare) is the art of tweaking a knob until something")
     assert "about 3 km in St. Louis." in paras[0]
     assert "Early frobbers used wooden knobs." in text
     assert "A list item about frobs." in paras  # list items are their own paragraphs
@@ -234,9 +231,7 @@ def test_wiki_pairs_skip_redirects_and_disambiguation() -> None:
     articles, paras, stats = wiki_pairs(pages)
     assert [a.uid for a in articles] == ["wiki:Frobnication"]
     assert articles[0].summary.startswith("Frobnication (from Latin frobare) is the art")
-    assert articles[0].document.startswith(
-        "It was first described by Dr. J. R. R. Smith in 1900. Early frobbers"
-    )
+    assert articles[0].document.startswith("It was first described by Dr. J. R. R. Smith in 1900. Early frobbers")
     assert [p.summary for p in paras] == ["Early frobbers used wooden knobs."]
     assert stats["skip_not_article"] == 2
 
@@ -336,10 +331,7 @@ def test_docstring_harvest_on_temp_tree(tmp_path: Path) -> None:
 
 def test_split_docstring_rejections() -> None:
     assert split_docstring("Only a summary.") == "no_body"
-    assert (
-        split_docstring("foo(a, b) -> int\n\nReturns the thing that foo computes from a and b.")
-        == "summary_is_code"
-    )
+    assert split_docstring("foo(a, b) -> int\n\nReturns the thing that foo computes from a and b.") == "summary_is_code"
     summary, body = split_docstring("Summary here.\n\nParameters\n----------\nx : int\n    The ``x`` value.")
     assert summary == "Summary here." and body == "Parameters x : int The x value."
 
@@ -517,6 +509,4 @@ def test_main_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert manifest["filters"]["max_doc_words"] == 12
     rows = read_jsonl(out / "debian" / "test.jsonl")
     assert len(rows) == 5 and all(len(r["document"].split()) <= 12 for r in rows)
-    assert gzip.decompress((cache / "debian" / "bookworm" / "Translation-en.gz").read_bytes()).startswith(
-        b"Package"
-    )
+    assert gzip.decompress((cache / "debian" / "bookworm" / "Translation-en.gz").read_bytes()).startswith(b"Package")

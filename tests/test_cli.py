@@ -165,9 +165,7 @@ def test_error_malformed_data(model_dir: Path, tmp_path: Path) -> None:
     bad.write_text('{"source": "a b c", "target": "a"}\n{"source": "oops"\n')
     config = run_config(model_dir)
     config["data"] = {**config["data"], "train": str(bad)}
-    result = invoke(
-        "run", write_config(tmp_path / "run.yaml", config), "--run-dir", tmp_path / "out", "--no-progress"
-    )
+    result = invoke("run", write_config(tmp_path / "run.yaml", config), "--run-dir", tmp_path / "out", "--no-progress")
     assert_user_error(result, "bad.jsonl, line 2: malformed JSON", "Fix:")
 
 

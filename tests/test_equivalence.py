@@ -86,7 +86,10 @@ def test_regularised_cache_matches_no_cache(case: Case):
         nv.generation_config.pad_token_id = case.pad
     assert not torch.allclose(output(nv, inputs), output(stock, inputs), atol=1e-3)
     for num_beams in (1, 4):
-        assert torch.equal(generate(nv, inputs, num_beams=num_beams), generate(nv, inputs, num_beams=num_beams, use_cache=False))
+        assert torch.equal(
+            generate(nv, inputs, num_beams=num_beams),
+            generate(nv, inputs, num_beams=num_beams, use_cache=False),
+        )
 
 
 @pytest.mark.parametrize("case", TINY, ids=lambda c: c.name)
@@ -96,7 +99,9 @@ def test_no_attention_mask(case: Case):
     assert (output(nv, inputs) - output(stock, inputs)).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("case", [c for c in TINY if c.name in ("bart", "t5", "bert", "gpt2", "bert2bert")], ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "case", [c for c in TINY if c.name in ("bart", "t5", "bert", "gpt2", "bert2bert")], ids=lambda c: c.name
+)
 def test_padding_never_leaks(case: Case):
     """Changing what sits under the padding changes nothing at real positions, regularised or not."""
     _, nv = pair(case)
@@ -163,8 +168,17 @@ def test_large_hidden_norms():
 def test_two_models_from_one_config():
     import transformers as tf
 
-    cfg = tf.BartConfig(vocab_size=96, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)
+    cfg = tf.BartConfig(
+        vocab_size=96,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+    )
     before = cfg.to_dict()
     torch.manual_seed(0)
     a = tf.BartForConditionalGeneration(cfg).eval()

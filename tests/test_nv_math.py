@@ -37,7 +37,13 @@ def reference_attention(x, z, allowed, module, layer, per_token_var=None):
         wv, bv = module.v_proj.weight[rows], module.v_proj.bias[rows]
         qh = q[:, rows]
         u = qh @ wk
-        s = u @ (mus / beta).T + (qh @ bk / noise)[:, None] + las - 0.5 * (mus**2 / beta).sum(-1) - 0.5 * beta.log().sum(-1)
+        s = (
+            u @ (mus / beta).T
+            + (qh @ bk / noise)[:, None]
+            + las
+            - 0.5 * (mus**2 / beta).sum(-1)
+            - 0.5 * beta.log().sum(-1)
+        )
         a = torch.softmax(s.masked_fill(~keep, float("-inf")), -1)
         o = (a @ (vars_ / beta)) * u + a @ (noise * mus / beta)
         heads.append(o @ wv.T + bv)
@@ -100,17 +106,25 @@ def test_reference_with_equal_per_token_variances_is_the_shared_form():
 def test_kl_gaussian_closed_form():
     g = torch.Generator().manual_seed(2)
     B, N, P = 2, 5, 4
-    mu, logvar = torch.randn(B, N, P, generator=g, dtype=torch.float64), torch.randn(B, N, P, generator=g, dtype=torch.float64)
+    mu, logvar = (
+        torch.randn(B, N, P, generator=g, dtype=torch.float64),
+        torch.randn(B, N, P, generator=g, dtype=torch.float64),
+    )
     log_alpha = torch.randn(B, N, generator=g, dtype=torch.float64)
     valid = torch.ones(B, N, dtype=torch.bool)
     valid[1, 3:] = False
-    m0, s0sq, a0 = torch.randn(P, dtype=torch.float64), torch.rand(P, dtype=torch.float64) + 0.5, torch.tensor(0.3)
+    m0, s0sq, a0 = (
+        torch.randn(P, dtype=torch.float64),
+        torch.rand(P, dtype=torch.float64) + 0.5,
+        torch.tensor(0.3),
+    )
     got = kl_gaussian(mu, logvar, log_alpha, valid, m0, s0sq, a0)
     for b in range(B):
         n = int(valid[b].sum())
         alphas = torch.cat([a0.exp()[None].double(), log_alpha[b, :n].exp()])
         kl = torch.distributions.kl_divergence(
-            torch.distributions.Normal(mu[b, :n], (0.5 * logvar[b, :n]).exp()), torch.distributions.Normal(m0, s0sq.sqrt())
+            torch.distributions.Normal(mu[b, :n], (0.5 * logvar[b, :n]).exp()),
+            torch.distributions.Normal(m0, s0sq.sqrt()),
         ).mean(-1)
         assert torch.allclose(got[b], (alphas[1:] / alphas.sum() * kl).sum(), atol=1e-12)
 
@@ -127,8 +141,8 @@ def test_kl_dirichlet_closed_form():
         A_q = a0.exp().double() + log_alpha[b][valid[b]].exp().sum()
         A_p = a0.exp().double() + (K - 1)
         Dir = torch.distributions.Dirichlet
-        full = lambda v: torch.full((K,), float(v), dtype=torch.float64)  # noqa: E731
-        direct = torch.distributions.kl_divergence(Dir(full(A_q / K)), Dir(full(A_p / K)))
+        q, p = (torch.full((K,), float(A / K), dtype=torch.float64) for A in (A_q, A_p))
+        direct = torch.distributions.kl_divergence(Dir(q), Dir(p))
         assert torch.allclose(got[b], direct / K, atol=1e-10)
 
 
@@ -143,7 +157,9 @@ def test_gamma_sampling_in_log_space():
     assert torch.isfinite(log_alpha.grad).all() and (log_alpha.grad[:, 0] != 0).any()
 
 
-@pytest.mark.parametrize("case", [c for c in TINY if c.name in ("bart", "t5", "gpt2", "bert2bert", "mpnet")], ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "case", [c for c in TINY if c.name in ("bart", "t5", "gpt2", "bert2bert", "mpnet")], ids=lambda c: c.name
+)
 def test_training_mode_kl_and_gradients(case):
     _, nv = pair(case)
     nvib.configure(nv, REGULARISED)

@@ -82,10 +82,7 @@ def test_package_paths_and_demo_config() -> None:
     assert demo.model.kind == "bert2bert" and demo.path(demo.model.path) == path
     for file in (demo.data.train, demo.data.dev, *demo.data.test.values()):
         assert demo.path(file).is_file()
-    sizes = {
-        name: len(load_examples(demo.path(f)))
-        for name, f in [("train", demo.data.train), ("dev", demo.data.dev)]
-    }
+    sizes = {name: len(load_examples(demo.path(f))) for name, f in [("train", demo.data.train), ("dev", demo.data.dev)]}
     assert sizes == {"train": 60, "dev": 16}
 
 
@@ -134,9 +131,7 @@ def test_decoder_only_generation_strips_prompt(models) -> None:
 
 
 def test_lm_run_perplexity(models, tmp_path: Path) -> None:
-    raw = run_config(
-        models["causal_lm"], task="lm", search={"n_trials": 3, "slices": [4, 8], "n_startup_trials": 1}
-    )
+    raw = run_config(models["causal_lm"], task="lm", search={"n_trials": 3, "slices": [4, 8], "n_startup_trials": 1})
     raw["model"] = {"path": str(models["causal_lm"])}  # kind auto -> causal_lm
     config = RunConfig.from_dict(raw)
     assert config.metric == "perplexity"
@@ -151,13 +146,8 @@ def test_lm_run_perplexity(models, tmp_path: Path) -> None:
         rel = abs(scores["results"]["nv_equivalence"][test_set]["perplexity"] - base) / base
         check = scores["equivalence"][test_set]
         assert check["max_relative_difference"] == pytest.approx(rel) and rel < 1e-3
-        assert (
-            check["identical"] == (rel <= check["tolerance"]) == evaluation.equivalence[test_set]["identical"]
-        )
-        rows = [
-            json.loads(line)
-            for line in (tmp_path / "lm" / "predictions" / f"nv_tuned.{test_set}.jsonl").open()
-        ]
+        assert check["identical"] == (rel <= check["tolerance"]) == evaluation.equivalence[test_set]["identical"]
+        rows = [json.loads(line) for line in (tmp_path / "lm" / "predictions" / f"nv_tuned.{test_set}.jsonl").open()]
         nll, tokens = sum(r["nll"] for r in rows), sum(r["tokens"] for r in rows)
         assert math.isclose(scores["results"]["nv_tuned"][test_set]["perplexity"], math.exp(nll / tokens))
         assert set(scores["prior_mass"][test_set]) == {"decoder"}

@@ -64,7 +64,11 @@ def test_statistics_are_exact_and_merge_exactly(tmp_path):
     merged = nvib.EmpiricalPrior.merge(*shards)
     for name, s in prior.sites.items():
         m = merged.sites[name]
-        assert m.count == s.count and torch.allclose(m.mean, s.mean, atol=1e-12) and torch.allclose(m.var, s.var, atol=1e-12)
+        assert (
+            m.count == s.count
+            and torch.allclose(m.mean, s.mean, atol=1e-12)
+            and torch.allclose(m.var, s.var, atol=1e-12)
+        )
         assert abs(m.log_alpha_std - s.log_alpha_std) < 1e-10
     prior.save(tmp_path / "prior.safetensors")
     loaded = nvib.EmpiricalPrior.load(tmp_path / "prior.safetensors")

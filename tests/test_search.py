@@ -239,8 +239,6 @@ def test_minimize_direction() -> None:
 
 def test_argument_checks() -> None:
     with pytest.raises(ValueError, match="slices"):
-        run_search(
-            peaked, {"encoder"}, n_trials=1, storage=None, study_name="a", slices=[8, 4], progress=False
-        )
+        run_search(peaked, {"encoder"}, n_trials=1, storage=None, study_name="a", slices=[8, 4], progress=False)
     with pytest.raises(ValueError, match="no complete trial"):
         best_knobs(optuna.create_study())

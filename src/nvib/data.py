@@ -151,9 +151,7 @@ def _make_example(where: str, row: Mapping[str, Any], src: str, tgt: str | None)
 # readers
 
 
-def _read_jsonl(
-    p: Path, source_column: str | None, target_column: str | None, limit: int | None
-) -> list[Example]:
+def _read_jsonl(p: Path, source_column: str | None, target_column: str | None, limit: int | None) -> list[Example]:
     examples: list[Example] = []
     columns: tuple[str, str | None] | None = None
     with p.open(encoding="utf-8-sig") as f:
@@ -225,17 +223,14 @@ def _read_saved_dataset(
         if split is None:
             if len(splits) != 1:
                 raise DataError(
-                    f"{p}: the dataset has splits {', '.join(map(repr, splits))}. "
-                    "Fix: choose one with split=..."
+                    f"{p}: the dataset has splits {', '.join(map(repr, splits))}. Fix: choose one with split=..."
                 )
             split = splits[0]
         if split not in ds:
             raise DataError(f"{p}: no split {split!r}; splits found: {', '.join(map(repr, splits))}.")
         ds = ds[split]
     elif split is not None:
-        raise DataError(
-            f"{p}: split={split!r} given but the directory holds a single dataset without splits."
-        )
+        raise DataError(f"{p}: split={split!r} given but the directory holds a single dataset without splits.")
     src, tgt = _resolve_columns(str(p), ds.column_names, source_column, target_column)
     n = len(ds) if limit is None else min(limit, len(ds))
     cols = [src] + ([tgt] if tgt is not None else [])

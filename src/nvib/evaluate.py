@@ -59,9 +59,7 @@ def _perplexity_stats(outputs: Sequence[Any], _refs: Sequence[Any]) -> np.ndarra
     return np.asarray(outputs, dtype=np.float64).reshape(len(outputs), 2)
 
 
-PERPLEXITY = CorpusMetric(
-    "perplexity", _perplexity_stats, lambda s: float(math.exp(s[0] / s[1])) if s[1] else math.nan
-)
+PERPLEXITY = CorpusMetric("perplexity", _perplexity_stats, lambda s: float(math.exp(s[0] / s[1])) if s[1] else math.nan)
 
 
 def metric(name: str) -> CorpusMetric:
@@ -95,14 +93,10 @@ class GenerationArgs:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if "do_sample" in self.kwargs:
-            raise ValueError(
-                "kwargs may not set do_sample: evaluation decodes deterministically (greedy or beam)"
-            )
+            raise ValueError("kwargs may not set do_sample: evaluation decodes deterministically (greedy or beam)")
         reserved = {"num_beams", "max_new_tokens", "input_ids", "attention_mask"} & set(self.kwargs)
         if reserved:
-            raise ValueError(
-                f"kwargs may not set {sorted(reserved)}: use the generation fields of the same name"
-            )
+            raise ValueError(f"kwargs may not set {sorted(reserved)}: use the generation fields of the same name")
 
 
 @dataclass(frozen=True)
@@ -422,8 +416,7 @@ def evaluate_variants(
         for variant in differences:
             other = evaluator.metric_inputs(outputs[variant][name])
             differences[variant][name] = {
-                m: paired_bootstrap(metric(m), base, other, refs, n=bootstrap, seed=seed)
-                for m in evaluator.metrics
+                m: paired_bootstrap(metric(m), base, other, refs, n=bootstrap, seed=seed) for m in evaluator.metrics
             }
         equivalence[name] = _equivalence_check(
             evaluator.task,
@@ -441,9 +434,7 @@ def evaluate_variants(
         results=results,
         differences=differences,
         equivalence=equivalence,
-        tokens={
-            v: {n: sum(o.n_tokens for o in outs) for n, outs in sets.items()} for v, sets in outputs.items()
-        },
+        tokens={v: {n: sum(o.n_tokens for o in outs) for n, outs in sets.items()} for v, sets in outputs.items()},
         seconds=seconds,
         prior_mass=mass,
         generation={**asdict(evaluator.generation), "kwargs": dict(evaluator.generation.kwargs)},

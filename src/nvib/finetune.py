@@ -119,6 +119,11 @@ class NVTrainer(Seq2SeqTrainer):
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
+        # Many models take **kwargs but ignore num_items_in_batch (BART computes a plain mean), so the
+        # Trainer's token-count normalisation would leave their loss unscaled under gradient accumulation.
+        # Every loss here is a per-batch mean instead, which the Trainer divides by the accumulation steps
+        # (KL terms included).
+        self.model_accepts_loss_kwargs = False
         _check_lambda("lambda_g", lambda_g)
         _check_lambda("lambda_d", lambda_d)
         self.lambda_g, self.lambda_d = float(lambda_g), float(lambda_d)
@@ -132,9 +137,7 @@ class NVTrainer(Seq2SeqTrainer):
         return self.schedule(self.lambda_g, step), self.schedule(self.lambda_d, step)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = super().compute_loss(
-            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-        )
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         base = _unwrap(model)
         if model.training and is_converted(base):
             lambda_g, lambda_d = self.current_lambdas()
@@ -158,8 +161,7 @@ class NVTrainer(Seq2SeqTrainer):
         if getattr(self, "loss_is_scaled_for_ga", None) is not None:
             return bool(self.loss_is_scaled_for_ga)
         return bool(
-            (self.model_accepts_loss_kwargs and num_items_in_batch is not None)
-            or self.compute_loss_func is not None
+            (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
         )
 
     @staticmethod
@@ -285,9 +287,7 @@ def tokenise(
 ) -> list[dict[str, list[int]]]:
     """One unpadded feature dict per example, tokenised exactly as `nvib.data.batches` does."""
     features: list[dict[str, list[int]]] = []
-    for batch in batches(
-        examples, tokenizer, chunk, max_source_len, max_target_len, kind, lm_separator=lm_separator
-    ):
+    for batch in batches(examples, tokenizer, chunk, max_source_len, max_target_len, kind, lm_separator=lm_separator):
         lengths = batch["attention_mask"].sum(1).tolist()
         for row, n in enumerate(lengths):
             item = {"input_ids": batch["input_ids"][row, :n].tolist(), "attention_mask": [1] * n}
@@ -312,9 +312,7 @@ class Collator:
         out = {}
         for key in features[0]:
             width = max(len(f[key]) for f in features)
-            out[key] = torch.tensor(
-                [f[key] + [pads[key]] * (width - len(f[key])) for f in features], dtype=torch.long
-            )
+            out[key] = torch.tensor([f[key] + [pads[key]] * (width - len(f[key])) for f in features], dtype=torch.long)
         return out
 
 
@@ -362,9 +360,7 @@ def build_trainer(
     from transformers import Seq2SeqTrainingArguments
 
     if not is_converted(model):
-        raise ValueError(
-            "build_trainer needs an NV model: call nvib.finetune.prepare_model (or nvib.convert) first"
-        )
+        raise ValueError("build_trainer needs an NV model: call nvib.finetune.prepare_model (or nvib.convert) first")
     _check_positive(
         max_steps=max_steps,
         batch_size=batch_size,
@@ -384,29 +380,29 @@ def build_trainer(
         max_target_len,
         lm_separator=lm_separator,
     )
-    args = Seq2SeqTrainingArguments(
-        output_dir=str(Path(output_dir) / CHECKPOINTS),
-        max_steps=max_steps,
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        learning_rate=lr,
-        lr_scheduler_type=lr_scheduler,
-        warmup_steps=warmup_steps,
-        weight_decay=weight_decay,
-        max_grad_norm=max_grad_norm,
-        seed=seed,
-        data_seed=seed,
-        logging_steps=logging_steps,
-        save_strategy="steps",
-        save_steps=save_steps,
-        save_total_limit=save_total_limit,
-        report_to="none",  # no integration phones home
-        disable_tqdm=not progress,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        **training_args,
-    )
+    defaults: dict[str, Any] = {
+        "output_dir": str(Path(output_dir) / CHECKPOINTS),
+        "max_steps": max_steps,
+        "per_device_train_batch_size": batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "learning_rate": lr,
+        "lr_scheduler_type": lr_scheduler,
+        "warmup_steps": warmup_steps,
+        "weight_decay": weight_decay,
+        "max_grad_norm": max_grad_norm,
+        "seed": seed,
+        "data_seed": seed,
+        "logging_steps": logging_steps,
+        "save_strategy": "steps",
+        "save_steps": save_steps,
+        "save_total_limit": save_total_limit,
+        "report_to": "none",  # no integration phones home
+        "disable_tqdm": not progress,
+        "remove_unused_columns": False,
+        "dataloader_num_workers": 0,
+        "dataloader_pin_memory": torch.cuda.is_available(),
+    }
+    args = Seq2SeqTrainingArguments(**{**defaults, **training_args})
     return NVTrainer(
         model=model,
         args=args,
@@ -576,9 +572,7 @@ def _friendly(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except KeyboardInterrupt:
-            console.print(
-                Text("interrupted. Rerun the same command to resume from the last checkpoint.", "yellow")
-            )
+            console.print(Text("interrupted. Rerun the same command to resume from the last checkpoint.", "yellow"))
             raise typer.Exit(130) from None
         except (ValueError, TypeError, OSError) as err:
             message = " ".join(str(err).split()) or type(err).__name__
@@ -595,9 +589,7 @@ def _load_for_finetuning(path: Path, kind: str, seed: int):
     from nvib.io import NV_CONFIG, load
 
     if not path.is_dir():
-        raise FileNotFoundError(
-            f"no model directory at {path}. Fix: pass a local Hugging Face model directory"
-        )
+        raise FileNotFoundError(f"no model directory at {path}. Fix: pass a local Hugging Face model directory")
     if (path / NV_CONFIG).is_file():
         model = load(path)
         tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -635,10 +627,7 @@ def finetune_cli(
     ] = "auto",
     prior: Annotated[
         Path | None,
-        _opt(
-            help="Empirical prior (.safetensors from `nvib prior`) for the conversion; "
-            "default: the unit prior."
-        ),
+        _opt(help="Empirical prior (.safetensors from `nvib prior`) for the conversion; default: the unit prior."),
     ] = None,
     knobs: Annotated[
         Path | None,
@@ -662,17 +651,13 @@ def finetune_cli(
     ] = True,
     train_pretrained: Annotated[
         bool,
-        _opt(
-            "--train-pretrained/--freeze-pretrained", help="Train the pretrained weights, or keep them fixed."
-        ),
+        _opt("--train-pretrained/--freeze-pretrained", help="Train the pretrained weights, or keep them fixed."),
     ] = True,
     max_steps: Annotated[int, _opt(help="Optimisation steps.", min=1)] = 1000,
     batch_size: Annotated[int, _opt(help="Examples per batch.", min=1)] = 8,
     grad_accum: Annotated[int, _opt(help="Batches accumulated per optimisation step.", min=1)] = 1,
-    lr: Annotated[float, _opt(help="Peak learning rate (AdamW).", min=0)] = 5e-5,
-    lr_scheduler: Annotated[
-        str, _opt(help="Learning-rate schedule: linear, constant, cosine, ...")
-    ] = "linear",
+    lr: Annotated[float, _opt(help="Peak learning rate (AdamW), > 0.", min=0)] = 5e-5,
+    lr_scheduler: Annotated[str, _opt(help="Learning-rate schedule: linear, constant, cosine, ...")] = "linear",
     warmup_steps: Annotated[int, _opt(help="Learning-rate warm-up steps.", min=0)] = 0,
     seed: Annotated[int, _opt(help="Random seed (data order, sampling, bert2bert warm start).")] = 0,
     max_source_len: Annotated[int, _opt(help="Truncate sources to this many tokens.", min=1)] = 512,
@@ -685,7 +670,14 @@ def finetune_cli(
     ] = True,
     progress: Annotated[bool, _opt("--progress/--no-progress", help="Show a progress bar with ETA.")] = True,
 ) -> None:
-    """Fine-tune with the NVIB regularisers: loss = task + λ_G·ΣKL_G + λ_D·ΣKL_D; save the NV model."""
+    """Fine-tune with the NVIB regularisers: loss = task + λ_G·ΣKL_G + λ_D·ΣKL_D; save the NV model.
+
+    A plain model is first converted with the identity initialisation (with --prior and --knobs if given), so
+    step 0 is the pretrained model. OUTPUT_DIR receives the NV model (load it with nvib.load) and its
+    tokenizer, finetune_args.json and finetune_log.json (loss, task loss, KL terms per site kind, λ values).
+    Checkpoints go to OUTPUT_DIR/checkpoints every --save-steps steps: rerunning the same command after an
+    interruption resumes from the last one (--no-resume deletes them and starts over).
+    """
     from rich.console import Console
 
     from nvib.data import load_examples
@@ -695,10 +687,10 @@ def finetune_cli(
     lambda_schedule = LambdaSchedule(schedule, schedule_steps)  # type: ignore[arg-type]
     if not (train_nv or train_pretrained):
         raise ValueError("nothing to train: --freeze-nv and --freeze-pretrained together freeze everything")
+    if not lr > 0:
+        raise ValueError(f"--lr must be > 0, got {lr}")
     if knobs is not None and not knobs.is_file():
-        raise FileNotFoundError(
-            f"no knobs file at {knobs}. Fix: pass an NVConfig JSON such as nv_config.json"
-        )
+        raise FileNotFoundError(f"no knobs file at {knobs}. Fix: pass an NVConfig JSON such as nv_config.json")
     if prior is not None and not prior.is_file():
         raise FileNotFoundError(f"no prior file at {prior}. Fix: estimate one with `nvib prior`")
     examples = load_examples(train, source_column, target_column, split=split, limit=limit)
@@ -732,6 +724,4 @@ def finetune_cli(
         resume=resume,
         progress=progress,
     )
-    Console(stderr=True, soft_wrap=True).print(
-        f"fine-tuned NV model ({len(examples)} examples) -> {output_dir}"
-    )
+    Console(stderr=True, soft_wrap=True).print(f"fine-tuned NV model ({len(examples)} examples) -> {output_dir}")

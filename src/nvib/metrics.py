@@ -199,9 +199,7 @@ def paired_bootstrap(
         delta = metric_fn.score(stats_b.sum(0)) - metric_fn.score(stats_a.sum(0))
         sums_a = stats_a[idx].sum(axis=1)
         sums_b = stats_b[idx].sum(axis=1)
-        deltas = np.array(
-            [metric_fn.score(sb) - metric_fn.score(sa) for sa, sb in zip(sums_a, sums_b, strict=True)]
-        )
+        deltas = np.array([metric_fn.score(sb) - metric_fn.score(sa) for sa, sb in zip(sums_a, sums_b, strict=True)])
     else:
         delta = metric_fn(preds_b, refs) - metric_fn(preds_a, refs)
         deltas = np.empty(n)

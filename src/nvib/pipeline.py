@@ -167,11 +167,7 @@ class SearchSection:
     def __post_init__(self) -> None:
         if self.n_trials < 0:
             raise ValueError(f"n_trials must be >= 0, got {self.n_trials}")
-        if (
-            not self.slices
-            or any(s < 1 for s in self.slices)
-            or sorted(set(self.slices)) != list(self.slices)
-        ):
+        if not self.slices or any(s < 1 for s in self.slices) or sorted(set(self.slices)) != list(self.slices):
             raise ValueError(f"slices must be positive and strictly increasing, got {list(self.slices)}")
         for i, point in enumerate(self.start_points):
             unknown = sorted(set(point) - set(KNOBS))
@@ -258,9 +254,7 @@ class RunConfig:
             elif path.suffix.lower() == ".toml":
                 raw = tomllib.loads(text)
             else:
-                raise ConfigError(
-                    f"{path}: unknown config format {path.suffix!r}. Fix: use a .yaml or .toml file"
-                )
+                raise ConfigError(f"{path}: unknown config format {path.suffix!r}. Fix: use a .yaml or .toml file")
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -378,9 +372,7 @@ def _value(tp: Any, value: Any, where: str, source: str) -> Any:
             return tuple(_value(args[0], v, f"{where}[{i}]", source) for i, v in enumerate(value))
         if len(value) != len(args):
             raise bad(f"a list of {len(args)} values")
-        return tuple(
-            _value(a, v, f"{where}[{i}]", source) for i, (a, v) in enumerate(zip(args, value, strict=True))
-        )
+        return tuple(_value(a, v, f"{where}[{i}]", source) for i, (a, v) in enumerate(zip(args, value, strict=True)))
     raise TypeError(f"config type {tp} is not supported")  # a schema bug, not a user error
 
 
@@ -397,11 +389,7 @@ def resolve_path(value: str | Path, base_dir: str | Path = ".") -> Path:
             raise FileNotFoundError(
                 f"{text}: Python package {name!r} is not installed. Fix: install it, or give a directory path"
             )
-        root = (
-            Path(spec.submodule_search_locations[0])
-            if spec.submodule_search_locations
-            else Path(spec.origin).parent
-        )
+        root = Path(spec.submodule_search_locations[0]) if spec.submodule_search_locations else Path(spec.origin).parent
         return root / sub if sub else root
     path = Path(text).expanduser()
     return path if path.is_absolute() else Path(base_dir) / path
@@ -411,9 +399,7 @@ def resolve_path(value: str | Path, base_dir: str | Path = ".") -> Path:
 # model, data, prior
 
 
-def load_model(
-    section: ModelSection, task: str | None = None, base_dir: str | Path = "."
-) -> tuple[nn.Module, Any]:
+def load_model(section: ModelSection, task: str | None = None, base_dir: str | Path = ".") -> tuple[nn.Module, Any]:
     """(model in eval mode, tokenizer) from local files only."""
     import transformers as tf
 
@@ -478,13 +464,9 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     try:
         i, n = (int(part) for part in text.split("/"))
     except ValueError:
-        raise ValueError(
-            f"--shard {text!r} is not of the form i/n. Fix: e.g. --shard 0/4 ... --shard 3/4"
-        ) from None
+        raise ValueError(f"--shard {text!r} is not of the form i/n. Fix: e.g. --shard 0/4 ... --shard 3/4") from None
     if n < 1 or not 0 <= i < n:
-        raise ValueError(
-            f"--shard {text!r}: need 0 <= i < n. Fix: shards of n are numbered 0/n ... {n - 1}/n"
-        )
+        raise ValueError(f"--shard {text!r}: need 0 <= i < n. Fix: shards of n are numbered 0/n ... {n - 1}/n")
     return i, n
 
 
@@ -538,9 +520,7 @@ def estimate_prior(
         description += f" shard={i}/{n}"
         n_batches = len(chosen)
     kind = batch_kind(model)
-    it = batches(
-        examples, tokenizer, batch_size, max_source_len, max_target_len, kind, lm_separator=lm_separator
-    )
+    it = batches(examples, tokenizer, batch_size, max_source_len, max_target_len, kind, lm_separator=lm_separator)
     return EmpiricalPrior.estimate(model, it, data=description, total=n_batches, progress=progress)
 
 
@@ -639,9 +619,7 @@ class Run:
             "base_dir": str(self.config.base_dir),
             "config": self.config.raw,
         }
-        (self.dir / CONFIG_FILE).write_text(
-            json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8"
-        )
+        (self.dir / CONFIG_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
 
     # -- stages
 

@@ -240,7 +240,9 @@ class EmpiricalPrior:
     def load(cls, path: str | Path) -> EmpiricalPrior:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"no prior file at {path}: estimate one with `nvib prior` or EmpiricalPrior.estimate")
+            raise FileNotFoundError(
+                f"no prior file at {path}: estimate one with `nvib prior` or EmpiricalPrior.estimate"
+            )
         try:
             tensors = load_file(str(path))
             from safetensors import safe_open
@@ -254,7 +256,11 @@ class EmpiricalPrior:
         for name in names:
             norm = tensors[f"{name}.norm"]
             sites[name] = SiteStats(
-                int(tensors[f"{name}.count"]), tensors[f"{name}.mean"], tensors[f"{name}.m2"], float(norm[0]), float(norm[1])
+                int(tensors[f"{name}.count"]),
+                tensors[f"{name}.mean"],
+                tensors[f"{name}.m2"],
+                float(norm[0]),
+                float(norm[1]),
             )
         metadata = {}
         for k, v in raw.items():

@@ -72,9 +72,7 @@ def _diff_parts(d: Any) -> tuple[float, float, float]:
 def _completed(study: Any) -> list[Any]:
     from optuna.trial import TrialState
 
-    return [
-        t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and t.value is not None
-    ]
+    return [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and t.value is not None]
 
 
 def _maximize(study: Any) -> bool:
@@ -314,9 +312,7 @@ def write_report(
             else ("Differences Δ carry the 95% paired-bootstrap interval." if differences else "")
         )
         md = (caption + "\n\n" if caption else "") + _md_table(header, body)
-        ht = (f"<p>{html.escape(caption.replace('**', ''))}</p>" if caption else "") + _html_table(
-            header, body
-        )
+        ht = (f"<p>{html.escape(caption.replace('**', ''))}</p>" if caption else "") + _html_table(header, body)
         sections.append(("Results", md, ht))
 
     if study is not None:
@@ -351,18 +347,14 @@ def write_report(
         header = ["site", "count", "‖mean‖", "mean var", "log α"]
         plots["prior_stats"] = plot_prior_stats(prior_stats, run / PLOTS_DIR / "prior_stats.png")  # type: ignore[assignment]
         m, h = image("prior_stats", "prior statistics per site")
-        sections.append(
-            ("Prior statistics", _md_table(header, rows) + "\n\n" + m, _html_table(header, rows) + h)
-        )
+        sections.append(("Prior statistics", _md_table(header, rows) + "\n\n" + m, _html_table(header, rows) + h))
 
     if prior_mass:
         rows = [[k, _fmt(float(v), 4)] for k, v in prior_mass.items()]
         plots["prior_mass"] = plot_prior_mass(prior_mass, run / PLOTS_DIR / "prior_mass.png")  # type: ignore[assignment]
         m, h = image("prior_mass", "attention mass on the prior per site kind")
         header = ["site kind", "prior mass"]
-        sections.append(
-            ("Attention on the prior", _md_table(header, rows) + "\n\n" + m, _html_table(header, rows) + h)
-        )
+        sections.append(("Attention on the prior", _md_table(header, rows) + "\n\n" + m, _html_table(header, rows) + h))
 
     md_text = f"# {title}\n\n" + "\n\n".join(f"## {h}\n\n{md}" for h, md, _ in sections) + "\n"
     html_text = (

@@ -192,9 +192,7 @@ def run_search(
     for i, p in enumerate(start_points):
         extra = set(p) - set(names)
         if extra:
-            raise ValueError(
-                f"start point {i} has knobs {sorted(extra)} not searched for kinds {sorted(kinds)}"
-            )
+            raise ValueError(f"start point {i} has knobs {sorted(extra)} not searched for kinds {sorted(kinds)}")
         # Knobs a start point leaves out are sampled by TPE.
         points.append(({k: float(v) for k, v in p.items()}, f"start_{i}"))
 

@@ -112,9 +112,7 @@ def build_all(
     if "debian" in domains:
         t0 = time.perf_counter()
         _log(f"[debian] indexes of {debian_suite} (cache {cache})", quiet)
-        paths = debian.fetch_debian_indexes(
-            cache, debian_suite, debian_mirror, refresh=refresh, offline=offline
-        )
+        paths = debian.fetch_debian_indexes(cache, debian_suite, debian_mirror, refresh=refresh, offline=offline)
         translation, packages, info = debian.load_debian(paths)
         pairs, stats = debian.debian_pairs(translation, packages)
         _log(f"[debian] {stats['stanzas']} descriptions, {len(pairs)} candidate pairs", quiet)
@@ -127,9 +125,7 @@ def build_all(
 
     if "docstrings" in domains:
         t0 = time.perf_counter()
-        files, info = docstrings.collect_files(
-            include_stdlib, python_packages, [Path(r) for r in extra_source_roots]
-        )
+        files, info = docstrings.collect_files(include_stdlib, python_packages, [Path(r) for r in extra_source_roots])
         _log(f"[docstrings] {len(files)} source files", quiet)
         pairs, stats = docstrings.docstring_pairs(files, min_body_words=min_doc_words, progress=not quiet)
         entry = _write_domain(out, "docstrings", pairs, std_sizes, cfg, seed)
@@ -150,9 +146,7 @@ def build_all(
         _log(f"[wiki] {len(pages)} pages, {len(articles)} articles, {len(paras)} paragraphs", quiet)
         source = {"kind": f"Wikipedia dumps in the gensim {gensim_version} wheel (test data)", **info}
         if "wiki" in domains:
-            entry = _write_domain(
-                out, "wiki", articles, [("dev", wiki_dev_fraction), ("test", None)], cfg, seed
-            )
+            entry = _write_domain(out, "wiki", articles, [("dev", wiki_dev_fraction), ("test", None)], cfg, seed)
             entry.update(source_stats=dict(sorted(stats.items())), source=source, licence=wiki.LICENCE)
             manifest["domains"]["wiki"] = entry
         if "wikipara" in domains:
@@ -162,9 +156,7 @@ def build_all(
         timings["wiki"] = time.perf_counter() - t0
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").write_text(
-        json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    )
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
     if not quiet:
         _print_summary(manifest, timings)
     return manifest
@@ -175,20 +167,13 @@ def _print_summary(manifest: dict[str, Any], timings: dict[str, float]) -> None:
         from rich.console import Console
         from rich.table import Table
     except ImportError:  # pragma: no cover
-        print(
-            json.dumps(
-                {d: {s: v["count"] for s, v in e["splits"].items()} for d, e in manifest["domains"].items()}
-            )
-        )
+        print(json.dumps({d: {s: v["count"] for s, v in e["splits"].items()} for d, e in manifest["domains"].items()}))
         return
     table = Table(title="benchmark data")
     for col in ("domain", "train", "dev", "test"):
         table.add_column(col, justify="right" if col != "domain" else "left")
     for domain, entry in manifest["domains"].items():
-        cells = [
-            str(entry["splits"][s]["count"]) if s in entry["splits"] else "-"
-            for s in ("train", "dev", "test")
-        ]
+        cells = [str(entry["splits"][s]["count"]) if s in entry["splits"] else "-" for s in ("train", "dev", "test")]
         table.add_row(domain, *cells)
     console = Console(stderr=True)
     console.print(table)
@@ -196,16 +181,12 @@ def _print_summary(manifest: dict[str, Any], timings: dict[str, float]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m nvib.benchdata", description="Build the summarisation benchmark."
-    )
+    parser = argparse.ArgumentParser(prog="python -m nvib.benchdata", description="Build the summarisation benchmark.")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="fetch (or reuse cached) sources and write the JSONL splits")
     b.add_argument("--out", required=True, type=Path, help="output directory")
     b.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"input cache (default {DEFAULT_CACHE})")
-    b.add_argument(
-        "--domains", default=",".join(DOMAINS), help=f"comma-separated subset of {','.join(DOMAINS)}"
-    )
+    b.add_argument("--domains", default=",".join(DOMAINS), help=f"comma-separated subset of {','.join(DOMAINS)}")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--max-doc-words", type=int, default=200)
     b.add_argument("--min-doc-words", type=int, default=10)
@@ -222,9 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=",".join(docstrings.DEFAULT_PACKAGES),
         help="comma-separated distributions whose docstrings are harvested (besides the stdlib)",
     )
-    b.add_argument(
-        "--no-stdlib", action="store_true", help="do not harvest the standard library's docstrings"
-    )
+    b.add_argument("--no-stdlib", action="store_true", help="do not harvest the standard library's docstrings")
     b.add_argument(
         "--extra-source-root",
         action="append",

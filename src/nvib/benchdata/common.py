@@ -133,9 +133,7 @@ def clean_pairs(pairs: Iterable[Pair], cfg: FilterConfig) -> tuple[list[Pair], C
     return out, stats
 
 
-def resolve_sizes(
-    sizes: Sequence[tuple[str, float | int | None]], total: int
-) -> list[tuple[str, int | None]]:
+def resolve_sizes(sizes: Sequence[tuple[str, float | int | None]], total: int) -> list[tuple[str, int | None]]:
     """Turn fractions (0 < x < 1) into counts of ``total``; ``None`` means "whatever is left"."""
     out: list[tuple[str, int | None]] = []
     for name, size in sizes:

@@ -182,9 +182,7 @@ STOP_SECTIONS = frozenset(
 
 
 # Inline templates whose text belongs in the sentence; every other template is dropped.
-_KEEP_FIRST = frozenset(
-    {"nowrap", "nobr", "small", "smaller", "big", "nowiki", "abbr", "sic", "mvar", "math"}
-)
+_KEEP_FIRST = frozenset({"nowrap", "nobr", "small", "smaller", "big", "nowiki", "abbr", "sic", "mvar", "math"})
 _KEEP_LAST = frozenset({"lang", "transl", "lang-rtl"})
 _CONVERT = frozenset({"convert", "cvt"})
 
@@ -368,9 +366,7 @@ def wiki_pairs(pages: Sequence[Page]) -> tuple[list[Pair], list[Pair], Counter]:
             sents = split_sentences(para)
             if len(sents) < 3:
                 continue
-            paras.append(
-                Pair(group=title, uid=f"wikipara:{title}:{i}", document=" ".join(sents[1:]), summary=sents[0])
-            )
+            paras.append(Pair(group=title, uid=f"wikipara:{title}:{i}", document=" ".join(sents[1:]), summary=sents[0]))
     return articles, paras, stats
 
 
