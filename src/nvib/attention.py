@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,8 @@ class Slot:
     folded_key: tuple | None = None
     prior_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # training: this forward's sampled prior k, v
     mass_log: list | None = None  # record_prior_mass: (Σ a_m0, number of queries) per call
-    with_prior: tuple | None = None  # (key, value, folded, key with prior, value with prior) of the last cross call
+    # cross-attention: (weakref to the cached key, folded, key with prior, value with prior); dropped with the key
+    with_prior: tuple | None = None
 
     # ---- pretrained projections as [out, in] weights ----------------------------------------
 
@@ -99,8 +101,9 @@ class Slot:
             identity=bool((key_scale == 1).all() and (key_shift == 0).all()),
             key_scale=key_scale,
             key_shift=key_shift,
-            c_lin=t.c_lin.to(f),
-            c_quad=t.c_quad.to(f),
+            c_lin=t.c_lin.to(f) if bool(t.c_lin.abs().max() > 0) else None,
+            # w_2 − τ_μ²/(2β) is 0 at τ_σ = 0 but for float round-off of w_2: then skip the z⊙z pass
+            c_quad=t.c_quad.to(f) if bool(t.c_quad.abs().max() > 1e-6 * self.layer.alpha_w2.abs().max()) else None,
             prior_k=prior_k.to(dtype),
             prior_v=prior_v.to(dtype),
             g=None if g is None else g.transpose(1, 2).to(dtype),  # [H, E, E], applied as q @ Gᵀ
@@ -137,8 +140,12 @@ class Slot:
         z = x if w["identity"] else x * w["key_scale"] + w["key_shift"]
         if which == "v":
             return self._with_channel(self._linear("v", z), 0.0)
-        x32 = x.to(w["c_lin"].dtype)
-        c = x32 @ w["c_lin"] + (x32 * x32) @ w["c_quad"]
+        c = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32)).expand(x.shape[:-1])
+        x32 = x.to(c.dtype)
+        if w["c_lin"] is not None:
+            c = x32 @ w["c_lin"]
+        if w["c_quad"] is not None:
+            c = c + (x32 * x32) @ w["c_quad"]
         return self._with_channel(self._linear("k", z), c)
 
     def _project_train(self, which: str, x: torch.Tensor) -> torch.Tensor:
@@ -159,6 +166,9 @@ class Slot:
         self.prior_kv = tuple(kv)
         return out
 
+    def _forget(self, _ref) -> None:
+        self.with_prior = None
+
     # ---- attention --------------------------------------------------------------------------
 
     def prepend_prior(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,13 +178,13 @@ class Slot:
         else:
             w = self.fold()
             memo = self.with_prior
-            if memo is not None and memo[0] is key and memo[1] is value and memo[2] is w:
-                return memo[3], memo[4]
+            if memo is not None and memo[0]() is key and memo[1] is w:
+                return memo[2], memo[3]
             B = key.shape[0]
             prior_k, prior_v = (w[n].view(1, self.heads, 1, -1).expand(B, -1, -1, -1) for n in ("prior_k", "prior_v"))
         out = torch.cat([prior_k, key], 2), torch.cat([prior_v, value], 2)
         if self.kind == "cross" and not self.layer.training:
-            self.with_prior = (key, value, w, *out)
+            self.with_prior = (weakref.ref(key, self._forget), w, *out)
         return out
 
     def correct(self, out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
