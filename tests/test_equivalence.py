@@ -67,7 +67,7 @@ def test_tiny_equivalence_and_unload(case: Case):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", REAL_SIZE, ids=lambda c: c.name)
 def test_real_size_equivalence(case: Case):
-    check_case(case, beams=(1, 4) if case.name == "bart-base" else (1,))
+    check_case(case)
 
 
 @pytest.mark.parametrize("case", REAL_WEIGHTS, ids=lambda c: c.name)

@@ -87,10 +87,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prior-examples", type=int, default=4000)
     parser.add_argument("--domains", nargs="+", default=list(DOMAINS))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        help="markdown file to update (default: benchmarks/RESULTS.md; OUT/RESULTS.md with --quick)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.trials, args.dev, args.test, args.prior_examples = 10, 32, 150, 1000
+    args.results = args.results or (args.out / "RESULTS.md" if args.quick else ROOT / "benchmarks" / "RESULTS.md")
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     t_start = time.time()
@@ -187,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "results.json").write_text(json.dumps({"rows": rows, "details": details, "seconds": elapsed}, indent=2))
     table = render(rows, details, args, elapsed)
     print(table)
+    print(f"results: {args.out / 'results.json'}, predictions: {args.out / 'predictions'}, table: {args.results}")
     from attention_speed import update_section  # benchmarks/attention_speed.py
 
     update_section(args.results, "ood", table)

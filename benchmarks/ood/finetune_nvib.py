@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> None:
         if not (out / "nv_config.json").exists():
             torch.manual_seed(recipe["seed"])
             model = finetune_base.build_model(recipe["decoder_layers"]).eval()
-            prior_data = batches(train[:1000], tokenizer, 32, recipe["max_source_len"], recipe["max_target_len"], "seq2seq")
+            prior_data = batches(
+                train[:1000], tokenizer, 32, recipe["max_source_len"], recipe["max_target_len"], "seq2seq"
+            )
             prior = nvib.EmpiricalPrior.estimate(model, prior_data, data="debian train[:1000] (shuffled)")
             t0 = time.time()
             finetune(
