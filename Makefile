@@ -26,8 +26,9 @@ tour: $(STAMP)  ## one minute: `nvib run` on the embedded toy config (untrained 
 test: $(STAMP)  ## the test suite (offline)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-bench: $(STAMP)  ## speed and memory of NV attention vs stock attention
+bench: $(STAMP)  ## speed and memory of NV attention vs stock attention; cost of the prior pass
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/attention_speed.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/prior_speed.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

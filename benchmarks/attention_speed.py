@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
 def update_section(path: Path, name: str, body: str) -> None:
     """Replace the `## name` section of a markdown results file (other sections are kept)."""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
-    marker = f"## {name}"
+    marker = f"## {name}\n"
     if marker in text:
         start = text.index(marker)
         end = text.find("\n## ", start + 1)

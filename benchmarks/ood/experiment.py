@@ -198,6 +198,14 @@ def main(argv: list[str] | None = None) -> None:
     update_section(args.results, "ood", table)
 
 
+def score_cell(entry: dict) -> str:
+    """ROUGE-L, and its difference to unconverted with the bootstrap interval when there is one."""
+    cell = f"{entry['rougeL']:.2f}"
+    if "delta" in entry:
+        cell += f" (Δ {entry['delta']:+.2f} [{entry['ci'][0]:+.2f}, {entry['ci'][1]:+.2f}])"
+    return cell
+
+
 def render(rows, details, args, elapsed) -> str:
     labels = ["unconverted", "NV equivalence", "NV tuned", "temperature", "WiSE-FT"]
     lines = [
@@ -212,14 +220,7 @@ def render(rows, details, args, elapsed) -> str:
         "|---" * (len(labels) + 1) + "|",
     ]
     for domain, row in rows.items():
-        cells = []
-        for label in labels:
-            e = row[label]
-            cell = f"{e['rougeL']:.2f}"
-            if "delta" in e:
-                cell += f" (Δ {e['delta']:+.2f} [{e['ci'][0]:+.2f}, {e['ci'][1]:+.2f}])"
-            cells.append(cell)
-        lines.append(f"| {domain} | " + " | ".join(cells) + " |")
+        lines.append(f"| {domain} | " + " | ".join(score_cell(row[label]) for label in labels) + " |")
     lines += [
         "",
         "| domain | identical at equivalence | tuned NV knobs | prior mass (tuned) | temperature | WiSE-FT w |",

@@ -30,6 +30,7 @@ from nvib.metrics import paired_bootstrap
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
 import finetune_base  # noqa: E402
 from attention_speed import update_section  # noqa: E402
+from experiment import score_cell  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,14 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         "|---" * (len(args.domains) + 1) + "|",
     ]
     for lam, row in rows.items():
-        cells = []
-        for domain in args.domains:
-            e = row[domain]
-            cell = f"{e['rougeL']:.2f}"
-            if "delta" in e:
-                cell += f" (Δ {e['delta']:+.2f} [{e['ci'][0]:+.2f}, {e['ci'][1]:+.2f}])"
-            cells.append(cell)
-        lines.append(f"| {lam:g} | " + " | ".join(cells) + " |")
+        lines.append(f"| {lam:g} | " + " | ".join(score_cell(row[domain]) for domain in args.domains) + " |")
     if timings:
         lines += ["", "Training time: " + ", ".join(f"λ={k:g}: {v / 60:.1f} min" for k, v in timings.items())]
     update_section(args.results, "finetune", "\n".join(lines) + "\n")
