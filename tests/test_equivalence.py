@@ -92,6 +92,39 @@ def test_regularised_cache_matches_no_cache(case: Case):
         )
 
 
+def randomise_variances(model, scale: float = 2.0) -> None:
+    """Per-token variances as after fine-tuning: W_σ away from 0."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for layer in nvib.nv_layers(model).values():
+            w = torch.randn(layer.logvar_weight.shape, generator=g, dtype=torch.float64)
+            layer.logvar_weight.copy_(scale / layer.dim**0.5 * w)
+
+
+@pytest.mark.parametrize("case", TINY, ids=lambda c: c.name)
+def test_per_token_variances_general_form(case: Case):
+    """The general form (spec §4) at W_σ = 0 is the fast form; with W_σ ≠ 0 the cache still matches no cache."""
+    _, nv = pair(case)
+    nvib.configure(nv, REGULARISED)
+    inputs = case.inputs()
+    valid = _valid_positions(case, inputs)
+    fast = output(nv, inputs)
+    nvib.enable_per_token_variance(nv)
+    assert all(layer.per_token_variance for layer in nvib.nv_layers(nv).values())
+    assert (output(nv, inputs) - fast)[valid].abs().max() <= 1e-5
+    randomise_variances(nv)
+    assert (output(nv, inputs) - fast)[valid].abs().max() > 1e-4  # 10x the tolerance above
+    if case.kind == "encoder":
+        return
+    if case.kind == "lm":
+        nv.generation_config.pad_token_id = case.pad
+    for num_beams in (1, 4):
+        assert torch.equal(
+            generate(nv, inputs, num_beams=num_beams),
+            generate(nv, inputs, num_beams=num_beams, use_cache=False),
+        )
+
+
 @pytest.mark.parametrize("case", TINY, ids=lambda c: c.name)
 def test_no_attention_mask(case: Case):
     stock, nv = pair(case)
@@ -129,6 +162,9 @@ def test_dtypes(case: Case, dtype):
     valid = _valid_positions(case, inputs)
     assert (out - ref)[valid].abs().max() <= tol
     nvib.configure(nv, REGULARISED)
+    assert torch.isfinite(output(nv, inputs)).all()
+    nvib.enable_per_token_variance(nv)
+    randomise_variances(nv)
     assert torch.isfinite(output(nv, inputs)).all()
 
 

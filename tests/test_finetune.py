@@ -263,6 +263,9 @@ def test_finetune_reduces_loss_logs_kl_and_round_trips(tmp_path):
     )  # fmt: skip
     assert tuned is model and nvib.is_converted(model) and not model.training
     assert task_loss(model, batch) < before - 0.2
+    for site, layer in nvib.nv_layers(model).items():  # training gave the tokens their own variances
+        assert layer.logvar_weight.abs().max() > 0, site
+    assert all(site.module._nv_slot.spare > 0 for site in model.__dict__["_nv_sites"])  # evaluated by spec §4
     log = json.loads((out / RUN_LOG).read_text())
     train_logs = [entry for entry in log if "loss" in entry]
     assert len(train_logs) == 4
@@ -295,6 +298,15 @@ def test_freezing_really_freezes(tmp_path, train_nv):
     assert changed and all(((n in nv_names) == train_nv) for n in changed)
     with pytest.raises(ValueError, match="nothing to train"):
         prepare_model(nv, train_nv=False, train_pretrained=False)
+    with pytest.raises(ValueError, match="per-token variances"):
+        prepare_model(nv, per_token_variance=False)
+
+
+def test_shared_variance_keeps_the_fast_form(tmp_path):
+    nv = prepare_model(stock_model(BART), per_token_variance=False)
+    assert not any(layer.per_token_variance for layer in nvib.nv_layers(nv).values())
+    trainer_for(nv, tmp_path, save_strategy="no", lambda_g=0.1, lambda_d=0.1).train()
+    assert all(site.module._nv_slot.spare == 0 for site in nv.__dict__["_nv_sites"])
 
 
 class _Interrupt(tf.TrainerCallback):
@@ -410,3 +422,6 @@ def test_cli_trains_and_saves(cli, tmp_path):
     result = cli(out, train, "-o", tmp_path / "again", "--source-column", "doc", "--target-column", "sum",
                  "--max-steps", 1, "--no-progress")  # fmt: skip
     assert result.exit_code == 0, result.output  # an NV model directory fine-tunes further
+    result = cli(out, train, "-o", tmp_path / "shared", "--source-column", "doc", "--target-column", "sum",
+                 "--max-steps", 1, "--no-progress", "--shared-variance")  # fmt: skip
+    assert result.exit_code == 2 and "per-token variances" in result.output  # it has W_σ: a clear error

@@ -86,6 +86,31 @@ def test_fast_form_equals_reference(site):
             assert (out[b] - ref).abs().max() <= 1e-10
 
 
+@pytest.mark.parametrize("site", ["encoder.0", "decoder.1", "cross"])
+def test_general_form_equals_reference(site):
+    """Per-token variances (W_σ ≠ 0): the module output is spec §4 computed literally."""
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(0)
+    nv = nvib.convert(TINY[0].build().eval().double(), per_token_variance=True)
+    layer = nvib.nv_layers(nv)[site]
+    randomise(layer, g)
+    with torch.no_grad():
+        layer.logvar_weight.copy_(0.2 * torch.randn(layer.logvar_weight.shape, generator=g, dtype=torch.float64))
+    module = next(s.module for s in nv.__dict__["_nv_sites"] if s.name == site)
+    z = torch.randn(2, 7, 32, generator=g, dtype=torch.float64) * 2
+    x = torch.randn(2, 5, 32, generator=g, dtype=torch.float64) * 2 if site == "cross" else z
+    allowed = torch.ones(2, 7, dtype=torch.bool)
+    allowed[1, 4:] = False
+    var = (z @ layer.logvar_weight.T + layer.logvar_bias).exp().detach()
+    assert var.log().std(1).min() > 0.5  # the variances really differ per token
+    with torch.no_grad():
+        mask = allowed[:, None, None, :].expand(2, 1, x.shape[1], 7)
+        out, _ = module(x, attention_mask=mask, **({"key_value_states": z} if site == "cross" else {}))
+        for b in range(2):
+            ref = reference_attention(x[b], z[b], allowed[b], module, layer, var[b])
+            assert (out[b] - ref).abs().max() <= 1e-10
+
+
 def test_reference_with_equal_per_token_variances_is_the_shared_form():
     """The reference form's per-token variances, all equal, reduce to the shared-variance fast form."""
     g = torch.Generator().manual_seed(1)
@@ -163,6 +188,7 @@ def test_gamma_sampling_in_log_space():
 def test_training_mode_kl_and_gradients(case):
     _, nv = pair(case)
     nvib.configure(nv, REGULARISED)
+    nvib.enable_per_token_variance(nv)
     nv.train()
     inputs = case.inputs()
     labels = inputs.get("decoder_input_ids", inputs["input_ids"])
@@ -199,10 +225,13 @@ def test_kl_loss_needs_a_training_forward():
         nvib.kl_loss(nv)
 
 
-def test_save_load_round_trip(tmp_path):
+@pytest.mark.parametrize("per_token_variance", [False, True])
+def test_save_load_round_trip(tmp_path, per_token_variance):
     case = TINY[0]
     _, nv = pair(case)
     nvib.configure(nv, REGULARISED)
+    if per_token_variance:
+        nvib.enable_per_token_variance(nv)
     with torch.no_grad():  # as after fine-tuning: NV parameters away from their initialisation
         for p in nv.nvib_layers.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -212,6 +241,7 @@ def test_save_load_round_trip(tmp_path):
     nvib.save(nv, tmp_path / "m")
     loaded = nvib.load(tmp_path / "m")
     assert loaded.nv_config == REGULARISED
+    assert all(layer.per_token_variance == per_token_variance for layer in nvib.nv_layers(loaded).values())
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).logits, expected)
     plain = type(nv).from_pretrained(tmp_path / "m")  # a plain HF load works too: no stray keys

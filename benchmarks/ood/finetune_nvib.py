@@ -1,11 +1,13 @@
 """Fine-tuning with and without the NVIB regularisers (issue 5), on the OOD benchmark.
 
-    python benchmarks/ood/finetune_nvib.py [--steps 600] [--lambdas 0 1e-3]
+    python benchmarks/ood/finetune_nvib.py [--steps 600] [--lambdas 0 1e-3] [--variances shared per-token]
 
 Each run starts from the same warm start as `finetune_base.py` (BERT2BERT from all-MiniLM-L6-v2, seed 0),
 converted to NV form with the empirical prior of the warm start on in-domain data (identity
 initialisation: step 0 is the warm-start model), and trains with the same recipe and data order as the
-base model through `nvib.finetune` (NV attention samples during training, spec §8); only λ_G = λ_D differ.
+base model through `nvib.finetune` (NV attention samples during training, spec §8); only λ_G = λ_D differ,
+and whether the layers learn a variance per token (W_σ; evaluated by the general form of spec §4) or keep
+one shared variance per site (the fast form).
 Each fine-tuned NV model is scored on the test splits like `experiment.py`, as it is (its trained knobs).
 """
 
@@ -24,7 +26,7 @@ import transformers as tf
 import nvib
 from nvib.data import batches, load_examples
 from nvib.evaluate import Evaluator, GenerationArgs, metric
-from nvib.finetune import LambdaSchedule, finetune
+from nvib.finetune import RUN_LOG, LambdaSchedule, finetune
 from nvib.metrics import paired_bootstrap
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", type=Path, default=ROOT / ".cache" / "models")
     parser.add_argument("--steps", type=int, default=finetune_base.RECIPE["steps"])
     parser.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 1e-3])
+    parser.add_argument("--variances", nargs="+", choices=["shared", "per-token"], default=["shared", "per-token"])
     parser.add_argument("--test", type=int, default=400)
     parser.add_argument("--domains", nargs="+", default=["debian", "docstrings", "wikipara", "wiki"])
     parser.add_argument("--baseline", type=Path, default=ROOT / "runs" / "ood" / "predictions")
@@ -53,8 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     random.Random(recipe["seed"]).shuffle(train)
     train = train[: recipe["steps"] * recipe["batch_size"]]
     rows, timings = {}, {}
-    for lam in args.lambdas:
-        out = args.models / f"nvib-l{lam:g}-s{args.steps}"
+    for variance, lam in [(v, lam) for v in args.variances for lam in args.lambdas]:
+        run = (variance, lam)
+        out = args.models / (f"nvib-l{lam:g}-s{args.steps}" + ("-ptv" if variance == "per-token" else ""))
         if not (out / "nv_config.json").exists():
             torch.manual_seed(recipe["seed"])
             model = finetune_base.build_model(recipe["decoder_layers"]).eval()
@@ -62,24 +66,25 @@ def main(argv: list[str] | None = None) -> None:
                 train[:1000], tokenizer, 32, recipe["max_source_len"], recipe["max_target_len"], "seq2seq"
             )
             prior = nvib.EmpiricalPrior.estimate(model, prior_data, data="debian train[:1000] (shuffled)")
-            t0 = time.time()
             finetune(
                 model, train, tokenizer, output_dir=out, prior=prior, lambda_g=lam, lambda_d=lam,
                 schedule=LambdaSchedule("linear", steps=recipe["steps"] // 5), max_steps=recipe["steps"],
                 batch_size=recipe["batch_size"], lr=recipe["lr"], warmup_steps=recipe["warmup"], weight_decay=0.01,
                 seed=recipe["seed"], max_source_len=recipe["max_source_len"],
                 max_target_len=recipe["max_target_len"], logging_steps=25, save_steps=100,
+                per_token_variance=variance == "per-token",
             )  # fmt: skip
-            timings[lam] = time.time() - t0
+        log = json.loads((out / RUN_LOG).read_text())
+        timings[run] = next(e["train_runtime"] for e in reversed(log) if "train_runtime" in e)
         model = nvib.load(out)
         evaluator = Evaluator(model, tokenizer, "summarisation", GenerationArgs(num_beams=1, max_new_tokens=24,
                               batch_size=32), max_source_len=recipe["max_source_len"],
                               max_target_len=recipe["max_target_len"])  # fmt: skip
-        rows[lam] = {}
+        t0, rows[run] = time.time(), {}
         for domain in args.domains:
             test = load_examples(args.data / domain / "test.jsonl")[: args.test]
             refs = [e.target for e in test]
-            preds = [o.prediction for o in evaluator.outputs(test, f"{domain} λ={lam:g}")]
+            preds = [o.prediction for o in evaluator.outputs(test, f"{domain} λ={lam:g} {variance}")]
             entry = {"rougeL": metric("rougeL")(preds, refs)}
             base_file = args.baseline / f"{domain}.json"
             if base_file.exists():  # the post-training benchmark's predictions on the same examples
@@ -87,8 +92,9 @@ def main(argv: list[str] | None = None) -> None:
                 if base["refs"] == refs:
                     b = paired_bootstrap(metric("rougeL"), base["unconverted"], preds, refs, n=1000)
                     entry["delta"], entry["ci"] = b.delta, (b.ci_low, b.ci_high)
-            rows[lam][domain] = entry
-            print(lam, domain, entry, flush=True)
+            rows[run][domain] = entry
+            print(variance, lam, domain, entry, flush=True)
+        print(variance, lam, f"evaluation {time.time() - t0:.0f} s", flush=True)
     lines = [
         "## finetune",
         "",
@@ -98,13 +104,15 @@ def main(argv: list[str] | None = None) -> None:
         f"first fifth). ROUGE-L ×100 on {args.test} test examples; Δ against the unconverted base model of the "
         "`ood` section (plain fine-tune, same data and steps), 95% paired bootstrap.",
         "",
-        "| λ | " + " | ".join(args.domains) + " |",
-        "|---" * (len(args.domains) + 1) + "|",
+        "| variance | λ | " + " | ".join(args.domains) + " |",
+        "|---" * (len(args.domains) + 2) + "|",
     ]
-    for lam, row in rows.items():
-        lines.append(f"| {lam:g} | " + " | ".join(score_cell(row[domain]) for domain in args.domains) + " |")
+    for (variance, lam), row in rows.items():
+        cells = " | ".join(score_cell(row[domain]) for domain in args.domains)
+        lines.append(f"| {variance} | {lam:g} | {cells} |")
     if timings:
-        lines += ["", "Training time: " + ", ".join(f"λ={k:g}: {v / 60:.1f} min" for k, v in timings.items())]
+        times = ", ".join(f"{v} λ={lam:g}: {t / 60:.1f} min" for (v, lam), t in timings.items())
+        lines += ["", "Training time: " + times]
     update_section(args.results, "finetune", "\n".join(lines) + "\n")
 
 

@@ -2,7 +2,16 @@
 
 from nvib.architectures import SUPPORTED, UnsupportedModelError
 from nvib.config import NVConfig
-from nvib.convert import configure, convert, is_converted, kl_loss, kl_terms, nv_layers, unload
+from nvib.convert import (
+    configure,
+    convert,
+    enable_per_token_variance,
+    is_converted,
+    kl_loss,
+    kl_terms,
+    nv_layers,
+    unload,
+)
 from nvib.diagnostics import record_prior_mass
 from nvib.io import load, save
 from nvib.prior import EmpiricalPrior, PriorMismatchError
@@ -15,6 +24,7 @@ __all__ = [
     "UnsupportedModelError",
     "configure",
     "convert",
+    "enable_per_token_variance",
     "is_converted",
     "kl_loss",
     "kl_terms",

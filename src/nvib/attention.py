@@ -9,12 +9,18 @@ registered attention function "nvib" then prepends the prior component and calls
 `scaled_dot_product_attention`. The prior never enters the cache (the self-attention cache length
 drives positions); for cross-attention, whose cached keys do not change between decoding steps,
 the keys and values with the prior prepended are kept until the cache hands over new ones.
+
+Layers with per-token variances (after fine-tuning) need the general form (spec §4): the scores are
+still standard attention over per-token k̃_n and c_n, but the output gains W_v[(Σ_n a_mn σ²_n/β_n) ⊙ W_kᵀq_m].
+The per-token ratios σ²_n/β_n (size P) ride in `spare` extra channels per head of the keys and values
+(half in each), so they live in the ordinary KV cache and follow its beam reordering.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import weakref
 
 import torch
@@ -42,12 +48,18 @@ class Slot:
     scaling: float
     proj: tuple[nn.Module, ...]  # (q, k, v) or (fused,)
     fused: bool
+    spare: int = 0  # extra channels per head carrying σ²_n/β_n (general form only)
     folded: dict | None = None
     folded_key: tuple | None = None
     prior_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # training: this forward's sampled prior k, v
     mass_log: list | None = None  # record_prior_mass: (Σ a_m0, number of queries) per call
     # cross-attention: (weakref to the cached key, folded, key with prior, value with prior); dropped with the key
     with_prior: tuple | None = None
+
+    @property
+    def width(self) -> int:
+        """Channels per head the projections emit: E, the bias/indicator channel, the spare channels."""
+        return self.head_dim + 1 + self.spare
 
     # ---- pretrained projections as [out, in] weights ----------------------------------------
 
@@ -91,12 +103,22 @@ class Slot:
         bv64 = torch.zeros(H * E, dtype=torch.float64, device=wk.device) if bv is None else bv.to(torch.float64)
         prior_k = torch.cat([(wk64 @ t.prior_point + bk64).view(H, E), t.prior_c.expand(H, 1)], 1)
         prior_v = torch.cat([(wv64 @ t.prior_point + bv64).view(H, E), torch.ones_like(prior_k[:, :1])], 1)
-        # G = W_v diag(σ²/β) W_kᵀ per head; the prior's G_0 enters weighted by a_m0, the tokens' by 1 − a_m0.
         wk_h, wv_h = wk64.view(H, E, -1), wv64.view(H, E, -1)
+        if self.spare:  # general form: the prior's σ²/β rides in the spare channels like the tokens'
+            first, second = self.split_ratio(t.prior_ratio)
+            return dict(
+                general=True,
+                prior_k=torch.cat([prior_k, first], 1).to(dtype),
+                prior_v=torch.cat([prior_v, second], 1).to(dtype),
+                wk_h=wk.view(H, E, -1).to(f),  # u = W_kᵀ q per head
+                wv_h=wv.view(H, E, -1).transpose(1, 2).to(f),
+            )
+        # G = W_v diag(σ²/β) W_kᵀ per head; the prior's G_0 enters weighted by a_m0, the tokens' by 1 − a_m0.
         g0 = (wv_h * t.prior_ratio) @ wk_h.transpose(1, 2)
         g = (wv_h * t.ratio) @ wk_h.transpose(1, 2) if bool(t.ratio.max() > 1e-9) else None
         key_scale, key_shift = t.key_scale.to(dtype), t.key_shift.to(dtype)
         return dict(
+            general=False,
             # k̃ = W_k(key_scale ⊙ z + key_shift) + b_k: transform z, not the weights (spec §6 with W_μ = τ_μ I)
             identity=bool((key_scale == 1).all() and (key_shift == 0).all()),
             key_scale=key_scale,
@@ -123,13 +145,31 @@ class Slot:
         w, b = self.qkv_weights()["qkv".index(which)]
         return F.linear(x, w, b).view(*x.shape[:-1], self.heads, self.head_dim)
 
-    def _with_channel(self, out: torch.Tensor, extra: torch.Tensor | float) -> torch.Tensor:
-        """[..., H, E] plus one channel per head ([...] or a constant) -> [..., H(E+1)]."""
+    def _with_channel(
+        self, out: torch.Tensor, extra: torch.Tensor | float, spare: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[..., H, E] plus one channel per head ([...] or a constant) and the spare channels
+        ([..., H, spare], zeros when None) -> [..., H·width]."""
         if isinstance(extra, float):
             channel = out.new_full((*out.shape[:-1], 1), extra)
         else:
             channel = extra.clamp(-C_LIMIT, C_LIMIT).to(out.dtype)[..., None, None].expand(*out.shape[:-1], 1)
-        return torch.cat([out, channel], -1).flatten(-2)
+        parts = [out, channel]
+        if self.spare:
+            parts.append(out.new_zeros((*out.shape[:-1], self.spare)) if spare is None else spare.to(out.dtype))
+        return torch.cat(parts, -1).flatten(-2)
+
+    def split_ratio(self, ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """σ²/β [..., P] -> the key's and the value's spare channels, [..., H, spare] each."""
+        padded = F.pad(ratio, (0, 2 * self.heads * self.spare - ratio.shape[-1]))
+        padded = padded.view(*ratio.shape[:-1], self.heads, 2 * self.spare)
+        return padded[..., : self.spare], padded[..., self.spare :]
+
+    def gather_ratio(self, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Inverse of `split_ratio` on keys and values [B, H, N, width]: σ²/β [B, N, P]."""
+        E1 = self.head_dim + 1
+        both = torch.cat([key[..., E1:], value[..., E1:]], -1)  # [B, H, N, 2·spare]
+        return both.transpose(1, 2).flatten(2)[..., : self.layer.dim]
 
     def _project1(self, which: str, x: torch.Tensor) -> torch.Tensor:
         if which == "q":
@@ -137,6 +177,13 @@ class Slot:
         if self.layer.training:
             return self._project_train(which, x)
         w = self.fold()
+        if w["general"]:
+            t = self.layer.token_terms(x)
+            first, second = self.split_ratio(t.ratio)
+            z = t.point.to(x.dtype)
+            if which == "v":
+                return self._with_channel(self._linear("v", z), 0.0, second)
+            return self._with_channel(self._linear("k", z), t.c, first)
         z = x if w["identity"] else x * w["key_scale"] + w["key_shift"]
         if which == "v":
             return self._with_channel(self._linear("v", z), 0.0)
@@ -187,6 +234,29 @@ class Slot:
             self.with_prior = (weakref.ref(key, self._forget), w, *out)
         return out
 
+    def general_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask) -> torch.Tensor:
+        """Spec §4 with per-token variances: q/k/v [B, H, *, width] (prior at n = 0) -> [B, H, Q, E].
+
+        Costs eager attention plus, per head, B·Q·(N+1)·P multiply-adds for Σ_n a_mn σ²_n/β_n and 2·B·Q·E·P
+        for the lift u = W_kᵀq and the projection back: about H·Q·N·P per module, the lifting the fast form avoids.
+        """
+        w = self.fold()
+        E, E1 = self.head_dim, self.head_dim + 1
+        f = torch.promote_types(query.dtype, torch.float32)
+        scores = query[..., :E1].to(f) @ key[..., :E1].to(f).transpose(-1, -2) * self.scaling
+        if mask is not None:
+            scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask.to(f)
+        a = scores.softmax(-1)
+        out = a @ value[..., :E1].to(f)
+        if self.mass_log is not None:
+            self.mass_log.append((float(out[..., E].sum()), out[..., E].numel()))
+        ratio, q = self.gather_ratio(key, value).to(f), query[..., :E].to(f)  # [B, N+1, P], [B, H, Q, E]
+        o = out[..., :E].clone()
+        for h in range(self.heads):  # one head at a time: [B, Q, P] temporaries instead of [B, H, Q, P]
+            lifted = (a[:, h] @ ratio).mul_(q[:, h] @ w["wk_h"][h])  # (Σ_n a_mn σ²_n/β_n) ⊙ W_kᵀq_m
+            o[:, h] += lifted @ w["wv_h"][h]
+        return o.to(query.dtype)
+
     def correct(self, out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """Add (1 − a_m0)·G q + a_m0·G_0 q (spec §6) to the attention output [B, H, Q, E+1] → [B, H, Q, E]."""
         o, a0 = out[..., :-1], out[..., -1:]
@@ -233,6 +303,8 @@ def nv_attention_forward(
         )  # fmt: skip
     B, _, Q, _ = query.shape
     key, value = slot.prepend_prior(key, value)
+    if slot.spare and slot.layer.training:  # sampling (spec §8) needs no ratios
+        query, key, value = (t[..., : slot.head_dim + 1] for t in (query, key, value))
     n_tokens = key.shape[2] - 1
     if attention_mask is not None and attention_mask.shape[-1] > n_tokens:
         attention_mask = attention_mask[..., -n_tokens:]  # some models size masks by the cache incl. prior
@@ -246,6 +318,8 @@ def nv_attention_forward(
         bias = position_bias if position_bias.shape[-1] == n_tokens + 1 else F.pad(position_bias, (1, 0))
         bias = bias.to(query.dtype)
         mask = bias if mask is None else torch.where(mask, bias, torch.finfo(query.dtype).min)
+    if slot.spare and not slot.layer.training:
+        return slot.general_attention(query, key, value, mask).transpose(1, 2), None
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=slot.scaling
     )
@@ -266,7 +340,7 @@ def register() -> None:
 def mpnet_forward(self, hidden_states, attention_mask=None, position_bias=None, output_attentions=False, **kw):
     """MPNetSelfAttention does not use the attention interface; this forward routes it through NV attention."""
     slot: Slot = self._nv_slot
-    shape = (*hidden_states.shape[:-1], -1, slot.head_dim + 1)
+    shape = (*hidden_states.shape[:-1], -1, slot.width)
     q, k, v = (p(hidden_states).view(shape).transpose(1, 2) for p in (self.q, self.k, self.v))
     out, _ = nv_attention_forward(
         self,
@@ -289,11 +363,12 @@ def install(site: Site, layer: NVIBLayer) -> Slot:
     fused = arch.fused_qkv is not None
     proj = (getattr(module, arch.fused_qkv),) if fused else tuple(getattr(module, n) for n in (arch.q, arch.k, arch.v))
     heads = proj[0].weight.shape[0 if not fused else 1] // (E * (3 if fused else 1))
-    slot = Slot(layer, site.kind, heads, E, scaling, proj, fused)
+    spare = math.ceil(layer.dim / (2 * heads)) if layer.per_token_variance else 0
+    slot = Slot(layer, site.kind, heads, E, scaling, proj, fused, spare)
     object.__setattr__(module, "_nv_slot", slot)
-    setattr(module, arch.head_dim_attr, E + 1)
+    setattr(module, arch.head_dim_attr, slot.width)
     if fused:
-        module.split_size = heads * (E + 1)
+        module.split_size = heads * slot.width
         proj[0].forward = functools.partial(slot.project, "qkv")
     else:
         for which, p in zip("qkv", proj, strict=True):

@@ -27,25 +27,29 @@ def nv_layers(model: nn.Module) -> dict[str, NVIBLayer]:
     return {layer.site: layer for layer in model._modules[LAYERS].values()}
 
 
-def convert(model: nn.Module, config: NVConfig | None = None, prior=None) -> nn.Module:
+def convert(
+    model: nn.Module, config: NVConfig | None = None, prior=None, per_token_variance: bool = False
+) -> nn.Module:
     """Attach one NVIB layer per attention site (spec §1) with the identity initialisation (§3), in place.
 
     `prior` is an `EmpiricalPrior` (§7); without one every site gets the default prior.
+    `per_token_variance` gives every layer a trainable W_σ (zero at first, so the model is unchanged); its
+    evaluation then takes the general form of spec §4, which costs more than the fast form (§6).
     """
     if is_converted(model):
         raise ValueError("this model is already an NV model; use nvib.configure to change its knobs")
     with torch.inference_mode(False):  # NV parameters must stay trainable and re-configurable afterwards
-        return _convert(model, config, prior)
+        return _convert(model, config, prior, per_token_variance)
 
 
-def _convert(model: nn.Module, config: NVConfig | None, prior) -> nn.Module:
+def _convert(model: nn.Module, config: NVConfig | None, prior, per_token_variance: bool) -> nn.Module:
     config = config or NVConfig()
     sites = find_sites(model)
     param = next(model.parameters())
     layers: dict[str, NVIBLayer] = {}
     for site in sites:
         if site.name not in layers:
-            layer = NVIBLayer(site.name, site.kind, site.key_dim, site.noise)
+            layer = NVIBLayer(site.name, site.kind, site.key_dim, site.noise, per_token_variance)
             layers[site.name] = layer.to(device=param.device, dtype=param.dtype).train(model.training)
     if prior is not None:
         prior.check_compatible(model, layers)
@@ -69,6 +73,21 @@ def _convert(model: nn.Module, config: NVConfig | None, prior) -> nn.Module:
     model.__dict__["nv_prior"] = prior
     model.__dict__["_nv_attn_original"] = _select_attention(model, attention.ATTN_NAME)
     configure(model, config)
+    return model
+
+
+def enable_per_token_variance(model: nn.Module) -> nn.Module:
+    """Give every NV layer a trainable W_σ (zero, so outputs do not change), in place; from then on evaluation
+    takes the general form of spec §4. A no-op for layers that have one."""
+    layers = nv_layers(model)
+    if all(layer.per_token_variance for layer in layers.values()):
+        return model
+    with torch.inference_mode(False):
+        for layer in layers.values():
+            layer.enable_per_token_variance()
+    for site in model.__dict__["_nv_sites"]:  # the slots' channel layout depends on it
+        attention.uninstall(site)
+        attention.install(site, layers[site.name])
     return model
 
 

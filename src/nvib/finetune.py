@@ -3,7 +3,8 @@
 Loss = task loss + λ_G(step)·Σ_sites KL_G + λ_D(step)·Σ_sites KL_D, where λ(step) follows a
 `LambdaSchedule`. The model is converted with the identity initialisation first (with the empirical
 prior if one is given), so step 0 is the pretrained model; in `model.train()` the NV layers sample and
-compute their KL terms, in `model.eval()` they use the exact fast form.
+compute their KL terms, in `model.eval()` they use the exact fast form, or the general form of §4 once
+the layers have per-token variances (W_σ, trained by default).
 
 Entry points: `finetune` (Python) and `finetune_cli` (the typer command `nvib finetune`).
 """
@@ -25,7 +26,7 @@ from torch import nn
 from transformers import Seq2SeqTrainer
 
 from nvib.config import NVConfig
-from nvib.convert import LAYERS, configure, convert, is_converted, kl_terms, nv_layers
+from nvib.convert import LAYERS, configure, convert, enable_per_token_variance, is_converted, kl_terms, nv_layers
 from nvib.data import BatchKind, Example, batches
 from nvib.prior import EmpiricalPrior
 
@@ -213,10 +214,12 @@ def prepare_model(
     *,
     train_nv: bool = True,
     train_pretrained: bool = True,
+    per_token_variance: bool = True,
 ) -> nn.Module:
     """Convert `model` if needed (identity initialisation, so it computes what the pretrained model computes)
     and set which parameters train. An already converted model keeps its NV layers, unless `nv_config` is
-    given: then they are re-initialised with it (`nvib.configure`)."""
+    given: then they are re-initialised with it (`nvib.configure`). `per_token_variance` adds W_σ (zero at
+    first) so that training can give every token its own variance (spec §2)."""
     if isinstance(prior, str | Path):
         prior = EmpiricalPrior.load(prior)
     if nv_config is not None and not isinstance(nv_config, NVConfig):
@@ -229,8 +232,16 @@ def prepare_model(
             )
         if nv_config is not None:
             configure(model, nv_config)
+        has_variances = any(layer.per_token_variance for layer in nv_layers(model).values())
+        if per_token_variance:
+            enable_per_token_variance(model)
+        elif has_variances:
+            raise ValueError(
+                "the model already has per-token variances (W_σ); train it with per_token_variance=True "
+                "(--per-token-variance)"
+            )
     else:
-        convert(model, nv_config, prior=prior)
+        convert(model, nv_config, prior=prior, per_token_variance=per_token_variance)
     set_trainable(model, train_nv=train_nv, train_pretrained=train_pretrained)
     return model
 
@@ -435,6 +446,7 @@ def finetune(
     schedule: LambdaSchedule | None = None,
     train_nv: bool = True,
     train_pretrained: bool = True,
+    per_token_variance: bool = True,
     max_steps: int = 1000,
     batch_size: int = 8,
     gradient_accumulation_steps: int = 1,
@@ -458,7 +470,9 @@ def finetune(
     `model` is a HuggingFace seq2seq or causal LM (plain or already NV); a plain one is converted in place
     with `nv_config` (default: the equivalence setting) and `prior` (an `EmpiricalPrior` or its file), so
     step 0 computes what the pretrained model computes. Loss = task loss + λ_G·Σ KL_G + λ_D·Σ KL_D with λ
-    following `schedule`. `train_nv` / `train_pretrained` choose what trains. Checkpoints go to
+    following `schedule`. `train_nv` / `train_pretrained` choose what trains; `per_token_variance` lets
+    training give every token its own variance (W_σ; evaluation then takes the general form of spec §4,
+    which costs more: see `nvib.attention`). Checkpoints go to
     ``output_dir/checkpoints`` every `save_steps` steps; with `resume` (the default) a rerun continues from
     the last one (with `resume=False` they are deleted and training starts over). Extra keyword arguments go
     to `Seq2SeqTrainingArguments`. Returns the fine-tuned model in eval mode.
@@ -478,6 +492,7 @@ def finetune(
         "schedule": dataclasses.asdict(schedule),
         "train_nv": train_nv,
         "train_pretrained": train_pretrained,
+        "per_token_variance": per_token_variance,
         "batch_size": batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps,
         "lr": lr,
@@ -497,7 +512,14 @@ def finetune(
     elif not resume and checkpoint_dir.is_dir():
         shutil.rmtree(checkpoint_dir)
 
-    prepare_model(model, nv_config, prior, train_nv=train_nv, train_pretrained=train_pretrained)
+    prepare_model(
+        model,
+        nv_config,
+        prior,
+        train_nv=train_nv,
+        train_pretrained=train_pretrained,
+        per_token_variance=per_token_variance,
+    )
     trainer = build_trainer(
         model,
         examples,
@@ -653,6 +675,14 @@ def finetune_cli(
         bool,
         _opt("--train-pretrained/--freeze-pretrained", help="Train the pretrained weights, or keep them fixed."),
     ] = True,
+    per_token_variance: Annotated[
+        bool,
+        _opt(
+            "--per-token-variance/--shared-variance",
+            help="Learn a variance per token (W_σ; evaluation then uses the slower general form), or keep one "
+            "shared variance per site (the fast form).",
+        ),
+    ] = True,
     max_steps: Annotated[int, _opt(help="Optimisation steps.", min=1)] = 1000,
     batch_size: Annotated[int, _opt(help="Examples per batch.", min=1)] = 8,
     grad_accum: Annotated[int, _opt(help="Batches accumulated per optimisation step.", min=1)] = 1,
@@ -710,6 +740,7 @@ def finetune_cli(
         schedule=lambda_schedule,
         train_nv=train_nv,
         train_pretrained=train_pretrained,
+        per_token_variance=per_token_variance,
         max_steps=max_steps,
         batch_size=batch_size,
         gradient_accumulation_steps=grad_accum,

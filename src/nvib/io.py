@@ -37,6 +37,7 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
         "sites": sorted(layers),
         "model_class": type(model).__name__,
         "prior": PRIOR if prior is not None else None,
+        "per_token_variance": any(layer.per_token_variance for layer in layers.values()),
     }
     (out / NV_CONFIG).write_text(json.dumps(info, indent=2) + "\n")
     return out
@@ -60,7 +61,7 @@ def load(path: str | Path, **from_pretrained_kwargs) -> nn.Module:
     model = cls.from_pretrained(path, **from_pretrained_kwargs)
     prior = EmpiricalPrior.load(path / info["prior"]) if info.get("prior") else None
     config = NVConfig.from_dict(info["nv_config"])
-    convert(model, config, prior=prior)
     state = load_file(str(path / NV_WEIGHTS))
+    convert(model, config, prior=prior, per_token_variance=any(k.endswith(".logvar_weight") for k in state))
     model._modules[LAYERS].load_state_dict(state)
     return model.eval()

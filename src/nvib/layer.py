@@ -2,14 +2,15 @@
 
 The layer maps a key-side vector z (size P) to a Gaussian component (μ, σ²) and a log
 pseudo-count log α. It is parameterised so that its identity initialisation costs nothing:
-μ = mu_scale·z + mu_bias (W_μ = τ_μ·I), one shared log-variance (W_σ = 0), and
-log α = alpha_w1·z + alpha_w2·(z⊙z) + alpha_bias.
+μ = mu_scale·z + mu_bias (W_μ = τ_μ·I), log σ² = logvar_bias (+ logvar_weight·z when the layer has
+per-token variances, W_σ = 0 at initialisation), and log α = alpha_w1·z + alpha_w2·(z⊙z) + alpha_bias.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -36,18 +37,31 @@ class FastTerms:
     prior_c: torch.Tensor  # scalar: c_0 minus the token constant
 
 
+@dataclasses.dataclass
+class TokenTerms:
+    """Per-token terms of the general form (spec §4) for key vectors z [B, N, P], float32 or wider.
+
+    k̃ = W_k(point), ṽ = W_v(point); c is c_n minus the token constant of `FastTerms`.
+    """
+
+    point: torch.Tensor  # √E μ/β [B, N, P]
+    ratio: torch.Tensor  # σ²/β [B, N, P]
+    c: torch.Tensor  # [B, N]
+
+
 class NVIBLayer(nn.Module):
     """One NV site: P-dimensional NVIB parameters plus the site's prior statistics (buffers).
 
     `noise` is the query noise variance √E (1/s for models scaling scores by s, spec §1).
     """
 
-    def __init__(self, site: str, kind: str, dim: int, noise: float):
+    def __init__(self, site: str, kind: str, dim: int, noise: float, per_token_variance: bool = False):
         super().__init__()
         self.site, self.kind, self.dim, self.noise = site, kind, dim, float(noise)
         self.mu_scale = nn.Parameter(torch.ones(()))
         self.mu_bias = nn.Parameter(torch.zeros(dim))
         self.logvar_bias = nn.Parameter(torch.full((dim,), math.log(TINY_VARIANCE)))
+        self.register_parameter("logvar_weight", nn.Parameter(torch.zeros(dim, dim)) if per_token_variance else None)
         self.alpha_w1 = nn.Parameter(torch.zeros(dim))
         self.alpha_w2 = nn.Parameter(torch.full((dim,), 1 / (2 * self.noise)))
         self.alpha_bias = nn.Parameter(torch.zeros(()))
@@ -58,9 +72,20 @@ class NVIBLayer(nn.Module):
         self.kl_gaussian: torch.Tensor | None = None
         self.kl_dirichlet: torch.Tensor | None = None
         self._sample: tuple | None = None
+        self._terms: tuple | None = None  # (weakref to z, parameter versions, TokenTerms)
+
+    @property
+    def per_token_variance(self) -> bool:
+        return self.logvar_weight is not None
 
     def extra_repr(self) -> str:
-        return f"site={self.site!r}, kind={self.kind!r}, dim={self.dim}, noise={self.noise:.4g}"
+        extra = ", per_token_variance=True" if self.per_token_variance else ""
+        return f"site={self.site!r}, kind={self.kind!r}, dim={self.dim}, noise={self.noise:.4g}{extra}"
+
+    def enable_per_token_variance(self) -> None:
+        """Add W_σ (zero: the layer computes what it computed). The owning slots must be reinstalled."""
+        if self.logvar_weight is None:
+            self.logvar_weight = nn.Parameter(self.logvar_bias.new_zeros(self.dim, self.dim))
 
     @torch.no_grad()
     def set_prior(self, mean: torch.Tensor, var: torch.Tensor, log_alpha_mean: float, log_alpha_std: float):
@@ -77,6 +102,8 @@ class NVIBLayer(nn.Module):
         self.mu_scale.fill_(mu_tau)
         self.mu_bias.copy_((1 - mu_tau) * m0)
         self.logvar_bias.copy_(torch.log(s0sq * stdev_tau**2 + TINY_VARIANCE))
+        if self.logvar_weight is not None:
+            self.logvar_weight.zero_()
         self.alpha_w1.zero_()
         self.alpha_w2.fill_(1 / (2 * self.noise))
         self.alpha_bias.fill_(alpha_tau * float(self.prior_scale))
@@ -105,11 +132,39 @@ class NVIBLayer(nn.Module):
             prior_c=c0 - token_const,
         )
 
+    def token_terms(self, z: torch.Tensor) -> TokenTerms:
+        """Spec §4 per token, for variances that differ per token; memoised for the modules sharing z.
+
+        Written as the fast form's terms plus corrections that vanish with W_σ (no cancellation in float32):
+        with β̄ = σ̄² + √E the shared form and δ = 1/β̄ − 1/β_n,
+        c_n = c_lin·z + c_quad·(z⊙z) + ½Σ δ μ_n² − ½Σ log(β_n/β̄).
+        """
+        versions = tuple(0 if t.is_inference() else t._version for t in (*self.parameters(), *self.buffers()))
+        memo = self._terms
+        if memo is not None and memo[0]() is z and memo[1] == versions and not torch.is_grad_enabled():
+            return memo[2]
+        f = torch.promote_types(z.dtype, torch.float32)
+        fast = self.fast_terms()
+        zf = z.to(f)
+        var0 = self.logvar_bias.to(f).exp()
+        beta0 = var0 + self.noise
+        dvar = var0 * torch.expm1(zf @ self.logvar_weight.t().to(f))  # σ_n² − σ̄²
+        beta = beta0 + dvar
+        mu = self.mu_scale.to(f) * zf + self.mu_bias.to(f)
+        c = zf @ fast.c_lin.to(f) + (zf * zf) @ fast.c_quad.to(f)
+        c = c + 0.5 * (dvar / (beta * beta0) * mu * mu).sum(-1) - 0.5 * torch.log1p(dvar / beta0).sum(-1)
+        terms = TokenTerms(point=self.noise * mu / beta, ratio=(var0 + dvar) / beta, c=c)
+        self._terms = (weakref.ref(z), versions, terms)
+        return terms
+
     def posterior(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """μ [..., P], log σ² [..., P] and log α [...] of key vectors z [..., P], in float32 or wider."""
         z = z.to(torch.promote_types(z.dtype, torch.float32))
         mu = self.mu_scale * z + self.mu_bias
-        logvar = self.logvar_bias.expand_as(mu)
+        if self.logvar_weight is None:
+            logvar = self.logvar_bias.expand_as(mu)
+        else:
+            logvar = z @ self.logvar_weight.t().to(z.dtype) + self.logvar_bias
         log_alpha = z @ self.alpha_w1.to(z.dtype) + (z * z) @ self.alpha_w2.to(z.dtype) + self.alpha_bias
         return mu, logvar, log_alpha
 
