@@ -86,10 +86,9 @@ def test_regularised_cache_matches_no_cache(case: Case):
         nv.generation_config.pad_token_id = case.pad
     assert not torch.allclose(output(nv, inputs), output(stock, inputs), atol=1e-3)
     for num_beams in (1, 4):
-        assert torch.equal(
-            generate(nv, inputs, num_beams=num_beams),
-            generate(nv, inputs, num_beams=num_beams, use_cache=False),
-        )
+        expected = generate(nv, inputs, num_beams=num_beams, use_cache=False)
+        assert torch.equal(generate(nv, inputs, num_beams=num_beams), expected)
+        assert torch.equal(generate(nv, inputs, num_beams=num_beams, cache_implementation="static"), expected)
 
 
 def randomise_variances(model, scale: float = 2.0) -> None:
@@ -103,7 +102,7 @@ def randomise_variances(model, scale: float = 2.0) -> None:
 
 @pytest.mark.parametrize("case", TINY, ids=lambda c: c.name)
 def test_per_token_variances_general_form(case: Case):
-    """The general form (spec §4) at W_σ = 0 is the fast form; with W_σ ≠ 0 the cache still matches no cache."""
+    """The general form (spec §4) at W_σ = 0 is the fast form; with W_σ ≠ 0 the caches still match no cache."""
     _, nv = pair(case)
     nvib.configure(nv, REGULARISED)
     inputs = case.inputs()
@@ -119,10 +118,9 @@ def test_per_token_variances_general_form(case: Case):
     if case.kind == "lm":
         nv.generation_config.pad_token_id = case.pad
     for num_beams in (1, 4):
-        assert torch.equal(
-            generate(nv, inputs, num_beams=num_beams),
-            generate(nv, inputs, num_beams=num_beams, use_cache=False),
-        )
+        expected = generate(nv, inputs, num_beams=num_beams, use_cache=False)
+        assert torch.equal(generate(nv, inputs, num_beams=num_beams), expected)
+        assert torch.equal(generate(nv, inputs, num_beams=num_beams, cache_implementation="static"), expected)
 
 
 @pytest.mark.parametrize("case", TINY, ids=lambda c: c.name)

@@ -257,7 +257,8 @@ def test_finetune_reduces_loss_logs_kl_and_round_trips(tmp_path):
     schedule = LambdaSchedule("linear", steps=10)
     out = tmp_path / "run"
     tuned = finetune(
-        model, data, tok, output_dir=out, lambda_g=1e-3, lambda_d=1e-3, schedule=schedule, max_steps=20,
+        model, data, tok, output_dir=out, nv_config=nvib.NVConfig(stdev_tau_e=0.1, stdev_tau_c=0.1, stdev_tau_d=0.1),
+        lambda_g=1e-3, lambda_d=1e-3, schedule=schedule, max_steps=20,
         batch_size=8, lr=3e-3, seed=0, max_source_len=16, max_target_len=8, logging_steps=5, save_steps=10,
         progress=False,
     )  # fmt: skip
@@ -298,15 +299,40 @@ def test_freezing_really_freezes(tmp_path, train_nv):
     assert changed and all(((n in nv_names) == train_nv) for n in changed)
     with pytest.raises(ValueError, match="nothing to train"):
         prepare_model(nv, train_nv=False, train_pretrained=False)
+
+
+def test_nv_lr_applies_to_the_nv_parameters_only(tmp_path):
+    nv = prepare_model(stock_model(BART))
+    trainer = trainer_for(nv, tmp_path, lr=1e-3, nv_lr=5e-2, lr_scheduler="constant", save_strategy="no",
+                          max_steps=1, optim="sgd", max_grad_norm=0.0, lambda_g=0.1, lambda_d=0.1)  # fmt: skip
+    start = {k: v.detach().clone() for k, v in nv.named_parameters()}
+    trainer.train()
+    nv_ids = {id(p) for p in nv.nvib_layers.parameters()}
+    lrs = {(id(p) in nv_ids): g["lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert lrs == {True: 5e-2, False: 1e-3}
+    for name, param in nv.named_parameters():  # plain SGD: the step is lr × gradient
+        if param.grad is not None and param.grad.abs().max() > 0:
+            lr = 5e-2 if id(param) in nv_ids else 1e-3
+            assert torch.allclose(start[name] - param.detach(), lr * param.grad, rtol=1e-4, atol=1e-9), name
+    with pytest.raises(ValueError, match="nv_lr"):
+        trainer_for(nv, tmp_path, nv_lr=0.0)
+
+
+def test_per_token_variance_follows_the_starting_knobs():
+    """Default: W_σ only when the tokens start with a variance (from σ² = 1e-12 training cannot grow it)."""
+
+    def has_variances(model) -> bool:
+        flags = {layer.per_token_variance for layer in nvib.nv_layers(model).values()}
+        assert len(flags) == 1 and flags == {site.module._nv_slot.spare > 0 for site in model.__dict__["_nv_sites"]}
+        return flags.pop()
+
+    assert not has_variances(prepare_model(stock_model(BART)))
+    assert has_variances(prepare_model(stock_model(BART), per_token_variance=True))
+    blurred = prepare_model(stock_model(BART), nvib.NVConfig(stdev_tau_c=0.1))
+    assert has_variances(blurred)
+    assert has_variances(prepare_model(blurred, nvib.NVConfig()))  # a model with W_σ keeps it
     with pytest.raises(ValueError, match="per-token variances"):
-        prepare_model(nv, per_token_variance=False)
-
-
-def test_shared_variance_keeps_the_fast_form(tmp_path):
-    nv = prepare_model(stock_model(BART), per_token_variance=False)
-    assert not any(layer.per_token_variance for layer in nvib.nv_layers(nv).values())
-    trainer_for(nv, tmp_path, save_strategy="no", lambda_g=0.1, lambda_d=0.1).train()
-    assert all(site.module._nv_slot.spare == 0 for site in nv.__dict__["_nv_sites"])
+        prepare_model(blurred, per_token_variance=False)
 
 
 class _Interrupt(tf.TrainerCallback):
@@ -420,8 +446,9 @@ def test_cli_trains_and_saves(cli, tmp_path):
         fresh = prepare_model(stock_model(BART)).nvib_layers.get_parameter(name)
         assert torch.equal(param, fresh), name
     result = cli(out, train, "-o", tmp_path / "again", "--source-column", "doc", "--target-column", "sum",
-                 "--max-steps", 1, "--no-progress")  # fmt: skip
+                 "--max-steps", 1, "--no-progress", "--per-token-variance")  # fmt: skip
     assert result.exit_code == 0, result.output  # an NV model directory fine-tunes further
-    result = cli(out, train, "-o", tmp_path / "shared", "--source-column", "doc", "--target-column", "sum",
-                 "--max-steps", 1, "--no-progress", "--shared-variance")  # fmt: skip
+    assert all(layer.per_token_variance for layer in nvib.nv_layers(nvib.load(tmp_path / "again")).values())
+    result = cli(tmp_path / "again", train, "-o", tmp_path / "shared", "--source-column", "doc", "--target-column",
+                 "sum", "--max-steps", 1, "--no-progress", "--shared-variance")  # fmt: skip
     assert result.exit_code == 2 and "per-token variances" in result.output  # it has W_σ: a clear error

@@ -4,7 +4,7 @@ Loss = task loss + λ_G(step)·Σ_sites KL_G + λ_D(step)·Σ_sites KL_D, where 
 `LambdaSchedule`. The model is converted with the identity initialisation first (with the empirical
 prior if one is given), so step 0 is the pretrained model; in `model.train()` the NV layers sample and
 compute their KL terms, in `model.eval()` they use the exact fast form, or the general form of §4 once
-the layers have per-token variances (W_σ, trained by default).
+the layers have per-token variances (W_σ, see `prepare_model`).
 
 Entry points: `finetune` (Python) and `finetune_cli` (the typer command `nvib finetune`).
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import math
 import shutil
@@ -25,7 +26,7 @@ import typer
 from torch import nn
 from transformers import Seq2SeqTrainer
 
-from nvib.config import NVConfig
+from nvib.config import KINDS, NVConfig
 from nvib.convert import LAYERS, configure, convert, enable_per_token_variance, is_converted, kl_terms, nv_layers
 from nvib.data import BatchKind, Example, batches
 from nvib.prior import EmpiricalPrior
@@ -117,6 +118,7 @@ class NVTrainer(Seq2SeqTrainer):
         lambda_g: float = 0.0,
         lambda_d: float = 0.0,
         schedule: LambdaSchedule | None = None,
+        nv_lr: float | None = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
@@ -129,8 +131,27 @@ class NVTrainer(Seq2SeqTrainer):
         _check_lambda("lambda_d", lambda_d)
         self.lambda_g, self.lambda_d = float(lambda_g), float(lambda_d)
         self.schedule = schedule or LambdaSchedule()
+        self.nv_lr = nv_lr
         self._kl_sums: dict[str, torch.Tensor] = {}
         self._kl_count = 0
+
+    def create_optimizer(self, *args: Any, **kwargs: Any):
+        """The Trainer's optimizer, with the NV layers' parameters in groups of their own at `nv_lr`."""
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if self.nv_lr is None or getattr(optimizer, "_nv_split", False):
+            return optimizer
+        nv_ids = {id(p) for p in _unwrap(self.model)._modules[LAYERS].parameters()}
+        groups = []
+        for group in optimizer.param_groups:
+            for is_nv in (False, True):
+                params = [p for p in group["params"] if (id(p) in nv_ids) == is_nv]
+                if params:
+                    groups.append({**group, "params": params, **({"lr": self.nv_lr} if is_nv else {})})
+        optimizer.param_groups.clear()
+        for group in groups:
+            optimizer.add_param_group(group)
+        optimizer._nv_split = True
+        return optimizer
 
     def current_lambdas(self, step: int | None = None) -> tuple[float, float]:
         """(λ_G, λ_D) at `step` (default: the current optimisation step)."""
@@ -214,12 +235,17 @@ def prepare_model(
     *,
     train_nv: bool = True,
     train_pretrained: bool = True,
-    per_token_variance: bool = True,
+    per_token_variance: bool | None = None,
 ) -> nn.Module:
     """Convert `model` if needed (identity initialisation, so it computes what the pretrained model computes)
     and set which parameters train. An already converted model keeps its NV layers, unless `nv_config` is
-    given: then they are re-initialised with it (`nvib.configure`). `per_token_variance` adds W_σ (zero at
-    first) so that training can give every token its own variance (spec §2)."""
+    given: then they are re-initialised with it (`nvib.configure`).
+
+    `per_token_variance` adds W_σ (zero at first) so that training can give every token its own variance
+    (spec §2). None (the default) adds it when the starting knobs give the tokens a variance (some stdev_tau
+    > 0) or the model has one already. From stdev_tau = 0 it would be dead weight: log σ² starts at
+    log 1e-12, the gradients through the samples scale with σ, and AdamW moves log σ² by about the learning
+    rate per step, so the variances stay negligible while evaluation pays for the general form."""
     if isinstance(prior, str | Path):
         prior = EmpiricalPrior.load(prior)
     if nv_config is not None and not isinstance(nv_config, NVConfig):
@@ -232,16 +258,18 @@ def prepare_model(
             )
         if nv_config is not None:
             configure(model, nv_config)
-        has_variances = any(layer.per_token_variance for layer in nv_layers(model).values())
-        if per_token_variance:
-            enable_per_token_variance(model)
-        elif has_variances:
-            raise ValueError(
-                "the model already has per-token variances (W_σ); train it with per_token_variance=True "
-                "(--per-token-variance)"
-            )
     else:
-        convert(model, nv_config, prior=prior, per_token_variance=per_token_variance)
+        convert(model, nv_config, prior=prior)
+    has_variances = any(layer.per_token_variance for layer in nv_layers(model).values())
+    if per_token_variance is None:
+        per_token_variance = has_variances or any(model.nv_config.stdev_tau(kind) > 0 for kind in KINDS)
+    if per_token_variance:
+        enable_per_token_variance(model)
+    elif has_variances:
+        raise ValueError(
+            "the model already has per-token variances (W_σ); train it with per_token_variance=True or None "
+            "(--per-token-variance)"
+        )
     set_trainable(model, train_nv=train_nv, train_pretrained=train_pretrained)
     return model
 
@@ -348,6 +376,7 @@ def build_trainer(
     lambda_g: float = 1e-3,
     lambda_d: float = 1e-3,
     schedule: LambdaSchedule | None = None,
+    nv_lr: float | None = None,
     max_steps: int = 1000,
     batch_size: int = 8,
     gradient_accumulation_steps: int = 1,
@@ -367,7 +396,13 @@ def build_trainer(
     callbacks: list | None = None,
     **training_args: Any,
 ) -> NVTrainer:
-    """An `NVTrainer` over the tokenised `train_examples` for a converted `model` (see `finetune`)."""
+    """An `NVTrainer` over the tokenised `train_examples` for a converted `model`.
+
+    Loss = task loss + λ_G·Σ KL_G + λ_D·Σ KL_D, λ following `schedule` (default constant). AdamW with peak
+    `lr` (`nv_lr` for the NV layers' parameters, default `lr`), `lr_scheduler` and `warmup_steps`;
+    `max_source_len` / `max_target_len` truncate (`lm_separator` joins source and target for causal LMs);
+    a checkpoint every `save_steps`. Extra keyword arguments go to `Seq2SeqTrainingArguments`.
+    """
     from transformers import Seq2SeqTrainingArguments
 
     if not is_converted(model):
@@ -381,8 +416,9 @@ def build_trainer(
         logging_steps=logging_steps,
         save_steps=save_steps,
     )
-    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    for name, value in (("lr", lr), ("nv_lr", 1.0 if nv_lr is None else nv_lr)):
+        if isinstance(value, bool) or not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     features = tokenise(
         _as_examples(train_examples),
         tokenizer,
@@ -424,6 +460,7 @@ def build_trainer(
         lambda_g=lambda_g,
         lambda_d=lambda_d,
         schedule=schedule,
+        nv_lr=nv_lr,
     )
 
 
@@ -431,6 +468,13 @@ def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+# the build_trainer options (besides the schedule) a resumed run must share with the run that wrote the checkpoints
+SAME_RUN_OPTIONS = (
+    "lambda_g", "lambda_d", "batch_size", "gradient_accumulation_steps", "lr", "nv_lr", "lr_scheduler",
+    "warmup_steps", "weight_decay", "seed", "max_source_len", "max_target_len",
+)  # fmt: skip
 
 
 def finetune(
@@ -441,67 +485,45 @@ def finetune(
     output_dir: str | Path,
     nv_config: NVConfig | None = None,
     prior: EmpiricalPrior | str | Path | None = None,
-    lambda_g: float = 1e-3,
-    lambda_d: float = 1e-3,
-    schedule: LambdaSchedule | None = None,
     train_nv: bool = True,
     train_pretrained: bool = True,
-    per_token_variance: bool = True,
-    max_steps: int = 1000,
-    batch_size: int = 8,
-    gradient_accumulation_steps: int = 1,
-    lr: float = 5e-5,
-    lr_scheduler: str = "linear",
-    warmup_steps: int = 0,
-    weight_decay: float = 0.0,
-    seed: int = 0,
-    max_source_len: int = 512,
-    max_target_len: int = 128,
-    lm_separator: str = "\n",
-    logging_steps: int = 50,
-    save_steps: int = 500,
+    per_token_variance: bool | None = None,
     resume: bool = True,
-    progress: bool = True,
-    callbacks: list | None = None,
-    **training_args: Any,
+    **trainer_options: Any,
 ) -> nn.Module:
     """Fine-tune `model` with the NVIB regularisers; save it to `output_dir` with `nvib.save` (+ tokenizer).
 
     `model` is a HuggingFace seq2seq or causal LM (plain or already NV); a plain one is converted in place
     with `nv_config` (default: the equivalence setting) and `prior` (an `EmpiricalPrior` or its file), so
-    step 0 computes what the pretrained model computes. Loss = task loss + λ_G·Σ KL_G + λ_D·Σ KL_D with λ
-    following `schedule`. `train_nv` / `train_pretrained` choose what trains; `per_token_variance` lets
-    training give every token its own variance (W_σ; evaluation then takes the general form of spec §4,
-    which costs more: see `nvib.attention`). Checkpoints go to
-    ``output_dir/checkpoints`` every `save_steps` steps; with `resume` (the default) a rerun continues from
-    the last one (with `resume=False` they are deleted and training starts over). Extra keyword arguments go
-    to `Seq2SeqTrainingArguments`. Returns the fine-tuned model in eval mode.
+    step 0 computes what the pretrained model computes. `train_nv` / `train_pretrained` choose what trains;
+    `per_token_variance` lets training give every token its own variance (W_σ; evaluation then takes the
+    general form of spec §4, which costs more: see `nvib.attention`); None decides as `prepare_model` does.
+    `trainer_options` go to `build_trainer`: λ_G, λ_D and their `schedule`, `max_steps`, `batch_size`, `lr`,
+    ... and any `Seq2SeqTrainingArguments`. Checkpoints go to ``output_dir/checkpoints`` every `save_steps` steps; with
+    `resume` (the default) a rerun continues from the last one (with `resume=False` they are deleted and
+    training starts over). Returns the fine-tuned model in eval mode.
     """
     from transformers.trainer_utils import get_last_checkpoint
 
-    schedule = schedule or LambdaSchedule()
-    _check_lambda("lambda_g", lambda_g)
-    _check_lambda("lambda_d", lambda_d)
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(build_trainer).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty
+    }
+    options = {**defaults, **trainer_options}
+    options["schedule"] = options["schedule"] or LambdaSchedule()
+    _check_lambda("lambda_g", options["lambda_g"])
+    _check_lambda("lambda_d", options["lambda_d"])
     examples = _as_examples(train_examples)
     out = Path(output_dir)
     settings = {
         "nv_config": (nv_config or (model.nv_config if is_converted(model) else NVConfig())).to_dict(),
         "prior": (prior if isinstance(prior, str | Path) else getattr(prior, "metadata", None)),
-        "lambda_g": lambda_g,
-        "lambda_d": lambda_d,
-        "schedule": dataclasses.asdict(schedule),
         "train_nv": train_nv,
         "train_pretrained": train_pretrained,
         "per_token_variance": per_token_variance,
-        "batch_size": batch_size,
-        "gradient_accumulation_steps": gradient_accumulation_steps,
-        "lr": lr,
-        "lr_scheduler": lr_scheduler,
-        "warmup_steps": warmup_steps,
-        "weight_decay": weight_decay,
-        "seed": seed,
-        "max_source_len": max_source_len,
-        "max_target_len": max_target_len,
+        **{name: options[name] for name in SAME_RUN_OPTIONS},
+        "schedule": dataclasses.asdict(options["schedule"]),
         "examples": len(examples),
     }
     settings = json.loads(json.dumps(settings, default=str))
@@ -520,33 +542,9 @@ def finetune(
         train_pretrained=train_pretrained,
         per_token_variance=per_token_variance,
     )
-    trainer = build_trainer(
-        model,
-        examples,
-        tokenizer,
-        output_dir=out,
-        lambda_g=lambda_g,
-        lambda_d=lambda_d,
-        schedule=schedule,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        lr=lr,
-        lr_scheduler=lr_scheduler,
-        warmup_steps=warmup_steps,
-        weight_decay=weight_decay,
-        seed=seed,
-        max_source_len=max_source_len,
-        max_target_len=max_target_len,
-        lm_separator=lm_separator,
-        logging_steps=logging_steps,
-        save_steps=save_steps,
-        progress=progress,
-        callbacks=callbacks,
-        **training_args,
-    )
+    trainer = build_trainer(model, examples, tokenizer, output_dir=out, **options)
     out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_ARGS).write_text(json.dumps({**settings, "max_steps": max_steps}, indent=2) + "\n")
+    (out / RUN_ARGS).write_text(json.dumps({**settings, "max_steps": options["max_steps"]}, indent=2) + "\n")
     trainer.train(resume_from_checkpoint=last)
     model.eval()
     from nvib.io import save
@@ -676,17 +674,27 @@ def finetune_cli(
         _opt("--train-pretrained/--freeze-pretrained", help="Train the pretrained weights, or keep them fixed."),
     ] = True,
     per_token_variance: Annotated[
-        bool,
+        bool | None,
         _opt(
             "--per-token-variance/--shared-variance",
             help="Learn a variance per token (W_σ; evaluation then uses the slower general form), or keep one "
-            "shared variance per site (the fast form).",
+            "shared variance per site (the fast form). Default: per token when the starting knobs give the "
+            "tokens a variance (some stdev_tau > 0, see --knobs); from stdev_tau = 0 training cannot grow it.",
+            show_default=False,
         ),
-    ] = True,
+    ] = None,
     max_steps: Annotated[int, _opt(help="Optimisation steps.", min=1)] = 1000,
     batch_size: Annotated[int, _opt(help="Examples per batch.", min=1)] = 8,
     grad_accum: Annotated[int, _opt(help="Batches accumulated per optimisation step.", min=1)] = 1,
     lr: Annotated[float, _opt(help="Peak learning rate (AdamW), > 0.", min=0)] = 5e-5,
+    nv_lr: Annotated[
+        float | None,
+        _opt(
+            help="Peak learning rate of the NV layers' parameters (default: --lr). Their log-variances start "
+            "far from where they matter, so they may need a larger one.",
+            min=0,
+        ),
+    ] = None,
     lr_scheduler: Annotated[str, _opt(help="Learning-rate schedule: linear, constant, cosine, ...")] = "linear",
     warmup_steps: Annotated[int, _opt(help="Learning-rate warm-up steps.", min=0)] = 0,
     seed: Annotated[int, _opt(help="Random seed (data order, sampling, bert2bert warm start).")] = 0,
@@ -745,6 +753,7 @@ def finetune_cli(
         batch_size=batch_size,
         gradient_accumulation_steps=grad_accum,
         lr=lr,
+        nv_lr=nv_lr,
         lr_scheduler=lr_scheduler,
         warmup_steps=warmup_steps,
         seed=seed,

@@ -154,8 +154,11 @@ class NVIBLayer(nn.Module):
         c = zf @ fast.c_lin.to(f) + (zf * zf) @ fast.c_quad.to(f)
         c = c + 0.5 * (dvar / (beta * beta0) * mu * mu).sum(-1) - 0.5 * torch.log1p(dvar / beta0).sum(-1)
         terms = TokenTerms(point=self.noise * mu / beta, ratio=(var0 + dvar) / beta, c=c)
-        self._terms = (weakref.ref(z), versions, terms)
+        self._terms = (weakref.ref(z, self._drop_terms), versions, terms)  # released with z
         return terms
+
+    def _drop_terms(self, _ref) -> None:
+        self._terms = None
 
     def posterior(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """μ [..., P], log σ² [..., P] and log α [...] of key vectors z [..., P], in float32 or wider."""
