@@ -1,4 +1,4 @@
-"""Offline tests of the benchmark builders (nvib.benchdata) on small embedded inputs."""
+"""Offline tests of the benchmark builders (benchmarks/benchdata) on small embedded inputs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nvib.benchdata import (
+from benchdata import (
     FilterConfig,
     Pair,
     build_all,
@@ -28,10 +28,10 @@ from nvib.benchdata import (
     strip_wiki_markup,
     wiki_pairs,
 )
-from nvib.benchdata import debian as deb
-from nvib.benchdata import wiki as wk
-from nvib.benchdata.common import looks_english, normalise_key, truncate_words
-from nvib.benchdata.wiki import iter_pages
+from benchdata import debian as deb
+from benchdata import wiki as wk
+from benchdata.common import looks_english, normalise_key, truncate_words
+from benchdata.wiki import iter_pages
 
 # --------------------------------------------------------------------------------------------------
 # Debian

@@ -3,7 +3,7 @@
     python benchmarks/ood/experiment.py            # full budget
     python benchmarks/ood/experiment.py --quick    # the README's demo budget
 
-1. builds the data (`nvib.benchdata`, cached) and the base model (`finetune_base.py`, cached): BERT2BERT
+1. builds the data (`benchmarks/benchdata`, cached) and the base model (`finetune_base.py`, cached): BERT2BERT
    warm-started from all-MiniLM-L6-v2 and fine-tuned on Debian descriptions (long description → synopsis);
 2. estimates the empirical prior on the in-domain train split;
 3. for each target domain, tunes on that domain's dev split, at the same budget, (a) the six NV knobs,
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     t_start = time.time()
     if not (args.data / "manifest.json").exists():
-        from nvib.benchdata import build_all
+        from benchdata import build_all
 
         build_all(args.data, ROOT / ".cache" / "benchdata")
     finetune_base.main(["--data", str(args.data), "--out", str(args.model)])
