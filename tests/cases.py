@@ -21,11 +21,15 @@ class Case:
     pad: int = 0
 
     def inputs(self, batch: int = 3, src: int = 11, tgt: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
-        """A batch with right padding in row 1 (and left-aligned shorter targets)."""
+        """A batch with padding in row 1, on the right (on the left for decoder-only "lm" models, which generate
+        from the end), and left-aligned shorter targets."""
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(5, self.vocab, (batch, src), generator=g)
         mask = torch.ones_like(ids)
-        mask[1, src - 4 :] = 0
+        if self.kind == "lm":
+            mask[1, :4] = 0
+        else:
+            mask[1, src - 4 :] = 0
         ids[mask == 0] = self.pad
         out = {"input_ids": ids, "attention_mask": mask}
         if self.kind == "seq2seq":
@@ -160,4 +164,32 @@ def minilm_bert2bert() -> tf.EncoderDecoderModel:
 REAL_WEIGHTS = [
     Case("minilm", minilm, "encoder", 30522),
     Case("minilm-bert2bert", minilm_bert2bert, "seq2seq", 30522),
+]
+
+
+def _tiny_rotary(config_cls, model_cls, **extra):
+    """A tiny rotary decoder-only model: 4 query heads, 2 key/value heads (GQA), head size 8."""
+
+    def build():
+        cfg = config_cls(
+            vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=64, head_dim=8, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+            eos_token_id=2, **extra,
+        )  # fmt: skip
+        return model_cls(cfg)
+
+    return build
+
+
+_SLIDING = dict(sliding_window=4, layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+
+# Rotary decoder-only families in key space (spec §10); a sliding window of 4 is shorter than the test inputs.
+ROTARY = [
+    Case("llama", _tiny_rotary(tf.LlamaConfig, tf.LlamaForCausalLM), "lm", 96),
+    Case("mistral", _tiny_rotary(tf.MistralConfig, tf.MistralForCausalLM, sliding_window=4), "lm", 96),
+    Case("qwen2", _tiny_rotary(tf.Qwen2Config, tf.Qwen2ForCausalLM, use_sliding_window=True, **_SLIDING), "lm", 96),
+    Case("qwen3", _tiny_rotary(tf.Qwen3Config, tf.Qwen3ForCausalLM), "lm", 96),  # per-head key norm
+    Case("gemma2", _tiny_rotary(tf.Gemma2Config, tf.Gemma2ForCausalLM, **_SLIDING), "lm", 96),  # soft-capping
+    Case("gemma3_text", _tiny_rotary(tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, **_SLIDING), "lm", 96),
+    Case("olmo2", _tiny_rotary(tf.Olmo2Config, tf.Olmo2ForCausalLM), "lm", 96),  # key norm over all heads
 ]

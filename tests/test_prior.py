@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from cases import REAL_WEIGHTS, TINY
@@ -106,13 +108,25 @@ def test_prior_enters_the_layers_and_keeps_equivalence():
     assert (output(nv, inputs) - output(stock, inputs)).abs().max() > 1e-2
 
 
-def test_degenerate_prior_scale_warns():
+def test_alpha_scale_floor_restores_equivalence():
+    """Spec §11: a random-weight model's LayerNorm fixes ‖z‖ (ς ≈ 0). With the original scaling τ_α·ς
+    (alpha_scale_min = 0) τ_α = 10 leaves the prior a visible weight and convert says so; the default floor ς_min = 1
+    gives back the pretrained model."""
     case = TINY[0]
     stock, nv = pair(case)
     prior = nvib.EmpiricalPrior.estimate(stock, batches(case), progress=False)
+    assert max(float(s.log_alpha_std) for s in prior.sites.values()) < 0.05
+    inputs = case.inputs()
+    valid = inputs["decoder_attention_mask"].bool()
     nvib.unload(nv)
-    with pytest.warns(UserWarning, match="alpha_tau has almost no effect"):
+    with pytest.warns(UserWarning, match="visible weight"):
+        nvib.convert(nv, nvib.NVConfig(alpha_scale_min=0.0), prior=prior)
+    assert (output(nv, inputs) - output(stock, inputs))[valid].abs().max() > 1e-3
+    nvib.unload(nv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         nvib.convert(nv, prior=prior)
+    assert (output(nv, inputs) - output(stock, inputs))[valid].abs().max() <= 1e-4
 
 
 def test_mismatched_prior_is_a_clear_error(tmp_path):

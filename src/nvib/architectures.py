@@ -23,6 +23,17 @@ class Architecture:
     fused_qkv: str | None = None  # GPT-2: one Conv1D producing [q | k | v]
     head_dim_attr: str = "head_dim"
     uses_attention_interface: bool = True  # MPNet computes attention itself
+    # key-space sites (spec §10): rotary decoder-only models; the unrotated key is the output of `k_norm`
+    # (or of the k projection where there is none), laid out as "flat" [B, N, G·E], "heads" [B, N, G, E]
+    # or "heads_first" [B, G, N, E]
+    key_space: bool = False
+    k_norm: str | None = None
+    key_layout: str = "flat"
+
+    @property
+    def key_source(self) -> str:
+        """The submodule whose output is the unrotated key (spec §10)."""
+        return self.k_norm or self.k
 
 
 _BART_LIKE = Architecture(
@@ -71,7 +82,19 @@ ARCHITECTURES: dict[str, Architecture] = {
     ),
     "gpt2": Architecture(sites={"decoder": r"(?:^|\.)h\.(\d+)\.attn$"}, q="", k="", v="", fused_qkv="c_attn"),
 }
+_ROTARY_SITES = {"decoder": r"(?:^|\.)layers\.(\d+)\.self_attn$"}
+_ROTARY = Architecture(sites=_ROTARY_SITES, key_space=True)
+ARCHITECTURES.update(
+    llama=_ROTARY,
+    mistral=_ROTARY,
+    qwen2=_ROTARY,
+    gemma2=_ROTARY,  # logit soft-capping: the bias is added after the cap (spec §10)
+    qwen3=Architecture(sites=_ROTARY_SITES, key_space=True, k_norm="k_norm", key_layout="heads"),
+    gemma3_text=Architecture(sites=_ROTARY_SITES, key_space=True, k_norm="k_norm", key_layout="heads_first"),
+    olmo2=Architecture(sites=_ROTARY_SITES, key_space=True, k_norm="k_norm"),  # RMSNorm over all heads at once
+)
 SUPPORTED = sorted([*ARCHITECTURES, "encoder-decoder"])
+FUSED_PROJECTIONS = ("qkv_proj", "query_key_value", "Wqkv", "c_attn", "qkv")
 
 
 @dataclasses.dataclass
@@ -91,8 +114,10 @@ class Site:
 
     @property
     def key_dim(self) -> int:
-        """P, the size of z."""
+        """P, the size of z (key space: G·E, the size of all key heads)."""
         weight = self.key_projection.weight
+        if self.arch.key_space:
+            return weight.shape[0]
         return weight.shape[0] if self.arch.fused_qkv else weight.shape[1]  # Conv1D weights are [in, out]
 
     @property
@@ -108,13 +133,28 @@ class UnsupportedModelError(ValueError):
     pass
 
 
-def architecture_of(config) -> Architecture:
+def architecture_of(config, model: nn.Module | None = None) -> Architecture:
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:
+        fused = _fused_projection(model)
+        hint = (
+            f": its attention projects q/k/v with one fused module ({fused!r}), which nvib cannot split by name; "
+            "unfuse it into q/k/v projections, or add an `Architecture` to nvib.architectures.ARCHITECTURES"
+            if fused
+            else "; to add one, describe its attention sites in nvib.architectures.ARCHITECTURES"
+        )
         raise UnsupportedModelError(
-            f"model type {model_type!r} is not supported by nvib; supported model types: {', '.join(SUPPORTED)}"
+            f"model type {model_type!r} is not supported by nvib{hint} (supported model types: {', '.join(SUPPORTED)})"
         )
     return ARCHITECTURES[model_type]
+
+
+def _fused_projection(model: nn.Module | None) -> str | None:
+    for name, _ in model.named_modules() if model is not None else ():
+        last = name.rsplit(".", 1)[-1]
+        if "attn" in name.lower() and last in FUSED_PROJECTIONS:
+            return last
+    return None
 
 
 def _parts(model: nn.Module) -> Iterator[tuple[str, object, str | None]]:
@@ -132,7 +172,7 @@ def find_sites(model: nn.Module) -> list[Site]:
     sites: list[Site] = []
     modules = dict(model.named_modules())
     for prefix, config, forced in _parts(model):
-        arch = architecture_of(config)
+        arch = architecture_of(config, model)
         self_kind = forced or ("decoder" if getattr(config, "is_decoder", False) else "encoder")
         for name, module in modules.items():
             if not name.startswith(prefix):

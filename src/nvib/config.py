@@ -25,14 +25,24 @@ class NVConfig:
     stdev_tau_c: float = 0.0
     stdev_tau_d: float = 0.0
     mu_tau: float = 1.0
+    # spec §11: b_α = τ_α·max(ς, alpha_scale_min) (+ δ_0 where centred); 0 gives the original code's τ_α·ς
+    alpha_scale_min: float = 1.0
+    # centre τ_α on an average in-domain token (spec §11); key-space sites (spec §10) are always centred
+    centre_alpha: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.centre_alpha, bool):
+            raise ValueError(f"NVConfig.centre_alpha must be True or False, got {self.centre_alpha!r}")
         for field in dataclasses.fields(self):
+            if field.name == "centre_alpha":
+                continue
             value = getattr(self, field.name)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"NVConfig.{field.name} must be a number, got {value!r}")
             if not math.isfinite(value):
                 raise ValueError(f"NVConfig.{field.name} must be finite, got {value}; pass a real number")
+            if field.name == "alpha_scale_min" and value < 0:
+                raise ValueError(f"NVConfig.alpha_scale_min is a floor on ς and must be >= 0, got {value}")
             if field.name.startswith("stdev_tau") and value < 0:
                 raise ValueError(
                     f"NVConfig.{field.name} is a width in prior standard deviations and must be >= 0, got {value}"
@@ -47,7 +57,7 @@ class NVConfig:
     def replace(self, **changes: float) -> NVConfig:
         return dataclasses.replace(self, **changes)
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, float | bool]:
         return dataclasses.asdict(self)
 
     @classmethod

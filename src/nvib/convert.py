@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from nvib import attention
-from nvib.architectures import find_sites
+from nvib import attention, keyspace
+from nvib.architectures import Site, find_sites
 from nvib.config import NVConfig
 from nvib.layer import NVIBLayer
 
@@ -42,38 +42,64 @@ def convert(
         return _convert(model, config, prior, per_token_variance)
 
 
+def _path(site: Site):
+    """The attention path of a site: z-space (spec §2–6) or key space (spec §10)."""
+    return keyspace if site.arch.key_space else attention
+
+
+def _new_layer(site: Site, per_token_variance: bool) -> NVIBLayer | keyspace.KeySpaceLayer:
+    if not site.arch.key_space:
+        return NVIBLayer(site.name, site.kind, site.key_dim, site.noise, per_token_variance)
+    if per_token_variance:
+        raise ValueError(
+            f"per-token variances are not available at key-space site {site.name} (rotary decoder-only models, "
+            "spec §10): convert with per_token_variance=False"
+        )
+    return keyspace.KeySpaceLayer(site.name, site.kind, *keyspace.site_shape(site), site.noise)
+
+
 def _convert(model: nn.Module, config: NVConfig | None, prior, per_token_variance: bool) -> nn.Module:
     config = config or NVConfig()
     sites = find_sites(model)
     param = next(model.parameters())
-    layers: dict[str, NVIBLayer] = {}
+    layers: dict[str, NVIBLayer | keyspace.KeySpaceLayer] = {}
     for site in sites:
         if site.name not in layers:
-            layer = NVIBLayer(site.name, site.kind, site.key_dim, site.noise, per_token_variance)
+            layer = _new_layer(site, per_token_variance)
             layers[site.name] = layer.to(device=param.device, dtype=param.dtype).train(model.training)
     if prior is not None:
         prior.check_compatible(model, layers)
-        flat = []
         for name, layer in layers.items():
             s = prior.sites[name]
-            layer.set_prior(s.mean, s.var, s.log_alpha_mean, s.log_alpha_std)
-            if s.log_alpha_std < 0.05:
-                flat.append(name)
-        if flat:  # b_α = τ_α·ς (spec §3): with ς ≈ 0 the knob cannot move the prior's weight
-            warnings.warn(
-                f"the prior's spread ς of ‖z‖²/(2√E) is below 0.05 at sites {flat}: alpha_tau has almost no effect "
-                "there (typical of random-weight models whose LayerNorm fixes ‖z‖)",
-                stacklevel=2,
-            )
-    attention.register()
+            layer.set_prior(s.mean, s.var, s.log_alpha_mean, s.log_alpha_std, s.value_mean)
+    path = _path(sites[0])
+    path.register()
     model.add_module(LAYERS, nn.ModuleDict({n.replace(".", "_"): layer for n, layer in layers.items()}))
     for site in sites:
-        attention.install(site, layers[site.name])
+        _path(site).install(site, layers[site.name])
     model.__dict__["_nv_sites"] = sites
     model.__dict__["nv_prior"] = prior
-    model.__dict__["_nv_attn_original"] = _select_attention(model, attention.ATTN_NAME)
+    model.__dict__["_nv_attn_original"] = _select_attention(model, path.ATTN_NAME)
     configure(model, config)
+    _warn_visible_prior(layers.values(), config)
     return model
+
+
+def _warn_visible_prior(layers, config: NVConfig, at_least: float = 1e-3) -> None:
+    """Spec §11: where the equivalence setting (τ_α ≥ 10) still leaves the prior a visible weight, say so."""
+    visible = {
+        layer.site: layer.prior_weight()
+        for layer in layers
+        if config.alpha_tau(layer.kind) >= NVConfig.alpha_tau_e and layer.prior_weight() > at_least
+    }
+    if visible:
+        worst = ", ".join(f"{site} ({w:.2g}×)" for site, w in sorted(visible.items(), key=lambda kv: -kv[1])[:5])
+        warnings.warn(
+            f"at alpha_tau >= 10 the prior keeps a visible weight at {len(visible)} site(s), relative to an average "
+            f"in-domain token: {worst}; the NV model differs from the pretrained one there (spec §11): raise "
+            "alpha_tau or alpha_scale_min for an exact equivalence",
+            stacklevel=3,
+        )
 
 
 def enable_per_token_variance(model: nn.Module) -> nn.Module:
@@ -82,6 +108,8 @@ def enable_per_token_variance(model: nn.Module) -> nn.Module:
     layers = nv_layers(model)
     if all(layer.per_token_variance for layer in layers.values()):
         return model
+    if any(isinstance(layer, keyspace.KeySpaceLayer) for layer in layers.values()):
+        raise ValueError("per-token variances are not available for rotary decoder-only models (key space, spec §10)")
     with torch.inference_mode(False):
         for layer in layers.values():
             layer.enable_per_token_variance()
@@ -111,7 +139,10 @@ def configure(model: nn.Module, config: NVConfig) -> nn.Module:
     if not isinstance(config, NVConfig):
         raise TypeError(f"configure expects an nvib.NVConfig, got {type(config).__name__}")
     for layer in nv_layers(model).values():
-        layer.reset(config.alpha_tau(layer.kind), config.stdev_tau(layer.kind), config.mu_tau)
+        layer.reset(
+            config.alpha_tau(layer.kind), config.stdev_tau(layer.kind), config.mu_tau, config.alpha_scale_min,
+            config.centre_alpha,
+        )  # fmt: skip
     model.__dict__["nv_config"] = config
     return model
 
@@ -120,7 +151,7 @@ def unload(model: nn.Module) -> nn.Module:
     """Remove the NV layers and give back the plain pretrained model, in place."""
     nv_layers(model)
     for site in model.__dict__.pop("_nv_sites"):
-        attention.uninstall(site)
+        _path(site).uninstall(site)
     del model._modules[LAYERS]
     for config, implementation in model.__dict__.pop("_nv_attn_original"):
         config._attn_implementation = implementation

@@ -17,7 +17,7 @@ def _with_prior(log_alpha: torch.Tensor, valid: torch.Tensor, prior_log_alpha: t
     """log α of all components [B, 1+N] in float64, padding at -inf."""
     f = torch.float64
     la = log_alpha.to(f).masked_fill(~valid, float("-inf"))
-    la0 = prior_log_alpha.to(f).expand(la.shape[0], 1)
+    la0 = prior_log_alpha.to(f).reshape(-1, 1).expand(la.shape[0], 1)  # a scalar, or one per row
     return torch.cat([la0, la], dim=1)
 
 

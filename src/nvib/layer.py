@@ -49,7 +49,21 @@ class TokenTerms:
     c: torch.Tensor  # [B, N]
 
 
-class NVIBLayer(nn.Module):
+class PriorWeight:
+    """How much weight the knobs leave the prior component (spec §11), for layers with prior_mean, prior_var,
+    logvar_bias (shared variances), alpha_bias and noise."""
+
+    def prior_offset(self) -> torch.Tensor:
+        """δ_0: the prior's score advantage over an average in-domain token at b_α = 0, float64 (per head)."""
+        beta = self.logvar_bias.detach().to(torch.float64).exp() + self.noise
+        return prior_offset(self.prior_mean, self.prior_var, beta, self.noise)
+
+    def prior_weight(self) -> float:
+        """e^(δ_0 − b_α): the prior's weight relative to an average in-domain token (largest over heads)."""
+        return float((self.prior_offset() - self.alpha_bias.detach().to(torch.float64)).max().clamp(max=700).exp())
+
+
+class NVIBLayer(PriorWeight, nn.Module):
     """One NV site: P-dimensional NVIB parameters plus the site's prior statistics (buffers).
 
     `noise` is the query noise variance √E (1/s for models scaling scores by s, spec §1).
@@ -88,15 +102,19 @@ class NVIBLayer(nn.Module):
             self.logvar_weight = nn.Parameter(self.logvar_bias.new_zeros(self.dim, self.dim))
 
     @torch.no_grad()
-    def set_prior(self, mean: torch.Tensor, var: torch.Tensor, log_alpha_mean: float, log_alpha_std: float):
+    def set_prior(self, mean: torch.Tensor, var: torch.Tensor, log_alpha_mean, log_alpha_std, value_mean=None):
+        """m_0, s_0² [P], a_0, ς; `value_mean` is for key-space sites only (z-space values are linear in z)."""
         self.prior_mean.copy_(mean)
         self.prior_var.copy_(var)
         self.prior_log_alpha.fill_(float(log_alpha_mean))
         self.prior_scale.fill_(float(log_alpha_std))
 
     @torch.no_grad()
-    def reset(self, alpha_tau: float, stdev_tau: float, mu_tau: float = 1.0) -> None:
-        """Identity initialisation with knobs (spec §3), in place."""
+    def reset(
+        self, alpha_tau: float, stdev_tau: float, mu_tau: float = 1.0, alpha_scale_min: float = 1.0,
+        centre: bool = False,
+    ) -> None:  # fmt: skip
+        """Identity initialisation with knobs (spec §3), b_α = τ_α·max(ς, ς_min) (+ δ_0 if `centre`, §11)."""
         m0 = self.prior_mean.to(self.mu_bias.dtype)
         s0sq = self.prior_var.to(torch.float64)
         self.mu_scale.fill_(mu_tau)
@@ -106,7 +124,8 @@ class NVIBLayer(nn.Module):
             self.logvar_weight.zero_()
         self.alpha_w1.zero_()
         self.alpha_w2.fill_(1 / (2 * self.noise))
-        self.alpha_bias.fill_(alpha_tau * float(self.prior_scale))
+        bias = alpha_tau * max(float(self.prior_scale), alpha_scale_min)
+        self.alpha_bias.fill_(bias + (float(self.prior_offset()) if centre else 0.0))
 
     # ---- evaluation (spec §4, §6) -------------------------------------------------------------
 
@@ -206,6 +225,13 @@ class NVIBLayer(nn.Module):
             mu, logvar, log_alpha, valid, self.prior_mean, self.prior_var, self.prior_log_alpha
         ).mean()
         self.kl_dirichlet = kl_dirichlet(log_alpha, valid, self.prior_log_alpha).mean()
+
+
+def prior_offset(m0: torch.Tensor, s0sq: torch.Tensor, beta: torch.Tensor, noise: float) -> torch.Tensor:
+    """δ_0 = ½Σ(m_0² + s_0²)/β − ½Σ m_0²/β_0 − ½Σ log(β_0/β), β_0 = s_0² + √E, summed over the last dim (§11)."""
+    m0, s0sq, beta = (t.to(torch.float64) for t in (m0, s0sq, beta))
+    beta0 = s0sq + noise
+    return 0.5 * ((m0 * m0 + s0sq) / beta - m0 * m0 / beta0 - (beta0 / beta).log()).sum(-1)
 
 
 def sample_log_gamma(log_alpha: torch.Tensor) -> torch.Tensor:

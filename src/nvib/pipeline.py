@@ -530,8 +530,8 @@ def prior_stats(prior: EmpiricalPrior) -> dict[str, dict[str, Any]]:
         name: {
             "mean": s.mean,
             "var": s.var,
-            "log_alpha_mean": s.log_alpha_mean,
-            "log_alpha_std": s.log_alpha_std,
+            "log_alpha_mean": s.log_alpha_mean.mean(),  # key space: averaged over heads
+            "log_alpha_std": s.log_alpha_std.mean(),
             "count": s.count,
         }
         for name, s in prior.sites.items()

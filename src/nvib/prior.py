@@ -18,43 +18,48 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from nvib import keyspace
 from nvib.architectures import Site, find_sites
 from nvib.config import NVConfig
 
 
 @dataclasses.dataclass
 class SiteStats:
-    """Statistics of one site over `count` token vectors z (size P), float64.
+    """Statistics of one site over `count` token vectors z, float64: z-space sites have z of size P (spec §7),
+    key-space sites one key k of size E per key/value head, [G, E] (spec §10).
 
     mean, var: per-dimension mean and unbiased variance of z (m_0, s_0²);
-    log_alpha_mean, log_alpha_std: mean and standard deviation of ‖z‖²/(2√E) (a_0, ς).
+    log_alpha_mean, log_alpha_std: mean and standard deviation of ‖z‖²/(2√E) (a_0, ς; one per head in key space);
+    value_mean: key space only, the mean of the values (m_v) [G, E].
     """
 
     count: int
     mean: torch.Tensor
     m2: torch.Tensor  # Σ (z − mean)², per dimension
-    norm_mean: float
-    norm_m2: float
+    norm_mean: torch.Tensor  # [] or [G]
+    norm_m2: torch.Tensor
+    value_mean: torch.Tensor | None = None
 
     @property
     def var(self) -> torch.Tensor:
         return self.m2 / max(self.count - 1, 1)
 
     @property
-    def log_alpha_mean(self) -> float:
+    def log_alpha_mean(self) -> torch.Tensor:
         return self.norm_mean
 
     @property
-    def log_alpha_std(self) -> float:
-        return (self.norm_m2 / max(self.count - 1, 1)) ** 0.5
+    def log_alpha_std(self) -> torch.Tensor:
+        return (self.norm_m2 / max(self.count - 1, 1)).sqrt()
 
     @classmethod
-    def of(cls, z: torch.Tensor, noise: float) -> SiteStats:
-        """Direct statistics of token vectors z [T, P]."""
+    def of(cls, z: torch.Tensor, noise: float, values: torch.Tensor | None = None) -> SiteStats:
+        """Direct statistics of token vectors z [T, P] (or keys [T, G, E], with their values [T, G, E])."""
         z = z.to(torch.float64)
         mean = z.mean(0)
         r = (z * z).sum(-1) / (2 * noise)
-        return cls(z.shape[0], mean, ((z - mean) ** 2).sum(0), float(r.mean()), float(((r - r.mean()) ** 2).sum()))
+        value_mean = None if values is None else values.to(torch.float64).mean(0)
+        return cls(z.shape[0], mean, ((z - mean) ** 2).sum(0), r.mean(0), ((r - r.mean(0)) ** 2).sum(0), value_mean)
 
     def merge(self, other: SiteStats) -> SiteStats:
         """Chan et al.'s exact pairwise update."""
@@ -64,12 +69,16 @@ class SiteStats:
         w = other.count / n
         delta = other.mean - self.mean
         norm_delta = other.norm_mean - self.norm_mean
+        value_mean = None
+        if self.value_mean is not None and other.value_mean is not None:
+            value_mean = self.value_mean + (other.value_mean - self.value_mean) * w
         return SiteStats(
             n,
             self.mean + delta * w,
             self.m2 + other.m2 + delta * delta * self.count * w,
             self.norm_mean + norm_delta * w,
             self.norm_m2 + other.norm_m2 + norm_delta * norm_delta * self.count * w,
+            value_mean,
         )
 
 
@@ -140,19 +149,49 @@ class EmpiricalPrior:
         seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
         current: dict[str, Mapping] = {}
 
-        def hook_for(site: Site):
+        def add(site: Site, z: torch.Tensor, values: torch.Tensor | None = None) -> None:
+            valid = _valid_mask(site.kind, current["batch"], z, pad_id, seq2seq)
+            new = SiteStats.of(z[valid], site.noise, None if values is None else values[valid])
+            stats[site.name] = stats[site.name].merge(new) if site.name in stats else new
+
+        def z_hook(site: Site):
             def hook(module, args, kwargs):
-                z = args[0] if args else next(iter(kwargs.values()))
-                valid = _valid_mask(site.kind, current["batch"], z, pad_id, seq2seq)
-                new = SiteStats.of(z[valid], site.noise)
-                stats[site.name] = stats[site.name].merge(new) if site.name in stats else new
+                add(site, args[0] if args else next(iter(kwargs.values())))
 
             return hook
 
-        hooked = {}
+        def key_hooks(site: Site):
+            """Key space (spec §10): the unrotated keys (key norm or k projection output) and the values."""
+            seen: dict[str, torch.Tensor] = {}
+            G, E = keyspace.site_shape(site)
+
+            def both_seen():  # modules differ in whether the key norm or the value projection runs first
+                if len(seen) == 2:
+                    k, v = seen.pop("k"), seen.pop("v")
+                    add(site, k.reshape(*k.shape[:2], G, E), v.reshape(*v.shape[:2], G, E))
+
+            def on_key(module, args, out):
+                seen["k"] = out.transpose(1, 2) if site.arch.key_layout == "heads_first" else out
+                both_seen()
+
+            def on_value(module, args, out):
+                seen["v"] = out
+                both_seen()
+
+            module = site.module
+            return [
+                getattr(module, site.arch.key_source).register_forward_hook(on_key),
+                getattr(module, site.arch.v).register_forward_hook(on_value),
+            ]
+
+        hooked: dict[str, list] = {}
         for site in sites:
-            if site.name not in hooked:  # cross-attention: the encoder output, taken once
-                hooked[site.name] = site.key_projection.register_forward_pre_hook(hook_for(site), with_kwargs=True)
+            if site.name in hooked:  # cross-attention: the encoder output, taken once
+                continue
+            if site.arch.key_space:
+                hooked[site.name] = key_hooks(site)
+            else:
+                hooked[site.name] = [site.key_projection.register_forward_pre_hook(z_hook(site), with_kwargs=True)]
         was_training, old_config = model.training, getattr(model, "nv_config", None)
         model.eval()
         if is_converted(model):
@@ -174,8 +213,9 @@ class EmpiricalPrior:
         except KeyboardInterrupt:
             complete = False
         finally:
-            for handle in hooked.values():
-                handle.remove()
+            for handles in hooked.values():
+                for handle in handles:
+                    handle.remove()
             model.train(was_training)
             if old_config is not None:
                 configure(model, old_config)
@@ -216,7 +256,7 @@ class EmpiricalPrior:
     def check_compatible(self, model: nn.Module, layers: Mapping | None = None) -> None:
         """Raise `PriorMismatchError` unless this prior has the sites and sizes of `model`."""
         signature = model_signature(model)
-        ours = {name: int(s.mean.shape[0]) for name, s in self.sites.items()}
+        ours = {name: int(s.mean.numel()) for name, s in self.sites.items()}
         theirs = self.metadata.get("model_type")
         if ours != signature["sites"] or theirs not in (None, signature["model_type"]):
             raise PriorMismatchError(
@@ -231,8 +271,10 @@ class EmpiricalPrior:
         for name, s in self.sites.items():
             tensors[f"{name}.mean"] = s.mean.contiguous()
             tensors[f"{name}.m2"] = s.m2.contiguous()
-            tensors[f"{name}.norm"] = torch.tensor([s.norm_mean, s.norm_m2], dtype=torch.float64)
+            tensors[f"{name}.norm"] = torch.stack([s.norm_mean, s.norm_m2]).to(torch.float64)
             tensors[f"{name}.count"] = torch.tensor(s.count, dtype=torch.int64)
+            if s.value_mean is not None:
+                tensors[f"{name}.value_mean"] = s.value_mean.contiguous()
         meta = {k: json.dumps(v) for k, v in self.metadata.items()}
         save_file(tensors, str(path), metadata=meta)
 
@@ -259,8 +301,9 @@ class EmpiricalPrior:
                 int(tensors[f"{name}.count"]),
                 tensors[f"{name}.mean"],
                 tensors[f"{name}.m2"],
-                float(norm[0]),
-                float(norm[1]),
+                norm[0],
+                norm[1],
+                tensors.get(f"{name}.value_mean"),
             )
         metadata = {}
         for k, v in raw.items():
