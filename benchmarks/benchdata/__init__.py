@@ -2,8 +2,8 @@
 
 In domain: Debian package descriptions; out of domain: Python docstrings and Wikipedia.
 ``build_all(out_dir, cache_dir)`` writes ``out_dir/<domain>/{train,dev,test}.jsonl`` and
-``out_dir/manifest.json``; ``PYTHONPATH=benchmarks python -m benchdata build --out DIR [--cache DIR]`` does the same from
-the command line.
+``out_dir/manifest.json``; ``PYTHONPATH=benchmarks python -m benchdata build --out DIR [--cache DIR]`` does the
+same from the command line.
 One function per source turns raw input into candidate pairs: :func:`debian_pairs`, :func:`docstring_pairs`,
 :func:`wiki_pairs`; :func:`clean_pairs` and :func:`split_by_group` then filter, deduplicate and split them.
 """

@@ -56,7 +56,8 @@ class KeySpaceLayer(PriorWeight, nn.Module):
         self.kl_dirichlet: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
-        return f"site={self.site!r}, kind={self.kind!r}, heads={self.heads}, head_dim={self.head_dim}, noise={self.noise:.4g}"
+        shape = f"heads={self.heads}, head_dim={self.head_dim}"
+        return f"site={self.site!r}, kind={self.kind!r}, {shape}, noise={self.noise:.4g}"
 
     @torch.no_grad()
     def set_prior(self, mean, var, log_alpha_mean, log_alpha_std, value_mean=None) -> None:
