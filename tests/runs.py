@@ -14,7 +14,7 @@ DEMO_DATA = Path(__import__("nvib").__file__).parent / "demo_data"
 
 
 def save_tiny_model(path: Path, kind: str = "seq2seq") -> Path:
-    """A random tiny BART (seq2seq) or GPT-2 (causal_lm) with MiniLM's tokenizer, saved under `path`."""
+    """A random tiny BART (seq2seq), GPT-2 (causal_lm) or Llama (llama) with MiniLM's tokenizer, saved under `path`."""
     tokenizer = tf.AutoTokenizer.from_pretrained(MINILM, local_files_only=True)
     special = {"pad_token_id": 0, "bos_token_id": 101, "eos_token_id": 102}
     torch.manual_seed(0)
@@ -25,6 +25,12 @@ def save_tiny_model(path: Path, kind: str = "seq2seq") -> Path:
             max_position_embeddings=128, decoder_start_token_id=101, forced_eos_token_id=None, **special,
         )  # fmt: skip
         model = tf.BartForConditionalGeneration(config)
+    elif kind == "llama":  # rotary decoder-only, key space (spec §10)
+        config = tf.LlamaConfig(
+            vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256, **special,
+        )  # fmt: skip
+        model = tf.LlamaForCausalLM(config)
     else:
         config = tf.GPT2Config(
             vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128, **special
