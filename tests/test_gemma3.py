@@ -20,7 +20,7 @@ pytestmark = [
 REAL_TEXT = [textwrap.dedent(m.__doc__).strip() for m in (argparse, json, textwrap)]
 PROMPTS = [
     "The Debian package 'coreutils' provides",
-    "def parse_args(argv):\n    \"\"\"",
+    'def parse_args(argv):\n    """',
     "Paris is the capital and largest city of France. It is",
     "In mathematics, a prime number is",
 ]
