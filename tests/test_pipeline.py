@@ -19,7 +19,7 @@ from nvib.pipeline import ConfigError, ModelSection, Run, RunConfig, load_model,
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
-    return {kind: save_tiny_model(root / kind, kind) for kind in ("seq2seq", "causal_lm")}
+    return {kind: save_tiny_model(root / kind, kind) for kind in ("seq2seq", "causal_lm", "llama")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,9 +130,10 @@ def test_decoder_only_generation_strips_prompt(models) -> None:
     assert all(1 <= o.n_tokens <= 4 for o in a)
 
 
-def test_lm_run_perplexity(models, tmp_path: Path) -> None:
-    raw = run_config(models["causal_lm"], task="lm", search={"n_trials": 3, "slices": [4, 8], "n_startup_trials": 1})
-    raw["model"] = {"path": str(models["causal_lm"])}  # kind auto -> causal_lm
+@pytest.mark.parametrize("name", ["causal_lm", "llama"])  # GPT-2 in z-space, Llama in key space (spec §10)
+def test_lm_run_perplexity(models, tmp_path: Path, name: str) -> None:
+    raw = run_config(models[name], task="lm", search={"n_trials": 3, "slices": [4, 8], "n_startup_trials": 1})
+    raw["model"] = {"path": str(models[name])}  # kind auto -> causal_lm
     config = RunConfig.from_dict(raw)
     assert config.metric == "perplexity"
     run = Run(config, tmp_path / "lm", progress=False)

@@ -145,6 +145,7 @@ class KeySlot:
             prior_key=t["prior_key"].to(dtype),
             prior_c=t["prior_c"].to(f),
             prior_value=t["prior_value"].to(dtype),
+            same_c=bool((t["prior_c"] == t["prior_c"][0]).all()),  # one bias row serves every head
         )
         self.folded_key = key
         return self.folded
@@ -213,9 +214,7 @@ def nv_key_attention(
     value = torch.cat([w["prior_value"][None, :, None, :].expand(B, G, 1, E), value], 2)
     prior_c = w["prior_c"][None, :, None].expand(B, G, 1)
     if w["key_weight"] is None:
-        bias = F.pad(prior_c, (0, N))  # [B, G, 1+N]
-        if bool((w["prior_c"] == w["prior_c"][0]).all()):
-            bias = bias[:, :1]
+        bias = F.pad(prior_c[:, :1] if w["same_c"] else prior_c, (0, N))  # [B, 1 or G, 1+N]
     else:
         c = (key[:, :, 1:].to(w["key_weight"].dtype).square() * w["key_weight"][:, None, :]).sum(-1)
         bias = torch.cat([prior_c, c], -1)
