@@ -1,4 +1,4 @@
-"""nvib.pipeline and nvib.evaluate: the config schema, the cached search objective, the lm task, the demo."""
+"""Run config schema, model loading, the run; nvib.evaluate: the cached search objective, the lm task, the demo."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from runs import DEMO_DATA, run_config, save_tiny_model, write_config
 import nvib
 from nvib.data import load_examples
 from nvib.evaluate import DevObjective, Evaluator, GenerationArgs
-from nvib.pipeline import ConfigError, ModelSection, Run, RunConfig, load_model, resolve_path
+from nvib.models import load_model
+from nvib.run import Run
+from nvib.settings import ConfigError, ModelSection, RunConfig, resolve_path
 
 
 @pytest.fixture(scope="module")

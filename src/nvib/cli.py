@@ -15,16 +15,10 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from nvib.pipeline import (
-    ModelSection,
-    Run,
-    RunConfig,
-    describe_schema,
-    estimate_prior,
-    load_model,
-    parse_shard,
-)
+from nvib.models import load_model
 from nvib.prior import EmpiricalPrior
+from nvib.run import Run, estimate_prior, parse_shard
+from nvib.settings import ModelSection, RunConfig, describe_schema
 
 app = typer.Typer(
     name="nvib",
@@ -149,7 +143,7 @@ def prior_cmd(
 ) -> None:
     """Estimate the empirical prior of a model on in-domain data (one streaming pass, exact statistics)."""
     from nvib.data import load_examples
-    from nvib.pipeline import describe_data
+    from nvib.run import describe_data
 
     shard_spec = parse_shard(shard)
     console = _console()
