@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from nvib.data import load_examples
 from nvib.evaluate import DevObjective, Evaluator, GenerationArgs
 from nvib.models import load_model
 from nvib.run import Run
-from nvib.settings import ConfigError, ModelSection, RunConfig, resolve_path
+from nvib.settings import ConfigError, ModelSection, RunConfig, config_schema, describe_schema, resolve_path
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,48 @@ def test_config_errors_name_the_key(models, tmp_path: Path) -> None:
     bad.write_text("model: {path: x\ntask: lm\n")
     with pytest.raises(ConfigError, match=r"not valid YAML at line"):
         RunConfig.load(bad)
+
+
+def test_config_errors_locate_nested_values(models) -> None:
+    raw = run_config(models["seq2seq"])
+    cases = [
+        ({"search": {"start_points": [{"alpha_tau_e": 0}, {"alpha_tau_e": "x"}]}},
+         "search.start_points[1].alpha_tau_e must be a finite number, got 'x'"),
+        ({"search": {"ranges": {"alpha_tau": [0, math.nan]}}}, "search.ranges.alpha_tau[1] must be a finite number"),
+        ({"prior": {"batch_size": True}}, "prior.batch_size must be an integer, got True"),
+        ({"prior": {"batch_size": 0}}, "prior.batch_size must be >= 1, got 0"),
+        ({"model": {"path": "x", "kind": "gpt"}}, "model.kind must be one of auto, seq2seq, causal_lm, bert2bert"),
+        ({"model": {"path": "x", "gguf": "m.gguf"}}, "unknown key 'model.gguf' (did you mean 'gguf_file'?)"),
+        ({"evaluation": None}, "evaluation must be a mapping of keys to values, got NoneType"),
+        ({"base_dir": "/"}, "unknown key 'base_dir'. Fix: valid keys at the top level are model, task,"),
+    ]  # fmt: skip
+    for override, message in cases:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            RunConfig.from_dict({**raw, **override})
+    with pytest.raises(ConfigError, match="the top level must be a mapping of keys to values, got list"):
+        RunConfig.from_dict([raw])
+
+
+def test_config_json_schema() -> None:
+    schema = config_schema()
+    sections = {name: schema["$defs"][p["$ref"].rsplit("/", 1)[-1]] for name, p in schema["properties"].items()
+                if "$ref" in p}  # fmt: skip
+    assert set(sections) == {"model", "data", "prior", "generation", "search", "evaluation"}
+    assert schema["additionalProperties"] is False
+    assert all(s["additionalProperties"] is False for s in sections.values())
+    assert set(schema["required"]) == {"model", "task", "data"} and "base_dir" not in schema["properties"]
+    assert schema["properties"]["task"]["enum"] == ["summarisation", "translation", "lm"]
+    assert sections["model"]["required"] == ["path"] and "gguf_file" in sections["model"]["properties"]
+    assert sections["prior"]["properties"]["batch_size"]["minimum"] == 1
+    text = describe_schema()
+    assert "model: path (required), kind='auto'" in text and "gguf_file=None" in text
+
+
+def test_gguf_file_is_checked_before_loading(models, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"no GGUF file 'm.gguf' in .* Fix: set model.gguf_file"):
+        load_model(ModelSection(str(tmp_path), kind="causal_lm", gguf_file="m.gguf"))
+    with pytest.raises(FileNotFoundError, match="no GGUF file"):
+        load_model(ModelSection(str(models["causal_lm"]), gguf_file="../causal_lm/config.json"))
 
 
 def test_search_ranges_map_to_space(models) -> None:

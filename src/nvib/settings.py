@@ -9,17 +9,20 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
-import math
 import tomllib
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from annotated_types import Ge, Gt
+from pydantic import BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import PydanticCustomError
 
 from nvib.evaluate import DEFAULT_OBJECTIVE, TASK_METRICS, TASKS, GenerationArgs
 from nvib.search import KNOBS, SearchSpace
@@ -29,15 +32,20 @@ __all__ = [
     "ConfigError",
     "DataSection",
     "EvaluationSection",
+    "GenerationSection",
     "ModelSection",
     "PriorSection",
     "RunConfig",
     "SearchSection",
+    "config_schema",
     "describe_schema",
     "resolve_path",
 ]
 
-MODEL_KINDS = ("auto", "seq2seq", "causal_lm", "bert2bert")
+ModelKind = Literal["auto", "seq2seq", "causal_lm", "bert2bert"]
+Task = Literal["summarisation", "translation", "lm"]
+MODEL_KINDS: tuple[str, ...] = typing.get_args(ModelKind)
+assert typing.get_args(Task) == TASKS
 DEMO_CONFIG = "demo.yaml"
 
 
@@ -46,41 +54,55 @@ class ConfigError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# the config schema
+# the config schema (pydantic dataclasses: keyword or positional construction, validated, frozen)
+
+_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
+Int = Annotated[int, Strict()]
+PositiveInt = Annotated[int, Strict(), Ge(1)]
+NonNegativeInt = Annotated[int, Strict(), Ge(0)]
+Float = Annotated[float, Strict()]
+Str = Annotated[str, Strict()]
 
 
-@dataclass(frozen=True)
+def _two_values(value: Any) -> Any:
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise PydanticCustomError("expected", "must be {expected}", {"expected": "a list of 2 values [low, high]"})
+    return value
+
+
+Range = Annotated[tuple[Float, Float], BeforeValidator(_two_values)]
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class ModelSection:
     """``path``: a local HF model directory (nothing is downloaded). ``kind``: ``seq2seq``,
     ``causal_lm``, ``bert2bert`` (warm-start an encoder-decoder from an encoder-only model, whose
-    cross-attention is newly initialised with ``seed``) or ``auto`` (from the model's config)."""
+    cross-attention is newly initialised with ``seed``) or ``auto`` (from the model's config).
+    ``gguf_file``: a GGUF file inside ``path`` to load the weights (and tokenizer) from."""
 
-    path: str
-    kind: str = "auto"
-    tokenizer: str | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.kind not in MODEL_KINDS:
-            raise ValueError(f"kind must be one of {', '.join(MODEL_KINDS)}, got {self.kind!r}")
+    path: Str
+    kind: ModelKind = "auto"
+    tokenizer: Str | None = None
+    seed: Int = 0
+    gguf_file: Str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class DataSection:
     """``train``: in-domain data the empirical prior is estimated on; ``dev``: what the knobs are tuned
     on; ``test``: name -> file of each test set. Files are JSONL/CSV/TSV or a ``save_to_disk`` directory."""
 
-    train: str
-    dev: str
-    test: dict[str, str]
-    source_column: str | None = None
-    target_column: str | None = None
-    max_source_len: int = 512
-    max_target_len: int = 128
-    lm_separator: str = "\n"
-    train_limit: int | None = None
-    dev_limit: int | None = None
-    test_limit: int | None = None
+    train: Str
+    dev: Str
+    test: dict[Str, Str]
+    source_column: Str | None = None
+    target_column: Str | None = None
+    max_source_len: PositiveInt = 512
+    max_target_len: PositiveInt = 128
+    lm_separator: Str = "\n"
+    train_limit: PositiveInt | None = None
+    dev_limit: PositiveInt | None = None
+    test_limit: PositiveInt | None = None
 
     def __post_init__(self) -> None:
         if not self.test:
@@ -88,50 +110,48 @@ class DataSection:
         for name in self.test:
             if not name or any(c in name for c in "/\\") or name.startswith("."):
                 raise ValueError(f"test set name {name!r} must be a plain file-name-safe word")
-        for name in ("max_source_len", "max_target_len", "train_limit", "dev_limit", "test_limit"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class PriorSection:
-    batch_size: int = 16
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+    batch_size: PositiveInt = 16
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
+class GenerationSection(GenerationArgs):
+    """:class:`nvib.evaluate.GenerationArgs`, validated: ``kwargs`` go to ``model.generate`` as they are."""
+
+    num_beams: PositiveInt = 1
+    max_new_tokens: PositiveInt = 64
+    batch_size: PositiveInt = 16
+    kwargs: dict[Str, Any] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class SearchSection:
     """``slices``: growing dev prefixes each trial is scored on (clipped to the dev size); ``ranges``:
     ``alpha_tau`` / ``stdev_tau`` (every kind) or a single knob such as ``alpha_tau_c`` -> [low, high];
     ``start_points``: knob dicts tried first (after the equivalence point); ``storage``: an Optuna
     storage URL (default: ``sqlite:///RUN_DIR/study.db``); ``metric``: default per task."""
 
-    n_trials: int = 30
-    slices: tuple[int, ...] = (32, 128)
-    metric: str | None = None
-    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
-    start_points: tuple[dict[str, float], ...] = ()
-    storage: str | None = None
-    study_name: str = "nvib"
-    seed: int = 0
-    timeout: float | None = None
-    n_startup_trials: int = 5
+    n_trials: NonNegativeInt = 30
+    slices: tuple[PositiveInt, ...] = (32, 128)
+    metric: Str | None = None
+    ranges: dict[Str, Range] = Field(default_factory=dict)
+    start_points: tuple[dict[Str, Float], ...] = ()
+    storage: Str | None = None
+    study_name: Str = "nvib"
+    seed: Int = 0
+    timeout: Annotated[float, Strict(), Gt(0)] | None = None
+    n_startup_trials: Int = 5
 
     def __post_init__(self) -> None:
-        if self.n_trials < 0:
-            raise ValueError(f"n_trials must be >= 0, got {self.n_trials}")
-        if not self.slices or any(s < 1 for s in self.slices) or sorted(set(self.slices)) != list(self.slices):
+        if not self.slices or sorted(set(self.slices)) != list(self.slices):
             raise ValueError(f"slices must be positive and strictly increasing, got {list(self.slices)}")
         for i, point in enumerate(self.start_points):
             unknown = sorted(set(point) - set(KNOBS))
             if unknown:
                 raise ValueError(f"start_points[{i}] has unknown knobs {unknown}; knobs: {', '.join(KNOBS)}")
-        if self.timeout is not None and self.timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
         self.space().validate()
 
     def space(self) -> SearchSpace:
@@ -149,38 +169,35 @@ class SearchSection:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class EvaluationSection:
-    bootstrap: int = 1000
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.bootstrap < 1:
-            raise ValueError(f"bootstrap must be >= 1 resamples, got {self.bootstrap}")
+    bootstrap: PositiveInt = 1000
+    seed: Int = 0
 
 
-@dataclass(frozen=True)
+_INTERNAL = ("base_dir", "source", "raw")
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class RunConfig:
     """A run: ``model``, ``task`` (summarisation / translation / lm), ``data``, and optional ``prior``,
     ``generation``, ``search``, ``evaluation`` sections and ``run_dir`` (relative to the working
     directory; default ``runs/<config file name>``)."""
 
     model: ModelSection
-    task: str
+    task: Task
     data: DataSection
     prior: PriorSection = PriorSection()
-    generation: GenerationArgs = GenerationArgs()
+    generation: GenerationSection = GenerationSection()
     search: SearchSection = SearchSection()
     evaluation: EvaluationSection = EvaluationSection()
-    run_dir: str | None = None
-    # not config keys: where relative paths start, and the file it came from
-    base_dir: Path = field(default=Path("."), metadata={"internal": True})
-    source: str = field(default="<config>", metadata={"internal": True})
-    raw: Mapping[str, Any] = field(default_factory=dict, metadata={"internal": True}, compare=False)
+    run_dir: Str | None = None
+    # not config keys (_INTERNAL): where relative paths start, the file it came from, the raw mapping
+    base_dir: SkipJsonSchema[Path] = Path(".")
+    source: SkipJsonSchema[str] = "<config>"
+    raw: SkipJsonSchema[dict[str, Any]] = dataclasses.field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.search.metric is not None and self.search.metric not in TASK_METRICS[self.task]:
             raise ValueError(
                 f"search.metric {self.search.metric!r} is not computed for task {self.task!r}; "
@@ -196,7 +213,15 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, raw: Any, base_dir: str | Path = ".", source: str = "<config>") -> RunConfig:
-        config = _build(cls, raw, "", source)
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{source}: the top level must be a mapping of keys to values, got {type(raw).__name__}")
+        for key in raw:
+            if key in _INTERNAL:
+                raise _unknown_key((key,), source)
+        try:
+            config = _ADAPTER.validate_python(raw)
+        except ValidationError as err:
+            raise _config_error(err, source) from None
         return dataclasses.replace(config, base_dir=Path(base_dir), source=source, raw=dict(raw))
 
     @classmethod
@@ -230,107 +255,133 @@ class RunConfig:
         return Path(self.run_dir) if self.run_dir else Path("runs") / Path(self.source).stem
 
 
-def describe_schema() -> str:
-    """The config keys with their defaults, one section a line (for ``--help``)."""
+_ADAPTER = TypeAdapter(RunConfig)
 
-    def keys(cls: type) -> str:
-        parts, types_ = [], typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.metadata.get("internal") or dataclasses.is_dataclass(types_[f.name]):
+
+def config_schema() -> dict[str, Any]:
+    """The JSON schema of a run config (for editors and ``nvib run --help``)."""
+    return _ADAPTER.json_schema()
+
+
+def describe_schema() -> str:
+    """The config keys with their defaults, one section a line (for ``--help``), from the JSON schema."""
+    schema = config_schema()
+    defs = schema.get("$defs", {})
+
+    def keys(section: dict[str, Any]) -> str:
+        parts, required = [], set(section.get("required", ()))
+        for name, prop in section["properties"].items():
+            if "$ref" in prop:
                 continue
-            if f.default is not dataclasses.MISSING:
-                parts.append(f"{f.name}={f.default!r}")
-            elif f.default_factory is not dataclasses.MISSING:
-                parts.append(f"{f.name}={f.default_factory()!r}")
+            if name in required:
+                parts.append(f"{name} (required)")
+            elif "default" in prop:
+                parts.append(f"{name}={prop['default']!r}")
             else:
-                parts.append(f"{f.name} (required)")
+                parts.append(f"{name}={{}}" if prop.get("type") == "object" else name)
         return ", ".join(parts)
 
-    hints = typing.get_type_hints(RunConfig)
-    lines = [f"top level: {keys(RunConfig)} (task: {', '.join(TASKS)})"]
-    for f in dataclasses.fields(RunConfig):
-        if dataclasses.is_dataclass(hints[f.name]):
-            lines.append(f"{f.name}: {keys(hints[f.name])}")
+    lines = [f"top level: {keys(schema)} (task: {', '.join(TASKS)})"]
+    for name, prop in schema["properties"].items():
+        if "$ref" in prop:
+            lines.append(f"{name}: {keys(defs[prop['$ref'].rsplit('/', 1)[-1]])}")
     return "\n".join(lines)
 
 
-def _build(cls: type, raw: Any, where: str, source: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, checking keys and value types; errors name the key."""
-    label = where or "the top level"
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{source}: {label} must be a mapping of keys to values, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    for key in raw:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(
-                f"{source}: unknown key {_join(where, key)!r}{hint}. Fix: valid keys "
-                f"{'in ' + where if where else 'at the top level'} are {', '.join(fields)}"
-            )
-    values = {}
-    for name, f in fields.items():
-        if name in raw:
-            values[name] = _value(hints[name], raw[name], _join(where, name), source)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{source}: missing key {_join(where, name)!r}. Fix: add it to the config")
-    try:
-        return cls(**values)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"{source}: {label}: {err}") from None
+# ----------------------------------------------------------------------------------------------
+# pydantic errors -> one line naming the key and the fix
+
+_EXPECTED = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a finite number",
+    "float_parsing": "a finite number",
+    "finite_number": "a finite number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "a string",
+    "dict_type": "a mapping",
+    "tuple_type": "a list",
+    "list_type": "a list",
+    "dataclass_type": "a mapping of keys to values",
+    "dataclass_exact_type": "a mapping of keys to values",
+}
 
 
-def _join(where: str, key: Any) -> str:
-    return f"{where}.{key}" if where else str(key)
+def _where(loc: tuple[Any, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
 
 
-def _value(tp: Any, value: Any, where: str, source: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where, source)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+def _annotation_at(loc: tuple[Any, ...]) -> Any:
+    """The schema type at ``loc`` (None where the schema has no such key)."""
+    tp: Any = RunConfig
+    for part in loc:
+        while True:  # unwrap Annotated[...] and X | None
+            if typing.get_origin(tp) is Annotated:
+                tp = typing.get_args(tp)[0]
+            elif typing.get_origin(tp) in (typing.Union, types.UnionType):
+                tp = next(a for a in typing.get_args(tp) if a is not type(None))
+            else:
+                break
+        if dataclasses.is_dataclass(tp):
+            tp = typing.get_type_hints(tp, include_extras=True).get(str(part))
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        elif typing.get_origin(tp) is tuple:
+            args = typing.get_args(tp)
+            tp = args[0] if len(args) == 2 and args[1] is Ellipsis else args[int(part)]
+        else:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _value(inner, value, where, source)
+    return tp
 
-    def bad(expected: str) -> ConfigError:
+
+def _keys_of(loc: tuple[Any, ...]) -> list[str]:
+    tp = _annotation_at(loc)
+    if not dataclasses.is_dataclass(tp):
+        return []
+    return [f.name for f in dataclasses.fields(tp) if not (tp is RunConfig and f.name in _INTERNAL)]
+
+
+def _unknown_key(loc: tuple[Any, ...], source: str) -> ConfigError:
+    where, valid = _where(loc[:-1]), _keys_of(loc[:-1])
+    close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(
+        f"{source}: unknown key {_where(loc)!r}{hint}. Fix: valid keys "
+        f"{'in ' + where if where else 'at the top level'} are {', '.join(valid)}"
+    )
+
+
+def _config_error(err: ValidationError, source: str) -> ConfigError:
+    """The first error of ``err`` as one line: where, what was expected, what was given, the fix."""
+    e = err.errors(include_url=False)[0]
+    kind, loc, value = e["type"], tuple(e["loc"]), e.get("input")
+    where, ctx = _where(loc), e.get("ctx") or {}
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        return _unknown_key(loc, source)
+    if kind == "missing":
+        if loc and isinstance(loc[-1], int):  # a fixed-length list too short
+            return ConfigError(f"{source}: {_where(loc[:-1])} must be a list of {loc[-1] + 1} or more values")
+        return ConfigError(f"{source}: missing key {where!r}. Fix: add it to the config")
+    if kind == "value_error":  # a check across keys in a section's __post_init__
+        message = str(ctx.get("error", e["msg"]))
+        return ConfigError(f"{source}: {where or 'the top level'}: {message}")
+    if kind == "literal_error":
+        choices = typing.get_args(_annotation_at(loc))
+        return ConfigError(f"{source}: {where} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    if kind in ("greater_than_equal", "greater_than"):
+        bound = ">=" if kind == "greater_than_equal" else ">"
+        return ConfigError(f"{source}: {where} must be {bound} {ctx.get('ge', ctx.get('gt'))}, got {value!r}")
+    expected = ctx.get("expected") if kind == "expected" else _EXPECTED.get(kind)
+    if expected is not None:
+        if expected.startswith("a mapping of keys"):
+            return ConfigError(f"{source}: {where or 'the top level'} must be {expected}, got {type(value).__name__}")
         return ConfigError(f"{source}: {where} must be {expected}, got {value!r}")
-
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad("true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("an integer")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise bad("a finite number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise bad("a string")
-        return value
-    if origin in (dict, Mapping):
-        if not isinstance(value, Mapping):
-            raise bad("a mapping")
-        return {str(k): _value(args[1], v, _join(where, k), source) for k, v in value.items()}
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise bad("a list")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_value(args[0], v, f"{where}[{i}]", source) for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise bad(f"a list of {len(args)} values")
-        return tuple(_value(a, v, f"{where}[{i}]", source) for i, (a, v) in enumerate(zip(args, value, strict=True)))
-    raise TypeError(f"config type {tp} is not supported")  # a schema bug, not a user error
+    return ConfigError(f"{source}: {where or 'the top level'}: {e['msg']}")  # any other pydantic check
 
 
 def resolve_path(value: str | Path, base_dir: str | Path = ".") -> Path:
