@@ -116,7 +116,7 @@ def estimate_prior(
         n_batches = len(chosen)
     kind = batch_kind(model)
     it = batches(examples, tokenizer, batch_size, max_source_len, max_target_len, kind, lm_separator=lm_separator)
-    return EmpiricalPrior.estimate(model, it, data=description, total=n_batches, progress=progress)
+    return EmpiricalPrior.estimate(model, it, data=description, total=n_batches, progress=progress, shard=shard)
 
 
 def prior_stats(prior: EmpiricalPrior) -> dict[str, dict[str, Any]]:
