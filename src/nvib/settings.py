@@ -24,6 +24,7 @@ from pydantic.dataclasses import dataclass
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
+from nvib.config import bounds
 from nvib.evaluate import DEFAULT_OBJECTIVE, TASK_METRICS, TASKS, GenerationArgs
 from nvib.search import KNOBS, SearchSpace
 
@@ -152,7 +153,16 @@ class SearchSection:
             unknown = sorted(set(point) - set(KNOBS))
             if unknown:
                 raise ValueError(f"start_points[{i}] has unknown knobs {unknown}; knobs: {', '.join(KNOBS)}")
-        self.space().validate()
+        space = self.space()
+        space.validate()
+        for knob in KNOBS:  # every value the search may try must be a valid NVConfig
+            low, high, closed = bounds(knob)
+            lo, hi = space.range(knob)
+            if not (low <= lo if closed else low < lo) or hi > high:
+                raise ValueError(
+                    f"ranges for {knob} ({lo:g}, {hi:g}) leave the knob's valid range "
+                    f"{'[' if closed else '('}{low:g}, {high:g}]. Fix: narrow search.ranges"
+                )
 
     def space(self) -> SearchSpace:
         ranges = dict(self.ranges)
