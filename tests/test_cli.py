@@ -189,6 +189,14 @@ def test_error_bad_config_values(model_dir: Path, tmp_path: Path, section: dict,
     assert_user_error(invoke("run", config, "--no-progress"), message)
 
 
+def test_schema_command_prints_the_config_schema() -> None:
+    result = invoke("schema")
+    assert result.exit_code == 0, result.output
+    schema = json.loads(result.output)
+    assert schema["additionalProperties"] is False and set(schema["required"]) == {"model", "task", "data"}
+    assert "nvib schema" in " ".join(invoke("run", "--help").output.split())
+
+
 def test_error_missing_files(model_dir: Path, tmp_path: Path) -> None:
     assert_user_error(invoke("run", tmp_path / "nope.yaml"), "no config file at", "Fix:")
     assert_user_error(

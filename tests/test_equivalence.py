@@ -248,7 +248,7 @@ def test_errors():
 
     with pytest.raises(ValueError, match="finite"):
         nvib.NVConfig(alpha_tau_e=float("nan"))
-    with pytest.raises(ValueError, match=">= 0"):
+    with pytest.raises(ValueError, match=r"stdev_tau_c must be in \[0, 100\], got -0.1"):
         nvib.NVConfig(stdev_tau_c=-0.1)
     vit = tf.ViTModel(tf.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64))
     with pytest.raises(nvib.UnsupportedModelError, match="supported model types: bart"):

@@ -1,19 +1,24 @@
-"""nvib.pipeline and nvib.evaluate: the config schema, the cached search objective, the lm task, the demo."""
+"""Run config schema, model loading, the run; nvib.evaluate: the cached search objective, the lm task, the demo."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
-from runs import DEMO_DATA, run_config, save_tiny_model, write_config
+import torch
+import transformers
+from runs import DEMO_DATA, run_config, save_tiny_gguf, save_tiny_model, write_config
 
 import nvib
 from nvib.data import load_examples
 from nvib.evaluate import DevObjective, Evaluator, GenerationArgs
-from nvib.pipeline import ConfigError, ModelSection, Run, RunConfig, load_model, resolve_path
+from nvib.models import load_model
+from nvib.run import Run
+from nvib.settings import ConfigError, ModelSection, RunConfig, config_schema, describe_schema, resolve_path
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +66,64 @@ def test_config_errors_name_the_key(models, tmp_path: Path) -> None:
     bad.write_text("model: {path: x\ntask: lm\n")
     with pytest.raises(ConfigError, match=r"not valid YAML at line"):
         RunConfig.load(bad)
+
+
+def test_config_errors_locate_nested_values(models) -> None:
+    raw = run_config(models["seq2seq"])
+    cases = [
+        ({"search": {"start_points": [{"alpha_tau_e": 0}, {"alpha_tau_e": "x"}]}},
+         "search.start_points[1].alpha_tau_e must be a finite number, got 'x'"),
+        ({"search": {"ranges": {"alpha_tau": [0, math.nan]}}}, "search.ranges.alpha_tau[1] must be a finite number"),
+        ({"prior": {"batch_size": True}}, "prior.batch_size must be an integer, got True"),
+        ({"prior": {"batch_size": 0}}, "prior.batch_size must be >= 1, got 0"),
+        ({"model": {"path": "x", "kind": "gpt"}}, "model.kind must be one of auto, seq2seq, causal_lm, bert2bert"),
+        ({"model": {"path": "x", "gguf": "m.gguf"}}, "unknown key 'model.gguf' (did you mean 'gguf_file'?)"),
+        ({"evaluation": None}, "evaluation must be a mapping of keys to values, got NoneType"),
+        ({"search": {"ranges": {"alpha_tau": [-1e4, 0]}}}, "alpha_tau_e (-10000, 0) leave the knob's valid range"),
+        ({"base_dir": "/"}, "unknown key 'base_dir'. Fix: valid keys at the top level are model, task,"),
+    ]  # fmt: skip
+    for override, message in cases:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            RunConfig.from_dict({**raw, **override})
+    with pytest.raises(ConfigError, match="the top level must be a mapping of keys to values, got list"):
+        RunConfig.from_dict([raw])
+
+
+def test_config_json_schema() -> None:
+    schema = config_schema()
+    sections = {name: schema["$defs"][p["$ref"].rsplit("/", 1)[-1]] for name, p in schema["properties"].items()
+                if "$ref" in p}  # fmt: skip
+    assert set(sections) == {"model", "data", "prior", "generation", "search", "evaluation"}
+    assert schema["additionalProperties"] is False
+    assert all(s["additionalProperties"] is False for s in sections.values())
+    assert set(schema["required"]) == {"model", "task", "data"} and "base_dir" not in schema["properties"]
+    assert schema["properties"]["task"]["enum"] == ["summarisation", "translation", "lm"]
+    assert sections["model"]["required"] == ["path"] and "gguf_file" in sections["model"]["properties"]
+    assert sections["prior"]["properties"]["batch_size"]["minimum"] == 1
+    text = describe_schema()
+    assert "model: path (required), kind='auto'" in text and "gguf_file=None" in text
+
+
+def test_gguf_file_loads_the_model_and_tokenizer(tmp_path: Path) -> None:
+    pytest.importorskip("gguf")
+    directory, reference = save_tiny_gguf(tmp_path / "gguf")
+    model, tokenizer = load_model(ModelSection(str(directory), gguf_file="tiny.gguf"), "lm")
+    assert isinstance(model, transformers.GPT2LMHeadModel) and not model.training
+    ids = tokenizer("a test", return_tensors="pt").input_ids
+    assert ids[0, 1].item() == 256  # the merge " t" of the file's BPE
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=1e-6)
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>"
+    nvib.convert(model)
+    nvib.save(model, tmp_path / "nv", tokenizer)  # the dequantised model saves like any other
+    assert nvib.load(tmp_path / "nv").nv_config == nvib.NVConfig()
+
+
+def test_gguf_file_is_checked_before_loading(models, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"no GGUF file 'm.gguf' in .* Fix: set model.gguf_file"):
+        load_model(ModelSection(str(tmp_path), kind="causal_lm", gguf_file="m.gguf"))
+    with pytest.raises(FileNotFoundError, match="no GGUF file"):
+        load_model(ModelSection(str(models["causal_lm"]), gguf_file="../causal_lm/config.json"))
 
 
 def test_search_ranges_map_to_space(models) -> None:

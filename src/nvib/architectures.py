@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterator
 
 from torch import nn
+from transformers import PretrainedConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +134,10 @@ class UnsupportedModelError(ValueError):
     pass
 
 
+def _with_cross() -> list[str]:
+    return sorted(name for name, arch in ARCHITECTURES.items() if "cross" in arch.sites)
+
+
 def architecture_of(config, model: nn.Module | None = None) -> Architecture:
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:
@@ -159,7 +164,12 @@ def _fused_projection(model: nn.Module | None) -> str | None:
 
 def _parts(model: nn.Module) -> Iterator[tuple[str, object, str | None]]:
     """(module-name prefix, config, forced kind of 'self' sites) for each sub-model."""
-    config = model.config
+    config = getattr(model, "config", None)
+    if not isinstance(config, PretrainedConfig):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a transformers model (it has no PretrainedConfig at .config); "
+            f"nvib converts transformers models of the types {', '.join(SUPPORTED)}"
+        )
     if config.model_type == "encoder-decoder":  # EncoderDecoderModel: two HF models side by side
         yield "encoder.", config.encoder, "encoder"
         yield "decoder.", config.decoder, "decoder"
@@ -173,6 +183,12 @@ def find_sites(model: nn.Module) -> list[Site]:
     modules = dict(model.named_modules())
     for prefix, config, forced in _parts(model):
         arch = architecture_of(config, model)
+        if getattr(config, "add_cross_attention", False) and "cross" not in arch.sites:
+            raise UnsupportedModelError(
+                f"the {config.model_type!r} {'decoder' if prefix else 'model'} has cross-attention, which nvib "
+                f"does not convert for {config.model_type!r} (its cross knobs would do nothing); "
+                f"decoders with cross-attention: {', '.join(_with_cross())}"
+            )
         self_kind = forced or ("decoder" if getattr(config, "is_decoder", False) else "encoder")
         for name, module in modules.items():
             if not name.startswith(prefix):

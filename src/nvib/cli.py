@@ -7,6 +7,7 @@ line with the fix, exit code 2, no traceback. Ctrl-C exits with 130; rerunning r
 from __future__ import annotations
 
 import functools
+import json
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -15,16 +16,10 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from nvib.pipeline import (
-    ModelSection,
-    Run,
-    RunConfig,
-    describe_schema,
-    estimate_prior,
-    load_model,
-    parse_shard,
-)
+from nvib.models import load_model
 from nvib.prior import EmpiricalPrior
+from nvib.run import Run, estimate_prior, parse_shard
+from nvib.settings import ModelSection, RunConfig, config_schema, describe_schema
 
 app = typer.Typer(
     name="nvib",
@@ -85,8 +80,8 @@ def main(
 
 CONFIG_HELP = (
     "\b\nRun config keys (YAML or TOML; paths relative to the config file, package:NAME/sub = a path inside "
-    "an installed package; `nvib demo` runs demo_data/demo.yaml of the nvib package, a commented example):\n"
-    + describe_schema()
+    "an installed package; `nvib demo` runs demo_data/demo.yaml of the nvib package, a commented example; "
+    "`nvib schema` prints the JSON schema):\n" + describe_schema()
 )
 
 ConfigArg = Annotated[Path, typer.Argument(help="Run config file (.yaml or .toml).", show_default=False)]
@@ -149,7 +144,7 @@ def prior_cmd(
 ) -> None:
     """Estimate the empirical prior of a model on in-domain data (one streaming pass, exact statistics)."""
     from nvib.data import load_examples
-    from nvib.pipeline import describe_data
+    from nvib.run import describe_data
 
     shard_spec = parse_shard(shard)
     console = _console()
@@ -250,6 +245,12 @@ def run_cmd(
     run = _run(run_config, run_dir, n_trials, progress)
     run.all()
     _console().print(f"done: {run.dir}")
+
+
+@app.command("schema")
+def schema_cmd() -> None:
+    """Print the JSON schema of run config files (for editors: YAML/TOML language servers validate with it)."""
+    typer.echo(json.dumps(config_schema(), indent=2))
 
 
 @app.command("demo")

@@ -10,6 +10,20 @@ from pathlib import Path
 KINDS = ("encoder", "cross", "decoder")
 SUFFIX = {"encoder": "e", "cross": "c", "decoder": "d"}
 
+#: Knob prefix -> (low, high, whether low itself is allowed): ranges inside which every term of spec §3-6
+#: stays finite in float32 and bfloat16 (tests/test_bad_input.py::test_knob_bounds_keep_outputs_finite).
+BOUNDS: dict[str, tuple[float, float, bool]] = {
+    "alpha_tau": (-1e3, 1e3, True),
+    "stdev_tau": (0.0, 1e2, True),
+    "mu_tau": (0.0, 10.0, False),
+    "alpha_scale_min": (0.0, 1e3, True),
+}
+
+
+def bounds(name: str) -> tuple[float, float, bool] | None:
+    """(low, high, low allowed) of a knob such as ``alpha_tau_c`` or ``mu_tau``; None if it has no bounds."""
+    return BOUNDS.get(name, BOUNDS.get(name.rsplit("_", 1)[0]))
+
 
 @dataclasses.dataclass(frozen=True)
 class NVConfig:
@@ -41,12 +55,13 @@ class NVConfig:
                 raise ValueError(f"NVConfig.{field.name} must be a number, got {value!r}")
             if not math.isfinite(value):
                 raise ValueError(f"NVConfig.{field.name} must be finite, got {value}; pass a real number")
-            if field.name == "alpha_scale_min" and value < 0:
-                raise ValueError(f"NVConfig.alpha_scale_min is a floor on ς and must be >= 0, got {value}")
-            if field.name.startswith("stdev_tau") and value < 0:
-                raise ValueError(
-                    f"NVConfig.{field.name} is a width in prior standard deviations and must be >= 0, got {value}"
-                )
+            if (bound := bounds(field.name)) is not None:
+                low, high, closed = bound
+                if not (low <= value if closed else low < value) or value > high:
+                    raise ValueError(
+                        f"NVConfig.{field.name} must be in {'[' if closed else '('}{low:g}, {high:g}], got {value:g}"
+                        f"{'; it is a width in prior standard deviations' if field.name.startswith('stdev') else ''}"
+                    )
 
     def alpha_tau(self, kind: str) -> float:
         return getattr(self, f"alpha_tau_{SUFFIX[kind]}")

@@ -35,11 +35,29 @@ def convert(
     `prior` is an `EmpiricalPrior` (§7); without one every site gets the default prior.
     `per_token_variance` gives every layer a trainable W_σ (zero at first, so the model is unchanged); its
     evaluation then takes the general form of spec §4, which costs more than the fast form (§6).
+    Every argument is checked before the model is touched, and on any error the model is left as it was.
     """
+    from nvib.prior import EmpiricalPrior
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"nvib.convert expects a transformers model (torch nn.Module), got {type(model).__name__}")
     if is_converted(model):
         raise ValueError("this model is already an NV model; use nvib.configure to change its knobs")
+    if config is not None and not isinstance(config, NVConfig):
+        hint = f"nvib.NVConfig(**{config!r})" if isinstance(config, dict) else "nvib.NVConfig(...)"
+        raise TypeError(f"nvib.convert expects an nvib.NVConfig, got {type(config).__name__}. Fix: pass {hint}")
+    if prior is not None and not isinstance(prior, EmpiricalPrior):
+        raise TypeError(
+            f"nvib.convert expects prior=nvib.EmpiricalPrior, got {type(prior).__name__}. "
+            "Fix: EmpiricalPrior.load(path) or EmpiricalPrior.estimate(model, batches)"
+        )
     with torch.inference_mode(False):  # NV parameters must stay trainable and re-configurable afterwards
-        return _convert(model, config, prior, per_token_variance)
+        sites, layers = _build_layers(model, prior, per_token_variance)
+        try:
+            return _install(model, config or NVConfig(), prior, sites, layers)
+        except BaseException:
+            _rollback(model, sites)
+            raise
 
 
 def _path(site: Site):
@@ -58,8 +76,8 @@ def _new_layer(site: Site, per_token_variance: bool) -> NVIBLayer | keyspace.Key
     return keyspace.KeySpaceLayer(site.name, site.kind, *keyspace.site_shape(site), site.noise)
 
 
-def _convert(model: nn.Module, config: NVConfig | None, prior, per_token_variance: bool) -> nn.Module:
-    config = config or NVConfig()
+def _build_layers(model: nn.Module, prior, per_token_variance: bool) -> tuple[list[Site], dict[str, nn.Module]]:
+    """The sites and their new NV layers (with the prior set), without touching the model."""
     sites = find_sites(model)
     param = next(model.parameters())
     layers: dict[str, NVIBLayer | keyspace.KeySpaceLayer] = {}
@@ -72,14 +90,18 @@ def _convert(model: nn.Module, config: NVConfig | None, prior, per_token_varianc
         for name, layer in layers.items():
             s = prior.sites[name]
             layer.set_prior(s.mean, s.var, s.log_alpha_mean, s.log_alpha_std, s.value_mean)
+    return sites, layers
+
+
+def _install(model: nn.Module, config: NVConfig, prior, sites: list[Site], layers: dict[str, nn.Module]) -> nn.Module:
     path = _path(sites[0])
     path.register()
     model.add_module(LAYERS, nn.ModuleDict({n.replace(".", "_"): layer for n, layer in layers.items()}))
-    for site in sites:
-        _path(site).install(site, layers[site.name])
     model.__dict__["_nv_sites"] = sites
     model.__dict__["nv_prior"] = prior
-    model.__dict__["_nv_attn_original"] = _select_attention(model, path.ATTN_NAME)
+    _select_attention(model, path.ATTN_NAME)
+    for site in sites:
+        _path(site).install(site, layers[site.name])
     configure(model, config)
     _warn_visible_prior(layers.values(), config)
     return model
@@ -98,8 +120,20 @@ def _warn_visible_prior(layers, config: NVConfig, at_least: float = 1e-3) -> Non
             f"at alpha_tau >= 10 the prior keeps a visible weight at {len(visible)} site(s), relative to an average "
             f"in-domain token: {worst}; the NV model differs from the pretrained one there (spec §11): raise "
             "alpha_tau or alpha_scale_min for an exact equivalence",
-            stacklevel=3,
+            stacklevel=4,  # the caller of nvib.convert
         )
+
+
+def _rollback(model: nn.Module, sites: list[Site]) -> None:
+    """Undo a partial `_install`: the model is as it was before `convert`."""
+    for site in sites:
+        if "_nv_slot" in site.module.__dict__:
+            _path(site).uninstall(site)
+    model._modules.pop(LAYERS, None)
+    for config, implementation in model.__dict__.pop("_nv_attn_original", ()):
+        config._attn_implementation = implementation
+    for key in ("_nv_sites", "nv_prior", "nv_config"):
+        model.__dict__.pop(key, None)
 
 
 def enable_per_token_variance(model: nn.Module) -> nn.Module:
@@ -119,19 +153,18 @@ def enable_per_token_variance(model: nn.Module) -> nn.Module:
     return model
 
 
-def _select_attention(model: nn.Module, name: str) -> list[tuple[PretrainedConfig, str]]:
+def _select_attention(model: nn.Module, name: str) -> None:
     """Select attention `name` on every config the model's modules read (sub-models may hold their own
-    copies, e.g. inside a deep-copied EncoderDecoderModel); returns what to restore."""
+    copies, e.g. inside a deep-copied EncoderDecoderModel); what to restore is kept on the model first."""
     configs = {id(model.config): model.config}
     for module in model.modules():
         config = getattr(module, "config", None)
         if isinstance(config, PretrainedConfig):
             configs.setdefault(id(config), config)
-    original = [(c, c._attn_implementation) for c in configs.values()]
+    model.__dict__["_nv_attn_original"] = [(c, c._attn_implementation) for c in configs.values()]
     model.set_attn_implementation(name)
     for config in configs.values():
         config._attn_implementation = name
-    return original
 
 
 def configure(model: nn.Module, config: NVConfig) -> nn.Module:

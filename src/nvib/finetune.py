@@ -616,7 +616,8 @@ def _load_for_finetuning(path: Path, kind: str, seed: int):
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
         return model, tokenizer, True
-    from nvib.pipeline import ModelSection, load_model
+    from nvib.models import load_model
+    from nvib.settings import ModelSection
 
     model, tokenizer = load_model(ModelSection(str(path), kind=kind, seed=seed))
     return model, tokenizer, False
