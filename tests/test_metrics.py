@@ -10,10 +10,14 @@ import sacrebleu
 from rouge_score import rouge_scorer
 
 from nvib.metrics import (
+    LOWER_IS_BETTER,
     METRICS,
+    NLL,
     BootstrapResult,
+    Diversity,
     bleu,
     chrf,
+    diversity,
     get_metric,
     paired_bootstrap,
     rouge,
@@ -68,7 +72,7 @@ def test_bleu_chrf_match_sacrebleu() -> None:
     assert bleu(PREDS_B, REFS) > bleu(PREDS_A, REFS)
 
 
-@pytest.mark.parametrize("name", list(METRICS))
+@pytest.mark.parametrize("name", [m for m in METRICS if m not in LOWER_IS_BETTER])  # text metrics
 def test_sufficient_statistics_reproduce_corpus_score(name: str) -> None:
     direct = {
         "rouge1": lambda p, r: rouge(p, r)["rouge1"],
@@ -160,3 +164,42 @@ def test_bootstrap_argument_checks() -> None:
         paired_bootstrap(bleu, PREDS_A, PREDS_B, REFS, n=0)
     with pytest.raises(ValueError, match="predictions but"):
         paired_bootstrap(bleu, PREDS_A[:2], PREDS_B, REFS)
+
+
+# ----------------------------------------------------------------------------------------------
+# likelihood metrics and diversity
+
+
+def test_nll_and_perplexity_are_token_weighted() -> None:
+    rows = [(3.0, 2), (1.0, 1), (8.0, 5)]  # (summed NLL, tokens)
+    refs = ["x"] * 3
+    assert get_metric("nll")(rows, refs) == pytest.approx(12 / 8)
+    assert get_metric("perplexity")(rows, refs) == pytest.approx(np.exp(12 / 8))
+    assert LOWER_IS_BETTER == {"nll", "perplexity"}
+    b = paired_bootstrap(NLL, rows, [(2.0, 2), (1.0, 1), (4.0, 5)], refs, n=50)
+    assert b.delta == pytest.approx(7 / 8 - 12 / 8)
+    with pytest.raises(ValueError, match="summed NLL, token count"):
+        NLL(["a prediction"], ["x"])
+
+
+def test_diversity_by_hand() -> None:
+    preds = ["a b c", "a b c", " a b c ", "a b d", "x"]
+    d = diversity(preds)
+    # distinct: {"a b c", "a b d", "x"} = 3 of 5; most frequent "a b c" 3 of 5
+    assert (d.n, d.distinct, d.top_share) == (5, 3 / 5, 3 / 5)
+    # bigrams: (a b)(b c) ×3, (a b)(b d): 8 in all, distinct {ab, bc, bd} = 3
+    assert d.distinct_2 == pytest.approx(3 / 8)
+    assert diversity(["one", "two"]).distinct_2 == 0.0  # no bigrams at all
+    assert diversity(["same"] * 4).as_dict() == {"n": 4, "distinct": 0.25, "top_share": 1.0, "distinct_2": 0.0}
+    with pytest.raises(ValueError, match="no predictions"):
+        diversity([])
+
+
+def test_diversity_below_reference() -> None:
+    ref = Diversity(n=10, distinct=1.0, top_share=0.1, distinct_2=0.8)
+    assert Diversity(10, 0.5, 0.2, 0.4).below(ref) is None  # exactly half is allowed
+    reason = Diversity(10, 0.3, 0.7, 0.6).below(ref)
+    assert reason == "less diverse than the reference: distinct 0.300 < 0.5 × 1.000"
+    assert "distinct-2 0.100 < 0.5 × 0.800" in Diversity(10, 0.9, 0.1, 0.1).below(ref)
+    with pytest.raises(ValueError, match="ratio must be in"):
+        ref.below(ref, 0)

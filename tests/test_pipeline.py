@@ -45,7 +45,7 @@ def test_config_from_yaml_and_toml_agree(models, tmp_path: Path) -> None:
     )
     from_toml = RunConfig.load(toml)
     assert from_toml == dataclasses.replace(from_yaml, source=str(toml))
-    assert from_yaml.search.slices == (4, 8) and from_yaml.metric == "rougeL"
+    assert from_yaml.search.slices == (4, 8) and from_yaml.metric == "nll"  # the likelihood objective by default
     assert from_yaml.default_run_dir() == Path("runs/run")
 
 
@@ -164,21 +164,29 @@ def test_objective_caches_per_knobs_and_example(models) -> None:
     evaluator = Evaluator(model, tokenizer, "summarisation", GenerationArgs(max_new_tokens=4, batch_size=4),
                           max_source_len=32, max_target_len=12)  # fmt: skip
     dev = load_examples(DEMO_DATA / "dev.jsonl", limit=8)
-    objective = DevObjective(evaluator, dev, "rougeL")
+    objective = DevObjective(evaluator, dev, "rougeL", min_diversity=None)
     knobs = {"alpha_tau_e": -2.0, "stdev_tau_c": 0.1}
-    value4, tokens4 = objective(knobs, 4)
-    assert objective.n_generated == 4 and tokens4 > 0
-    value8, _ = objective(dict(knobs), 8)
+    first = objective(knobs, 4)
+    assert objective.n_generated == 4 and first.n_tokens > 0
+    value8 = objective(dict(knobs), 8).value
     assert objective.n_generated == 8  # only examples 4..7 were new
-    assert objective(knobs, 8) == (value8, 0)
-    assert objective(knobs, 4) == (value4, 0)
+    assert (objective(knobs, 8).value, objective(knobs, 8).n_tokens) == (value8, 0)
+    assert (objective(knobs, 4).value, objective(knobs, 4).n_tokens) == (first.value, 0)
+    assert objective(knobs, 4).attrs["diversity"]["n"] == 4
     objective({"alpha_tau_e": 0.0}, 4)
     assert objective.n_generated == 12
     # the cached outputs are those a fresh evaluation of the same knobs gives
     nvib.configure(model, nvib.NVConfig(**knobs))
     fresh = evaluator.outputs(dev)
-    key = tuple(sorted(knobs.items()))
-    assert [objective.cache[key][i] for i in range(8)] == fresh
+    cached = objective.outputs(knobs, 8)[0]
+    assert [o.prediction for o in cached] == [o.prediction for o in fresh]
+    # the likelihood objective (the default) only scores: its value is minus the mean token NLL of the same
+    # teacher-forced pass the evaluation makes
+    likelihood = DevObjective(evaluator, dev)
+    assert likelihood.metric_name == "nll"
+    result = likelihood(knobs, 8)
+    assert result.n_tokens == 0 and likelihood.n_generated == 8
+    assert -result.value == pytest.approx(sum(o.nll for o in fresh) / sum(o.nll_tokens for o in fresh), rel=1e-9)
 
 
 def test_decoder_only_generation_strips_prompt(models) -> None:

@@ -9,6 +9,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from nvib.objectives import TrialResult
 from nvib.search import (
     KNOBS,
     SearchSpace,
@@ -16,6 +17,7 @@ from nvib.search import (
     equivalence_point,
     knob_names,
     run_search,
+    sampler_seed,
 )
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -242,3 +244,36 @@ def test_argument_checks() -> None:
         run_search(peaked, {"encoder"}, n_trials=1, storage=None, study_name="a", slices=[8, 4], progress=False)
     with pytest.raises(ValueError, match="no complete trial"):
         best_knobs(optuna.create_study())
+
+
+def test_rejected_trials_are_pruned_with_their_reason() -> None:
+    """The unconstrained optimum (alpha_tau_e = -3) is rejected: the best trial must be a permitted one."""
+
+    def objective(knobs: dict[str, float], n: int) -> TrialResult:
+        value = peaked(knobs, n)
+        reject = "too uniform" if knobs["alpha_tau_e"] < 0 and n == 16 else None
+        return TrialResult(value, 7, {"diversity": {"distinct": 0.1 if reject else 1.0}}, reject)
+
+    study = run_search(
+        objective, {"encoder"}, n_trials=30, storage=None, study_name="r", slices=[8, 16], progress=False
+    )
+    rejected = [t for t in study.trials if "pruned_reason" in t.user_attrs]
+    assert rejected and all(t.state == TrialState.PRUNED for t in rejected)
+    assert all(t.user_attrs["pruned_reason"] == "[16 examples] too uniform" for t in rejected)
+    assert all(t.user_attrs["diversity"] == {"distinct": 0.1} for t in rejected)
+    assert all(t.params["alpha_tau_e"] < 0 for t in rejected)
+    assert best_knobs(study)["alpha_tau_e"] >= 0
+    assert study.best_trial.user_attrs["n_tokens"] == 14 and study.best_trial.user_attrs["diversity"]["distinct"] == 1
+
+
+def test_sampler_seed_per_domain() -> None:
+    seeds = {sampler_seed(name) for name in ("debian", "docstrings", "wiki", "wikipara")}
+    assert len(seeds) == 4 and all(0 <= s < 2**31 for s in seeds)
+    assert sampler_seed("wiki") == sampler_seed("wiki") != sampler_seed("wiki", 1)
+    # different seeds -> different TPE candidates (the failure mode: every domain tried the same points)
+    first = [
+        run_search(peaked, {"encoder"}, n_trials=4, storage=None, study_name=d, slices=[1], progress=False,
+                   seed=sampler_seed(d)).trials[1].params
+        for d in ("docstrings", "wiki")
+    ]  # fmt: skip
+    assert first[0] != first[1]

@@ -1,9 +1,11 @@
 """Generate, score and compare: the unconverted model, the NV model at equivalence and the tuned NV model.
 
 Tasks and their metrics: ``summarisation`` -> ROUGE-1/2/L (rouge-score, stemmed), ``translation`` ->
-sacreBLEU BLEU and chrF, ``lm`` -> teacher-forced perplexity (token-weighted over the whole set). Every
-metric is a :class:`nvib.metrics.CorpusMetric`, so paired bootstrap intervals come from per-example
-statistics; for perplexity the per-example "outputs" are ``(summed NLL, token count)`` rows.
+sacreBLEU BLEU and chrF, both also the mean token NLL of the references under teacher forcing (``nll``);
+``lm`` -> teacher-forced perplexity (token-weighted over the whole set). Every metric is a
+:class:`nvib.metrics.CorpusMetric`, so paired bootstrap intervals come from per-example statistics; for the
+likelihood metrics the per-example "outputs" are ``(summed NLL, token count)`` rows. Generated outputs also
+get their :class:`nvib.metrics.Diversity` recorded.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
@@ -25,12 +26,23 @@ from nvib.config import NVConfig
 from nvib.convert import configure, convert, is_converted, unload
 from nvib.data import DataError, Example, batches
 from nvib.diagnostics import record_prior_mass
-from nvib.metrics import CorpusMetric, get_metric, paired_bootstrap
+from nvib.metrics import (
+    LIKELIHOOD_METRICS,
+    LOWER_IS_BETTER,
+    PERPLEXITY,
+    CorpusMetric,
+    diversity,
+    get_metric,
+    paired_bootstrap,
+)
+from nvib.objectives import DEFAULT_MAX_LOGITS, DevObjective, target_nll
 
 __all__ = [
     "TASKS",
     "TASK_METRICS",
     "VARIANTS",
+    "DEFAULT_OBJECTIVE",
+    "LOWER_IS_BETTER",
     "DevObjective",
     "Evaluation",
     "Evaluator",
@@ -43,27 +55,19 @@ __all__ = [
 
 TASKS = ("summarisation", "translation", "lm")
 TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "summarisation": ("rouge1", "rouge2", "rougeL"),
-    "translation": ("bleu", "chrf"),
+    "summarisation": ("rouge1", "rouge2", "rougeL", "nll"),
+    "translation": ("bleu", "chrf", "nll"),
     "lm": ("perplexity",),
 }
-#: The metric the knob search optimises unless the run config names another.
-DEFAULT_OBJECTIVE = {"summarisation": "rougeL", "translation": "bleu", "lm": "perplexity"}
-#: Metrics where lower is better: the search maximises their negative.
-LOWER_IS_BETTER = frozenset({"perplexity"})
+#: The metric the knob search optimises unless the run config names another: the likelihood of the dev
+#: references (generation metrics can be won by degenerate, input-independent outputs).
+DEFAULT_OBJECTIVE = {"summarisation": "nll", "translation": "nll", "lm": "perplexity"}
 #: Variant key -> label in the report.
 VARIANTS = {"unconverted": "unconverted", "nv_equivalence": "NV equivalence", "nv_tuned": "NV tuned"}
 
 
-def _perplexity_stats(outputs: Sequence[Any], _refs: Sequence[Any]) -> np.ndarray:
-    return np.asarray(outputs, dtype=np.float64).reshape(len(outputs), 2)
-
-
-PERPLEXITY = CorpusMetric("perplexity", _perplexity_stats, lambda s: float(math.exp(s[0] / s[1])) if s[1] else math.nan)
-
-
 def metric(name: str) -> CorpusMetric:
-    """A task metric by name: ``perplexity`` or any of :data:`nvib.metrics.METRICS`."""
+    """A task metric by name: any of :data:`nvib.metrics.METRICS` (``perplexity`` and ``nll`` included)."""
     return PERPLEXITY if name == "perplexity" else get_metric(name)
 
 
@@ -101,12 +105,13 @@ class GenerationArgs:
 
 @dataclass(frozen=True)
 class Output:
-    """One example's output: a prediction (generation tasks) or its summed NLL (lm); ``n_tokens`` counts
-    the generated tokens, or the scored target tokens for lm."""
+    """One example's output: a prediction (generation tasks) and/or the summed NLL of its reference over
+    ``nll_tokens`` target tokens; ``n_tokens`` counts the generated tokens, or the scored tokens for lm."""
 
     prediction: str | None
     n_tokens: int
     nll: float | None = None
+    nll_tokens: int | None = None
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -139,6 +144,7 @@ class Evaluator:
         max_target_len: int,
         lm_separator: str = "\n",
         progress: Progress | None = None,
+        max_logits: int = DEFAULT_MAX_LOGITS,
     ):
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
@@ -148,15 +154,28 @@ class Evaluator:
             max_target_len,
             lm_separator,
         )
-        self.progress = progress
+        self.progress, self.max_logits = progress, max_logits
         self.seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
 
     @property
     def metrics(self) -> tuple[str, ...]:
         return TASK_METRICS[self.task]
 
-    def outputs(self, examples: Sequence[Example], description: str = "generate") -> list[Output]:
-        """One output per example, in order, made in batches of ``generation.batch_size``."""
+    def outputs(
+        self,
+        examples: Sequence[Example],
+        description: str = "generate",
+        *,
+        generate: bool | None = None,
+        score: bool = True,
+    ) -> list[Output]:
+        """One output per example, in order, made in batches of ``generation.batch_size``: the generated
+        prediction (``generate``, default: unless the task is lm) and the teacher-forced NLL of the reference
+        (``score``; lm always scores and never generates)."""
+        generate = self.task != "lm" if generate is None else generate and self.task != "lm"
+        score = score or self.task == "lm"
+        if not (generate or score):
+            raise ValueError("nothing to do: pass generate=True and/or score=True")
         if self.task != "lm":
             missing = [i for i, ex in enumerate(examples) if ex.target is None]
             if missing:
@@ -164,7 +183,16 @@ class Evaluator:
                     f"{description}: example {missing[0]} has no reference text. "
                     "Fix: load the data with a target column (data.target_column)."
                 )
-        run = self._nll if self.task == "lm" else self._generate
+
+        def run(chunk: Sequence[Example]) -> list[Output]:
+            gen = self._generate(chunk) if generate else [Output(None, 0)] * len(chunk)
+            if not score:
+                return gen
+            nll = self._nll(chunk)
+            if self.task == "lm":
+                return nll
+            return [Output(g.prediction, g.n_tokens, s.nll, s.nll_tokens) for g, s in zip(gen, nll, strict=True)]
+
         bar = self.progress
         task_id = bar.add_task(description, total=len(examples), info="") if bar is not None else None
         out: list[Output] = []
@@ -174,7 +202,8 @@ class Evaluator:
                 with torch.inference_mode():
                     out += run(chunk)
                 if bar is not None:
-                    bar.update(task_id, advance=len(chunk), info=f"{sum(o.n_tokens for o in out)} tokens")
+                    info = f"{sum(o.n_tokens for o in out)} tokens" if generate else ""
+                    bar.update(task_id, advance=len(chunk), info=info)
         finally:
             if bar is not None:
                 bar.remove_task(task_id)
@@ -230,74 +259,28 @@ class Evaluator:
             kind,
             lm_separator=self.lm_separator,
         )
-        batch = {k: v.to(device) for k, v in batch.items()}
-        labels = batch["labels"]
-        if self.seq2seq:  # the model shifts the labels into decoder inputs itself
-            logits = self.model(**batch, use_cache=False).logits
-        else:
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2).double(), labels, ignore_index=-100, reduction="none"
-        ).sum(-1)
-        counts = (labels != -100).sum(-1)
-        return [Output(None, int(n), float(v)) for v, n in zip(nll.tolist(), counts.tolist(), strict=True)]
+        nll, counts = target_nll(self.model, {k: v.to(device) for k, v in batch.items()}, max_logits=self.max_logits)
+        lm = self.task == "lm"
+        return [
+            Output(None, int(n) if lm else 0, float(v), int(n))
+            for v, n in zip(nll.tolist(), counts.tolist(), strict=True)
+        ]
 
-    def metric_inputs(self, outputs: Sequence[Output]) -> list[Any]:
-        """What the task's CorpusMetrics take as predictions."""
-        if self.task == "lm":
-            return [(o.nll, o.n_tokens) for o in outputs]
+    def metric_inputs(self, outputs: Sequence[Output], name: str | None = None) -> list[Any]:
+        """What metric ``name``'s CorpusMetric takes as predictions (default: the task's first metric):
+        ``(summed NLL, tokens)`` rows for likelihood metrics, else the predicted texts."""
+        name = name or self.metrics[0]
+        if name in LIKELIHOOD_METRICS:
+            if any(o.nll is None for o in outputs):
+                raise ValueError(f"metric {name!r} needs the references' NLL: make the outputs with score=True")
+            return [(o.nll, o.nll_tokens if o.nll_tokens is not None else o.n_tokens) for o in outputs]
+        if any(o.prediction is None for o in outputs):
+            raise ValueError(f"metric {name!r} needs predictions: make the outputs with generate=True")
         return [o.prediction for o in outputs]
 
     def scores(self, outputs: Sequence[Output], examples: Sequence[Example]) -> dict[str, float]:
-        preds, refs = self.metric_inputs(outputs), [ex.target for ex in examples]
-        return {name: metric(name)(preds, refs) for name in self.metrics}
-
-
-class DevObjective:
-    """The knob-search objective: ``objective(knobs, n)`` -> (metric on the first n dev examples, new tokens).
-
-    Outputs are cached per (knobs, example index), so a trial's growing slices only generate the new
-    examples. Lower-is-better metrics (perplexity) are negated: the search always maximises.
-    """
-
-    def __init__(
-        self,
-        evaluator: Evaluator,
-        examples: Sequence[Example],
-        metric_name: str,
-        on_call: Callable[[dict[str, float], int], None] | None = None,
-    ):
-        if metric_name not in evaluator.metrics:
-            raise ValueError(
-                f"metric {metric_name!r} is not computed for task {evaluator.task!r}; "
-                f"choose one of {', '.join(evaluator.metrics)}"
-            )
-        self.evaluator, self.examples, self.metric_name = evaluator, list(examples), metric_name
-        self.sign = -1.0 if metric_name in LOWER_IS_BETTER else 1.0
-        self.cache: dict[tuple[tuple[str, float], ...], dict[int, Output]] = {}
-        self.on_call = on_call
-        self.n_generated = 0  # examples run through the model, over all calls
-
-    def __call__(self, knobs: dict[str, float], n: int) -> tuple[float, int]:
-        if not 1 <= n <= len(self.examples):
-            raise ValueError(f"slice of {n} examples asked, but the dev set has {len(self.examples)}")
-        if self.on_call is not None:
-            self.on_call(knobs, n)
-        key = tuple(sorted((k, float(v)) for k, v in knobs.items()))
-        done = self.cache.setdefault(key, {})
-        missing = [i for i in range(n) if i not in done]
-        new_tokens = 0
-        if missing:
-            configure(self.evaluator.model, NVConfig(**knobs))
-            outputs = self.evaluator.outputs([self.examples[i] for i in missing], f"dev [{n}]")
-            done.update(zip(missing, outputs, strict=True))
-            new_tokens = sum(o.n_tokens for o in outputs)
-            self.n_generated += len(missing)
-        outputs = [done[i] for i in range(n)]
-        refs = [ex.target for ex in self.examples[:n]]
-        value = metric(self.metric_name)(self.evaluator.metric_inputs(outputs), refs)
-        return self.sign * value, new_tokens
+        refs = [ex.target for ex in examples]
+        return {name: metric(name)(self.metric_inputs(outputs, name), refs) for name in self.metrics}
 
 
 @dataclass
@@ -315,6 +298,7 @@ class Evaluation:
     prior_mass: dict[str, dict[str, float]]  # test set -> site kind -> mass at the tuned knobs
     generation: dict[str, Any]
     predictions: dict[str, dict[str, str]]  # variant -> test set -> file name
+    diversity: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # variant -> test set -> stats
 
     @property
     def identical(self) -> bool:
@@ -353,8 +337,9 @@ def _write_predictions(path: Path, examples: Sequence[Example], outputs: Sequenc
             if o.prediction is not None:
                 row["prediction"] = o.prediction
                 row["generated_tokens"] = o.n_tokens
-            else:
-                row.update(nll=o.nll, tokens=o.n_tokens, perplexity=math.exp(o.nll / max(o.n_tokens, 1)))
+            if o.nll is not None:
+                tokens = o.nll_tokens if o.nll_tokens is not None else o.n_tokens
+                row.update(nll=o.nll, tokens=tokens, perplexity=math.exp(o.nll / max(tokens, 1)))
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
@@ -412,11 +397,17 @@ def evaluate_variants(
             file = f"{variant}.{name}.jsonl"
             _write_predictions(out / "predictions" / file, examples, outputs[variant][name])
             files[variant][name] = f"predictions/{file}"
-        base = evaluator.metric_inputs(outputs["unconverted"][name])
         for variant in differences:
-            other = evaluator.metric_inputs(outputs[variant][name])
             differences[variant][name] = {
-                m: paired_bootstrap(metric(m), base, other, refs, n=bootstrap, seed=seed) for m in evaluator.metrics
+                m: paired_bootstrap(
+                    metric(m),
+                    evaluator.metric_inputs(outputs["unconverted"][name], m),
+                    evaluator.metric_inputs(outputs[variant][name], m),
+                    refs,
+                    n=bootstrap,
+                    seed=seed,
+                )
+                for m in evaluator.metrics
             }
         equivalence[name] = _equivalence_check(
             evaluator.task,
@@ -439,6 +430,12 @@ def evaluate_variants(
         prior_mass=mass,
         generation={**asdict(evaluator.generation), "kwargs": dict(evaluator.generation.kwargs)},
         predictions=files,
+        diversity={
+            v: {n: diversity([o.prediction for o in outs]).as_dict() for n, outs in sets.items()}
+            for v, sets in outputs.items()
+        }
+        if evaluator.task != "lm"
+        else {},
     )
     (out / "scores.json").write_text(json.dumps(evaluation.to_json(), indent=2) + "\n", encoding="utf-8")
     return evaluation

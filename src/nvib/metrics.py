@@ -1,24 +1,35 @@
-"""Text-generation metrics (ROUGE, BLEU, chrF) and a paired bootstrap test between two systems.
+"""Text-generation metrics (ROUGE, BLEU, chrF), likelihood metrics (mean token NLL, perplexity), output
+diversity, and a paired bootstrap test between two systems.
 
 Every corpus metric is also available as a :class:`CorpusMetric`: per-example additive
 statistics plus a function from summed statistics to the corpus score. The bootstrap then sums
-resampled statistics instead of re-scoring text, which is exact and fast.
+resampled statistics instead of re-scoring text, which is exact and fast. The likelihood metrics take
+``(summed NLL, token count)`` rows as their "predictions" (references are ignored).
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "LIKELIHOOD_METRICS",
+    "LOWER_IS_BETTER",
     "METRICS",
+    "NLL",
+    "PERPLEXITY",
     "BootstrapResult",
     "CorpusMetric",
+    "Diversity",
     "bleu",
     "chrf",
+    "diversity",
     "get_metric",
     "paired_bootstrap",
     "rouge",
@@ -131,21 +142,97 @@ def _sacrebleu_corpus_metric(name: str) -> CorpusMetric:
     return CorpusMetric(name, stats, score)
 
 
+def _likelihood_stats(outputs: Sequence[Any], _refs: Sequence[Any]) -> np.ndarray:
+    try:
+        stats = np.asarray(outputs, dtype=np.float64)
+    except (TypeError, ValueError):
+        stats = np.empty(0)
+    if stats.ndim != 2 or stats.shape[1] != 2:
+        first = repr(outputs[0])[:60] if len(outputs) else "nothing"
+        raise ValueError(f"likelihood metrics take (summed NLL, token count) rows, got {first}")
+    return stats
+
+
+#: Mean negative log-likelihood per target token (nats), token-weighted over the corpus.
+NLL = CorpusMetric("nll", _likelihood_stats, lambda s: float(s[0] / s[1]) if s[1] else math.nan)
+#: exp(mean token NLL).
+PERPLEXITY = CorpusMetric("perplexity", _likelihood_stats, lambda s: float(math.exp(s[0] / s[1])) if s[1] else math.nan)
+
 METRICS: dict[str, CorpusMetric] = {
     "rouge1": _rouge_metric("rouge1"),
     "rouge2": _rouge_metric("rouge2"),
     "rougeL": _rouge_metric("rougeL"),
     "bleu": _sacrebleu_corpus_metric("bleu"),
     "chrf": _sacrebleu_corpus_metric("chrf"),
+    "nll": NLL,
+    "perplexity": PERPLEXITY,
 }
+#: Metrics computed from teacher-forced (summed NLL, token count) rows rather than generated text.
+LIKELIHOOD_METRICS = frozenset({"nll", "perplexity"})
+#: Metrics where lower is better (a search maximises their negative).
+LOWER_IS_BETTER = frozenset({"nll", "perplexity"})
 
 
 def get_metric(name: str) -> CorpusMetric:
-    """Look up a corpus metric by name (``rouge1``, ``rouge2``, ``rougeL``, ``bleu``, ``chrf``)."""
+    """Look up a corpus metric by name (``rouge1``, ``rouge2``, ``rougeL``, ``bleu``, ``chrf``, ``nll``,
+    ``perplexity``)."""
     try:
         return METRICS[name]
     except KeyError:
         raise ValueError(f"unknown metric {name!r}; known: {', '.join(METRICS)}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# output diversity
+
+
+@dataclass(frozen=True)
+class Diversity:
+    """How varied a system's outputs are over a set of inputs.
+
+    ``distinct``: distinct predictions / n; ``top_share``: share of the most frequent prediction;
+    ``distinct_2``: distinct word bigrams / all word bigrams over the set (0 when no prediction has two
+    words). Words are whitespace tokens; predictions are compared after stripping outer whitespace.
+    """
+
+    n: int
+    distinct: float
+    top_share: float
+    distinct_2: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {"n": self.n, "distinct": self.distinct, "top_share": self.top_share, "distinct_2": self.distinct_2}
+
+    def below(self, reference: Diversity, ratio: float = 0.5) -> str | None:
+        """Why these outputs are less diverse than ``ratio`` × ``reference``'s (distinct or distinct-2),
+        or None when they are not."""
+        if not 0 < ratio <= 1:
+            raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+        reasons = [
+            f"{name} {mine:.3f} < {ratio:g} × {ref:.3f}"
+            for name, mine, ref in (
+                ("distinct", self.distinct, reference.distinct),
+                ("distinct-2", self.distinct_2, reference.distinct_2),
+            )
+            if mine < ratio * ref
+        ]
+        return "less diverse than the reference: " + "; ".join(reasons) if reasons else None
+
+
+def diversity(predictions: Sequence[str]) -> Diversity:
+    """:class:`Diversity` of ``predictions`` (one string per input)."""
+    if not predictions:
+        raise ValueError("no predictions to measure")
+    texts = [p.strip() for p in predictions]
+    counts = Counter(texts)
+    bigrams = [tuple(w[i : i + 2]) for w in (t.split() for t in texts) for i in range(len(w) - 1)]
+    n = len(texts)
+    return Diversity(
+        n=n,
+        distinct=len(counts) / n,
+        top_share=counts.most_common(1)[0][1] / n,
+        distinct_2=len(set(bigrams)) / len(bigrams) if bigrams else 0.0,
+    )
 
 
 # ----------------------------------------------------------------------------------------------

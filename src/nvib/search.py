@@ -19,6 +19,13 @@ Design choices:
   trials before pruning, where successive halving would cull from the second trial on in an
   order-dependent way on very noisy small slices; with only a handful of rungs and a few dozen
   trials the median rule is the steadier choice.
+- **Degenerate outputs are pruned, not scored.** An objective may return a
+  :class:`nvib.objectives.TrialResult` with ``reject`` set (e.g. outputs less diverse than half the
+  unconverted model's): the trial is marked PRUNED with the reason in its ``pruned_reason`` user
+  attribute, so it can never be the best trial, and TPE ranks it with the pruned ones. Pruning was chosen
+  over Optuna's ``constraints_func`` because infeasible trials there still complete and carry a value.
+- **Per-domain sampler seeds.** :func:`sampler_seed` derives the TPE seed from a name (the dev data's),
+  so searches on different domains draw different candidate sequences instead of the same ones.
 - **Resume.** ``load_if_exists=True``; COMPLETE and PRUNED trials count toward ``n_trials``,
   so a rerun only runs what is left. Enqueued points are not re-enqueued if a trial with the
   same parameters is complete, pruned, waiting or running (a failed/interrupted one is
@@ -28,6 +35,7 @@ Design choices:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -37,6 +45,8 @@ from typing import Any
 import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
+
+from nvib.objectives import TrialResult
 
 __all__ = [
     "EQUIVALENCE_ALPHA_TAU",
@@ -48,6 +58,7 @@ __all__ = [
     "equivalence_point",
     "knob_names",
     "run_search",
+    "sampler_seed",
 ]
 
 #: Site kind -> knob suffix.
@@ -57,7 +68,14 @@ KNOBS: tuple[str, ...] = tuple(f"{p}_{s}" for p in ("alpha_tau", "stdev_tau") fo
 EQUIVALENCE_ALPHA_TAU = 10.0
 EQUIVALENCE_STDEV_TAU = 0.0
 
-Objective = Callable[[dict[str, float], int], float | tuple[float, int]]
+Objective = Callable[[dict[str, float], int], Any]  # float, (float, n_tokens) or a TrialResult
+
+
+def sampler_seed(name: str, seed: int = 0) -> int:
+    """A TPE seed for the search named ``name`` (e.g. the dev data's): stable across runs and machines,
+    different for different names, and shifted by ``seed`` (a search seed)."""
+    digest = hashlib.sha256(f"{name}\0{seed}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
 @dataclass
@@ -141,11 +159,23 @@ def _enqueue(study: optuna.Study, params: dict[str, float], label: str) -> None:
     study.enqueue_trial(params, user_attrs={"start_point": label})
 
 
-def _unpack(value: float | tuple[float, int] | Sequence[Any]) -> tuple[float, int | None]:
+def _unpack(value: Any) -> TrialResult:
+    """An objective's return value as a TrialResult: a number, (number, n_tokens) or a TrialResult."""
+    if isinstance(value, TrialResult):
+        return value
     if isinstance(value, tuple | list):
         metric, n_tokens = value
-        return float(metric), int(n_tokens)
-    return float(value), None
+        return TrialResult(float(metric), int(n_tokens))
+    return TrialResult(float(value))
+
+
+def _record_slice(trial: optuna.Trial, result: TrialResult, n_examples: int) -> None:
+    """Store a slice's extra values (e.g. ``diversity``) on the trial; prune it if the objective rejected it."""
+    for key, value in result.attrs.items():
+        trial.set_user_attr(key, value)
+    if result.reject is not None:
+        trial.set_user_attr("pruned_reason", f"[{n_examples} examples] {result.reject}")
+        raise optuna.TrialPruned(result.reject)
 
 
 def run_search(
@@ -168,13 +198,15 @@ def run_search(
     """Search the knobs of ``kinds`` for ``n_trials`` finished (complete or pruned) trials.
 
     ``objective(knobs, n)`` returns the metric on the first ``n`` dev examples, or
-    ``(metric, n_generated_tokens)``. Each trial is evaluated on each of ``slices`` in turn
-    (ascending), reporting intermediate values and possibly being pruned before the last; the
+    ``(metric, n_generated_tokens)``, or a :class:`nvib.objectives.TrialResult` (its ``attrs`` are stored
+    on the trial; a ``reject`` reason prunes it, see the module notes). Each trial is evaluated on each of
+    ``slices`` in turn (ascending), reporting intermediate values and possibly being pruned before the last; the
     trial's value is the metric on the last slice. The equivalence point (if ``equivalence``)
     and then ``start_points`` are tried first. ``storage`` is any Optuna RDB URL (e.g.
     ``sqlite:///run/study.db``) or None for in-memory; an existing study of the same name is
     resumed. Per-trial user attributes: ``knobs``, ``metric``, ``slice_metrics``,
-    ``n_examples``, ``wall_time_s``, ``n_tokens`` (if the objective reports them).
+    ``n_examples``, ``wall_time_s``, ``n_tokens`` (if the objective reports them), ``pruned_reason``
+    (if rejected). ``seed``: the TPE seed (see :func:`sampler_seed` for one per domain).
     """
     space = space or SearchSpace()
     space.validate()
@@ -223,7 +255,8 @@ def run_search(
         slice_metrics: dict[str, float] = {}
         metric = math.nan
         for i, n_examples in enumerate(slices):
-            metric, n_tok = _unpack(objective(dict(knobs), n_examples))
+            result = _unpack(objective(dict(knobs), n_examples))
+            metric, n_tok = result.value, result.n_tokens
             if n_tok is not None:
                 tokens = (tokens or 0) + n_tok
             slice_metrics[str(n_examples)] = metric
@@ -234,6 +267,7 @@ def run_search(
             if tokens is not None:
                 trial.set_user_attr("n_tokens", tokens)
             trial.report(metric, step=n_examples)
+            _record_slice(trial, result, n_examples)
             if i < len(slices) - 1 and trial.should_prune():
                 raise optuna.TrialPruned()
         return metric
