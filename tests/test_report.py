@@ -10,7 +10,7 @@ import optuna
 import torch
 
 from nvib.metrics import BootstrapResult
-from nvib.report import plot_knobs, plot_search_history, write_report
+from nvib.report import plot_differences, plot_knobs, plot_search_history, write_report
 from nvib.search import run_search
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -58,6 +58,10 @@ PRIOR_STATS = {
     for i in range(3)
 }
 PRIOR_MASS = {"encoder": 0.0123, "cross": 0.0456, "decoder": 0.0789}
+DIVERSITY = {
+    "unconverted": {"xsum": {"n": 4, "distinct": 1.0, "top_share": 0.25, "distinct_2": 0.875}},
+    "NV tuned": {"xsum": {"n": 4, "distinct": 0.25, "top_share": 1.0, "distinct_2": 0.125}},
+}
 
 
 def test_write_report_writes_files_and_values(tmp_path: Path) -> None:
@@ -72,10 +76,11 @@ def test_write_report_writes_files_and_values(tmp_path: Path) -> None:
         prior_stats=PRIOR_STATS,
         prior_mass=PRIOR_MASS,
         notes={"model": "tiny-<model>"},
+        diversity=DIVERSITY,
     )
     assert paths.markdown == tmp_path / "report.md" and paths.markdown.is_file()
     assert paths.html == tmp_path / "report.html" and paths.html.is_file()
-    assert set(paths.plots) == {"search_history", "knobs", "prior_stats", "prior_mass"}
+    assert set(paths.plots) == {"search_history", "knobs", "prior_stats", "prior_mass", "differences"}
     for p in paths.plots.values():
         assert p.parent == tmp_path / "plots"
         assert p.read_bytes().startswith(PNG_MAGIC) and p.stat().st_size > 2000
@@ -94,13 +99,16 @@ def test_write_report_writes_files_and_values(tmp_path: Path) -> None:
         assert "0.0456" in text and "encoder.layer.2.attention" in text
         assert "0.500 ± 0.250" in text  # log_alpha of layer 2
         assert "5.6569" in text  # ||mean|| of layer 2: sqrt(8 * 2**2)
+        # diversity per variant and test set; the search's cost
+        assert "1.000 / 0.250 / 0.875" in text and "0.250 / 1.000 / 0.125" in text
+        assert "12 trials × " in text and " s per trial = " in text
     # The NV equivalence row has no difference cells.
     eq_row = re.search(r"<tr><td>NV equivalence</td>.*?</tr>", html_text)
     assert eq_row is not None and "Δ" not in eq_row.group(0)
     # HTML-escaped notes; self-contained images that decode to the written PNGs.
     assert "tiny-&lt;model&gt;" in html_text
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', html_text)
-    assert len(images) == 4
+    assert len(images) == 5
     assert {base64.b64decode(i) for i in images} == {p.read_bytes() for p in paths.plots.values()}
     # Markdown links the files by relative path.
     for p in paths.plots.values():
@@ -122,3 +130,20 @@ def test_plots_skip_study_without_complete_trials(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
     paths = write_report(tmp_path, study=study)
     assert "0 / 0 / 0" in paths.markdown.read_text(encoding="utf-8")
+
+
+def test_rejected_trials_and_differences_plot(tmp_path: Path) -> None:
+    from nvib.objectives import TrialResult
+
+    def objective(knobs: dict[str, float], n: int) -> TrialResult:
+        reject = "less diverse than the reference: distinct 0.100 < 0.5 × 1.000" if knobs["alpha_tau_e"] < 0 else None
+        return TrialResult(-abs(knobs["alpha_tau_e"] - 2), 3, {"diversity": DIVERSITY["NV tuned"]["xsum"]}, reject)
+
+    study = run_search(objective, {"encoder"}, n_trials=8, storage=None, study_name="d", slices=[2], progress=False)
+    rejected = [t for t in study.trials if "pruned_reason" in t.user_attrs]
+    assert rejected
+    md = write_report(tmp_path, study=study).markdown.read_text(encoding="utf-8")
+    assert f"pruned for low output diversity | {len(rejected)} (trial #{rejected[0].number}: [2 examples] less" in md
+    assert "best trial's dev diversity | 0.250 / 1.000 / 0.125" in md
+    assert plot_differences({"NV": {"a": {"nll": (0.1, -0.2, 0.3)}}}, tmp_path / "d.png").read_bytes()[:8] == PNG_MAGIC
+    assert plot_differences({}, tmp_path / "e.png") is None

@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 
 __all__ = [
     "ReportPaths",
+    "plot_differences",
     "plot_knobs",
     "plot_prior_mass",
     "plot_prior_stats",
@@ -173,6 +174,48 @@ def plot_prior_stats(stats: Mapping[str, Mapping[str, Any]], path: str | os.Path
     return _save(fig, Path(path))
 
 
+def plot_differences(
+    differences: Mapping[str, Mapping[str, Mapping[str, Any]]], path: str | os.PathLike[str]
+) -> Path | None:
+    """Δ against the baseline with its interval, per test set (x) and variant (marker), one panel per metric.
+
+    ``differences``: variant -> test set -> metric -> bootstrap result or ``(delta, low, high)``. None if empty.
+    """
+    metrics: list[str] = []
+    sets: list[str] = []
+    for per_set in differences.values():
+        for test_set, per_metric in per_set.items():
+            sets += [test_set] if test_set not in sets else []
+            metrics += [m for m in per_metric if m not in metrics]
+    if not metrics:
+        return None
+    variants = list(differences)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(max(4.5, 1.2 * len(sets) + 2.5) * len(metrics), 3.6))
+    axes = np.atleast_1d(axes)
+    width = 0.6 / max(len(variants), 1)
+    for ax, metric in zip(axes, metrics, strict=True):
+        for j, variant in enumerate(variants):
+            xs, ys, lows, highs = [], [], [], []
+            for i, test_set in enumerate(sets):
+                d = differences[variant].get(test_set, {}).get(metric)
+                if d is None:
+                    continue
+                delta, low, high = _diff_parts(d)
+                xs.append(i + (j - (len(variants) - 1) / 2) * width)
+                ys.append(delta)
+                lows.append(delta - low)
+                highs.append(high - delta)
+            if xs:
+                ax.errorbar(xs, ys, yerr=[lows, highs], fmt="o", capsize=4, label=variant)
+        ax.axhline(0, color="0.5", lw=0.8)
+        ax.set_xticks(range(len(sets)), sets, rotation=20, ha="right")
+        ax.set_ylabel(f"Δ {metric}")
+        ax.set_title(metric)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Difference to the baseline per test set (95% interval)")
+    return _save(fig, Path(path))
+
+
 def plot_prior_mass(mass: Mapping[str, float], path: str | os.PathLike[str]) -> Path | None:
     """Bar chart of the attention mass on the prior component per site kind."""
     if not mass:
@@ -216,8 +259,10 @@ def _results_table(
 def _search_summary(study: Any) -> tuple[list[str], list[list[str]], list[list[str]]]:
     trials = study.get_trials(deepcopy=False)
     states = [t.state.name for t in trials]
-    wall = sum(float(t.user_attrs.get("wall_time_s", 0.0)) for t in trials)
+    timed = [float(t.user_attrs["wall_time_s"]) for t in trials if "wall_time_s" in t.user_attrs]
+    wall = sum(timed)
     tokens = [t.user_attrs["n_tokens"] for t in trials if "n_tokens" in t.user_attrs]
+    rejected = [t for t in trials if "pruned_reason" in t.user_attrs]
     summary = [
         ["study", study.study_name],
         ["direction", study.direction.name.lower()],
@@ -227,6 +272,15 @@ def _search_summary(study: Any) -> tuple[list[str], list[list[str]], list[list[s
         ],
         ["evaluation time (s)", f"{wall:.1f}"],
     ]
+    if timed:
+        summary.append(["cost", f"{len(timed)} trials × {wall / len(timed):.2f} s per trial = {wall:.1f} s"])
+    if rejected:
+        summary.append(
+            [
+                "pruned for low output diversity",
+                f"{len(rejected)} (trial #{rejected[0].number}: {rejected[0].user_attrs['pruned_reason']})",
+            ]
+        )
     if tokens:
         summary.append(["generated tokens", str(int(sum(tokens)))])
     done = _completed(study)
@@ -237,9 +291,26 @@ def _search_summary(study: Any) -> tuple[list[str], list[list[str]], list[list[s
         eq = [t for t in done if t.user_attrs.get("start_point") == "equivalence"]
         if eq:
             summary.append(["equivalence trial", f"#{eq[0].number}: {_fmt(float(eq[0].value), 4)}"])
+        if "diversity" in best.user_attrs:
+            summary.append(["best trial's dev diversity", _diversity_cell(best.user_attrs["diversity"])])
         knobs = best.user_attrs.get("knobs", best.params)
         knob_rows = [[k, _fmt(float(v), 4)] for k, v in sorted(knobs.items())]
     return ["item", "value"], summary, knob_rows
+
+
+def _diversity_cell(d: Mapping[str, float]) -> str:
+    return f"{d['distinct']:.3f} / {d['top_share']:.3f} / {d['distinct_2']:.3f}"
+
+
+def _diversity_table(
+    diversity: Mapping[str, Mapping[str, Mapping[str, float]]],
+) -> tuple[list[str], list[list[str]]]:
+    sets = list(dict.fromkeys(ts for per_set in diversity.values() for ts in per_set))
+    body = [
+        [variant] + [_diversity_cell(per_set[ts]) if ts in per_set else "–" for ts in sets]
+        for variant, per_set in diversity.items()
+    ]
+    return ["variant", *sets], body
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,6 +350,7 @@ def write_report(
     prior_stats: Mapping[str, Mapping[str, Any]] | None = None,
     prior_mass: Mapping[str, float] | None = None,
     notes: Mapping[str, str] | None = None,
+    diversity: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
 ) -> ReportPaths:
     """Write ``report.md``, ``report.html`` and ``plots/*.png`` under ``run_dir``.
 
@@ -287,7 +359,9 @@ def write_report(
     variant minus ``baseline`` (a :class:`nvib.metrics.BootstrapResult` or ``(delta, low,
     high)``). ``prior_stats``: site -> {mean, var, log_alpha_mean, log_alpha_std, count}.
     ``prior_mass``: site kind -> attention mass on the prior. ``notes``: extra key/value lines
-    (model, data, command...). The HTML embeds the PNGs; the Markdown links them.
+    (model, data, command...). ``diversity``: variant -> test set -> {distinct, top_share, distinct_2}
+    (:class:`nvib.metrics.Diversity`). The HTML embeds the PNGs; the Markdown links them; ``differences``
+    are also plotted per test set with their intervals.
     """
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -313,7 +387,28 @@ def write_report(
         )
         md = (caption + "\n\n" if caption else "") + _md_table(header, body)
         ht = (f"<p>{html.escape(caption.replace('**', ''))}</p>" if caption else "") + _html_table(header, body)
+        if differences:
+            p = plot_differences(differences, run / PLOTS_DIR / "differences.png")
+            if p is not None:
+                plots["differences"] = p
+                m, h = image("differences", "difference to the baseline per test set, with intervals")
+                md += "\n\n" + m
+                ht += h
         sections.append(("Results", md, ht))
+
+    if diversity:
+        header, body = _diversity_table(diversity)
+        caption = (
+            "Per test set: distinct predictions / n, share of the most frequent prediction, distinct-2 "
+            "(distinct word bigrams / all bigrams)."
+        )
+        sections.append(
+            (
+                "Output diversity",
+                caption + "\n\n" + _md_table(header, body),
+                f"<p>{html.escape(caption)}</p>" + _html_table(header, body),
+            )
+        )
 
     if study is not None:
         header, summary, knob_rows = _search_summary(study)
