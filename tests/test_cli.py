@@ -70,7 +70,7 @@ def test_run_writes_everything(finished_run: tuple[Path, Path]) -> None:
         "report.html",
     ):
         assert (out / name).is_file(), name
-    for plot in ("search_history", "knobs", "prior_stats", "prior_mass"):
+    for plot in ("search_history", "knobs", "prior_stats", "prior_mass", "differences"):
         assert (out / "plots" / f"{plot}.png").is_file(), plot
     scores = json.loads((out / "scores.json").read_text())
     assert set(scores["results"]) == {"unconverted", "nv_equivalence", "nv_tuned"}
@@ -78,9 +78,10 @@ def test_run_writes_everything(finished_run: tuple[Path, Path]) -> None:
         for test_set in ("docstrings", "debian"):
             rows = [json.loads(line) for line in (out / "predictions" / f"{variant}.{test_set}.jsonl").open()]
             assert len(rows) == 6
-            assert {"source", "reference", "prediction", "generated_tokens"} <= set(rows[0])
+            assert {"source", "reference", "prediction", "generated_tokens", "nll", "tokens"} <= set(rows[0])
             assert scores["tokens"][variant][test_set] == sum(r["generated_tokens"] for r in rows) > 0
-            assert set(scores["results"][variant][test_set]) == {"rouge1", "rouge2", "rougeL"}
+            assert set(scores["results"][variant][test_set]) == {"rouge1", "rouge2", "rougeL", "nll"}
+            assert set(scores["diversity"][variant][test_set]) == {"n", "distinct", "top_share", "distinct_2"}
     for test_set in ("docstrings", "debian"):
         assert set(scores["differences"]["nv_tuned"][test_set]["rougeL"]) >= {"delta", "ci_low", "ci_high"}
         assert set(scores["prior_mass"][test_set]) == {"encoder", "decoder", "cross"}
@@ -94,10 +95,14 @@ def test_equivalence_scores_identical(finished_run: tuple[Path, Path]) -> None:
     _, out = finished_run
     scores = json.loads((out / "scores.json").read_text())
     assert scores["equivalence_identical"] is True
-    assert scores["results"]["nv_equivalence"] == scores["results"]["unconverted"]
     for test_set in ("docstrings", "debian"):
-        a = (out / "predictions" / f"unconverted.{test_set}.jsonl").read_text()
-        assert a == (out / "predictions" / f"nv_equivalence.{test_set}.jsonl").read_text()
+        base, eq = scores["results"]["unconverted"][test_set], scores["results"]["nv_equivalence"][test_set]
+        assert {m: v for m, v in eq.items() if m != "nll"} == {m: v for m, v in base.items() if m != "nll"}
+        assert eq["nll"] == pytest.approx(base["nll"], rel=1e-5)  # the NV forward sums in another order
+        assert scores["equivalence"][test_set]["max_relative_difference"] <= 1e-5
+        a, b = ([json.loads(line)["prediction"] for line in (out / "predictions" / f"{v}.{test_set}.jsonl").open()]
+                for v in ("unconverted", "nv_equivalence"))  # fmt: skip
+        assert a == b
         assert scores["differences"]["nv_equivalence"][test_set]["rouge1"]["delta"] == 0
     # the equivalence trial of the search is the first one
     assert trials(out)[0].user_attrs["start_point"] == "equivalence"

@@ -318,16 +318,17 @@ LM_TOLERANCE = 1e-5  # relative perplexity difference that float32 round-off exp
 
 
 def _equivalence_check(task: str, a: Sequence[Output], b: Sequence[Output], scores_a, scores_b) -> dict:
-    """Generation: identical iff every prediction is; lm: iff the perplexities agree to round-off."""
+    """Generation: identical iff every prediction and text score is, and the likelihood metrics agree to
+    round-off (the NV forward pass sums in another order); lm: iff the perplexities agree to round-off."""
+    likelihood = [m for m in scores_a if m in LIKELIHOOD_METRICS]
+    rel = max((abs(scores_b[m] - scores_a[m]) / max(abs(scores_a[m]), 1e-300) for m in likelihood), default=0.0)
+    close = {"max_relative_difference": rel, "tolerance": LM_TOLERANCE}
     if task == "lm":
-        rel = max(abs(scores_b[m] - scores_a[m]) / max(abs(scores_a[m]), 1e-300) for m in scores_a)
-        return {
-            "identical": bool(rel <= LM_TOLERANCE),
-            "max_relative_difference": rel,
-            "tolerance": LM_TOLERANCE,
-        }
+        return {"identical": bool(rel <= LM_TOLERANCE), **close}
     differing = sum(x.prediction != y.prediction for x, y in zip(a, b, strict=True))
-    return {"identical": differing == 0 and scores_a == scores_b, "differing_predictions": differing}
+    same_text = all(scores_a[m] == scores_b[m] for m in scores_a if m not in LIKELIHOOD_METRICS)
+    identical = differing == 0 and same_text and rel <= LM_TOLERANCE
+    return {"identical": identical, "differing_predictions": differing, **(close if likelihood else {})}
 
 
 def _write_predictions(path: Path, examples: Sequence[Example], outputs: Sequence[Output]) -> None:
