@@ -88,6 +88,9 @@ def test_run_writes_everything(finished_run: tuple[Path, Path]) -> None:
     assert len(trials(out)) == 4
     report = (out / "report.md").read_text()
     assert "NV tuned" in report and "Prior statistics" in report and "Attention on the prior" in report
+    assert "Output diversity" in report and "sampler seed" in report and " s per trial = " in report
+    assert "search metric | nll (the search maximises its negative)" in report
+    assert "diversity guard | not needed (likelihood objective)" in report
     assert "data:image/png;base64," in (out / "report.html").read_text()
 
 

@@ -9,7 +9,7 @@ import transformers as tf
 from cases import MINILM
 
 from nvib.data import Example, batches
-from nvib.evaluate import Evaluator, GenerationArgs, Output
+from nvib.evaluate import Evaluator, Output
 from nvib.metrics import diversity
 from nvib.objectives import DevObjective, TrialResult, examples_nll, target_nll
 

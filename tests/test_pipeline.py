@@ -241,3 +241,23 @@ def test_demo_config_runs_on_minilm(tmp_path: Path) -> None:
     evaluation = Run(config, tmp_path / "demo", progress=False).all()
     assert evaluation.identical
     assert (tmp_path / "demo" / "report.html").is_file()
+
+
+def test_generation_metric_search_records_diversity_and_seeds(models, tmp_path: Path) -> None:
+    raw = run_config(models["seq2seq"], search={"n_trials": 3, "slices": [4], "metric": "rougeL", "min_diversity": 1.0})
+    run = Run(RunConfig.from_dict(raw), tmp_path / "r", progress=False)
+    run.prior()
+    study = run.search()
+    assert study.user_attrs["sampler_seed"] == run.sampler_seed
+    for t in study.trials:  # every trial measured its dev outputs' diversity, the equivalence one included
+        assert set(t.user_attrs["diversity"]) == {"n", "distinct", "top_share", "distinct_2"}
+        if "pruned_reason" in t.user_attrs:  # min_diversity 1: anything less diverse than equivalence is pruned
+            assert t.state.name == "PRUNED" and "less diverse than the reference" in t.user_attrs["pruned_reason"]
+    assert study.trials[0].user_attrs["start_point"] == "equivalence" and study.trials[0].state.name == "COMPLETE"
+    # the sampler seed comes from the dev data's name: another domain's dev file draws other candidates
+    other = dict(raw, data={**raw["data"], "dev": str(DEMO_DATA / "ood.jsonl")})
+    assert Run(RunConfig.from_dict(other), tmp_path / "o").sampler_seed != run.sampler_seed
+    shifted = dict(raw, search={**raw["search"], "seed": 1})
+    assert Run(RunConfig.from_dict(shifted), tmp_path / "s").sampler_seed != run.sampler_seed
+    with pytest.raises(ConfigError, match="search.min_diversity must be > 0"):
+        RunConfig.from_dict(run_config(models["seq2seq"], search={"min_diversity": 0}))

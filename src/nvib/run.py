@@ -36,10 +36,11 @@ from nvib.evaluate import (
     evaluate_variants,
     new_progress,
 )
+from nvib.metrics import LIKELIHOOD_METRICS
 from nvib.models import batch_kind, load_model
 from nvib.prior import EmpiricalPrior
 from nvib.report import ReportPaths, write_report
-from nvib.search import best_knobs, run_search
+from nvib.search import best_knobs, run_search, sampler_seed
 from nvib.settings import RunConfig
 
 __all__ = ["Run", "describe_data", "estimate_prior", "parse_shard", "prior_stats"]
@@ -302,7 +303,9 @@ class Run:
                     bar.update(trials, completed=started[0], info=f"trial {started[0] + 1}/{remaining}")
                     started[0] += 1
 
-            objective = DevObjective(self.evaluator(bar), dev, metric_name, on_call=on_call)
+            objective = DevObjective(
+                self.evaluator(bar), dev, metric_name, on_call=on_call, min_diversity=cfg.search.min_diversity
+            )
             study = run_search(
                 objective,
                 kinds,
@@ -312,22 +315,33 @@ class Run:
                 slices=slices,
                 start_points=cfg.search.start_points,
                 space=cfg.search.space(),
-                seed=cfg.search.seed,
+                seed=self.sampler_seed,
                 timeout=cfg.search.timeout,
                 progress=False,
                 n_startup_trials=cfg.search.n_startup_trials,
             )
             bar.update(trials, completed=remaining)
         study.set_user_attr("metric", metric_name)
+        study.set_user_attr("sampler_seed", self.sampler_seed)
         tuned = NVConfig(**best_knobs(study))
         tuned.save(self.dir / KNOBS_FILE)
         sign = -1 if metric_name in LOWER_IS_BETTER else 1
+        seconds = time.perf_counter() - start
+        per_trial = f" ({seconds / started[0]:.1f} s per trial)" if started[0] else ""
+        rejected = sum("pruned_reason" in t.user_attrs for t in study.get_trials(deepcopy=False))
         self.console.print(
-            f"search: {started[0]} trials in {time.perf_counter() - start:.0f} s "
+            f"search: {started[0]} trials in {seconds:.0f} s{per_trial} "
             f"({objective.n_generated} dev examples run); best {metric_name} {sign * study.best_value:.4f} "
             f"(trial #{study.best_trial.number}); knobs -> {self.dir / KNOBS_FILE}"
+            + (f"; {rejected} trials pruned for low output diversity" if rejected else "")
         )
         return study
+
+    @property
+    def sampler_seed(self) -> int:
+        """The TPE seed: derived from the dev data's name (its file and folder) and shifted by search.seed."""
+        dev = self.config.path(self.config.data.dev).resolve()
+        return sampler_seed("/".join(dev.parts[-2:]), self.config.search.seed)
 
     def tuned_knobs(self) -> NVConfig:
         path = self.dir / KNOBS_FILE
@@ -372,9 +386,18 @@ class Run:
             "dev (search)": str(cfg.path(cfg.data.dev)),
             "search metric": cfg.metric
             + (" (the search maximises its negative)" if cfg.metric in LOWER_IS_BETTER else ""),
+            "diversity guard": "not needed (likelihood objective)"
+            if cfg.metric in LIKELIHOOD_METRICS
+            else (
+                f"trials whose dev outputs are less diverse (distinct predictions or distinct-2) than "
+                f"{cfg.search.min_diversity:g} × the unconverted model's are pruned"
+                if cfg.search.min_diversity is not None
+                else "off (search.min_diversity: null)"
+            ),
+            "sampler seed": f"{self.sampler_seed} (from the dev data's name and search.seed={cfg.search.seed})",
             "generation": ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg.generation).items()),
         }
-        results = differences = mass = None
+        results = differences = mass = diversity = None
         if evaluation is not None:
             notes["equivalence"] = ", ".join(
                 f"{name}: {'identical' if e['identical'] else 'NOT identical'}"
@@ -384,6 +407,7 @@ class Run:
                 what = "scored" if evaluation.task == "lm" else "generated"
                 notes[f"{what} tokens, {VARIANTS[variant]}"] = ", ".join(f"{n}: {t}" for n, t in sets.items())
             results = {VARIANTS[v]: r for v, r in evaluation.results.items()}
+            diversity = {VARIANTS[v]: d for v, d in evaluation.diversity.items()} or None
             differences = {VARIANTS[v]: d for v, d in evaluation.differences.items()}
             single = len(evaluation.prior_mass) == 1
             mass = {
@@ -401,6 +425,7 @@ class Run:
             prior_stats=prior_stats(prior) if prior is not None else None,
             prior_mass=mass,
             notes=notes,
+            diversity=diversity,
         )
         self.console.print(f"report: {paths.markdown} and {paths.html}")
         return paths

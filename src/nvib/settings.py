@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from annotated_types import Ge, Gt
+from annotated_types import Ge, Gt, Le
 from pydantic import BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 from pydantic.json_schema import SkipJsonSchema
@@ -133,11 +133,16 @@ class SearchSection:
     """``slices``: growing dev prefixes each trial is scored on (clipped to the dev size); ``ranges``:
     ``alpha_tau`` / ``stdev_tau`` (every kind) or a single knob such as ``alpha_tau_c`` -> [low, high];
     ``start_points``: knob dicts tried first (after the equivalence point); ``storage``: an Optuna
-    storage URL (default: ``sqlite:///RUN_DIR/study.db``); ``metric``: default per task."""
+    storage URL (default: ``sqlite:///RUN_DIR/study.db``); ``metric``: default per task (``nll``, the
+    likelihood of the dev references, for summarisation and translation); ``min_diversity``: a search on a
+    generation metric prunes knobs whose dev outputs are less diverse than this fraction of the unconverted
+    model's (null: no guard); ``seed``: shifts the TPE seed, which is derived from the dev data's name so
+    different domains draw different candidates."""
 
     n_trials: NonNegativeInt = 30
     slices: tuple[PositiveInt, ...] = (32, 128)
     metric: Str | None = None
+    min_diversity: Annotated[float, Strict(), Gt(0), Le(1)] | None = 0.5
     ranges: dict[Str, Range] = Field(default_factory=dict)
     start_points: tuple[dict[Str, Float], ...] = ()
     storage: Str | None = None
