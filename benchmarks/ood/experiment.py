@@ -267,6 +267,9 @@ def main(argv: list[str] | None = None) -> None:
             o.prediction for o in outs["unconverted"]
         ]
         rows[domain] = entry
+        (args.out / "predictions").mkdir(exist_ok=True)  # read by finetune_nvib.py as its baseline
+        predictions = {label: [o.prediction for o in o_] for label, o_ in outs.items()}
+        (args.out / "predictions" / f"{domain}.json").write_text(json.dumps({"refs": refs, **predictions}))
         print(domain, json.dumps(entry["scores"]), flush=True)
         elapsed = time.time() - t_start
         (args.out / "results.json").write_text(
