@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         n_dev = min(args.dev, len(pool) * 3 // 4)  # wiki has 29 dev articles: subsets of 21
         test = load_examples(args.data / domain / "test.jsonl")[: args.test]
         refs = [e.target for e in test]
-        cache_dir = args.out / "outputs" / f"{args.model.name}-{domain}-{len(test)}"
+        cache_dir = args.out / "outputs" / f"{tag}-{domain}-{len(test)}"
         cache_dir.mkdir(parents=True, exist_ok=True)
 
         def score(label: str, cache_dir=cache_dir, test=test, domain=domain) -> list[Output]:
