@@ -195,3 +195,23 @@ def test_dev_objective_likelihood_scores_only(fake) -> None:
     assert fake.calls == [(-5.0, 3, False, True)]
     with pytest.raises(ValueError, match="min_diversity must be in"):
         DevObjective(fake, EXAMPLES, "rougeL", min_diversity=2.0)
+
+
+@torch.inference_mode()
+def test_target_nll_on_a_converted_rotary_model(tokenizer) -> None:
+    """The target-positions-only LM head path holds for an NV model too (key space, spec §10), away from
+    equivalence: against full logits, one unpadded example at a time."""
+    import nvib
+
+    model = _causal("gemma3", tokenizer.vocab_size)
+    prior = nvib.EmpiricalPrior.estimate(
+        model, batches(EXAMPLES, tokenizer, 2, 64, 32, "lm"), data="examples", progress=False
+    )
+    nvib.convert(model, nvib.NVConfig(alpha_tau_d=-2.0), prior=prior)
+    (batch,) = batches(EXAMPLES, tokenizer, len(EXAMPLES), 64, 32, "lm")
+    nll, counts = target_nll(model, batch)
+    want_nll, want_counts = _direct(model, batch)
+    assert counts.tolist() == want_counts
+    torch.testing.assert_close(nll, torch.tensor(want_nll, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    nvib.configure(model, nvib.NVConfig())
+    assert not torch.allclose(target_nll(model, batch)[0], nll)  # the knobs do reach the likelihood
