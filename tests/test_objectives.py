@@ -191,7 +191,7 @@ def test_dev_objective_likelihood_scores_only(fake) -> None:
     objective = DevObjective(fake, EXAMPLES)  # the default metric: nll
     result = objective({"alpha_tau_e": -5.0}, 3)
     assert result.value == pytest.approx(5.0 / 2)  # -(mean token NLL) = -(3 × -5) / (3 × 2)
-    assert result.reject is None and "diversity" not in result.attrs
+    assert result.reject is None and "diversity" not in result.attrs and result.n_tokens is None
     assert fake.calls == [(-5.0, 3, False, True)]
     with pytest.raises(ValueError, match="min_diversity must be in"):
         DevObjective(fake, EXAMPLES, "rougeL", min_diversity=2.0)

@@ -239,7 +239,7 @@ class DevObjective:
                 score=self.likelihood,
             )
             done.update(zip(missing, outputs, strict=True))
-            new_tokens = 0 if self.likelihood else sum(o.n_tokens for o in outputs)
+            new_tokens = sum(o.n_tokens for o in outputs)
             self.n_generated += len(missing)
         return [done[i] for i in range(n)], new_tokens
 
@@ -254,8 +254,8 @@ class DevObjective:
         outputs, new_tokens = self.outputs(knobs, n)
         refs = [ex.target for ex in self.examples[:n]]
         value = get_metric(self.metric_name)(self.evaluator.metric_inputs(outputs, self.metric_name), refs)
-        if self.likelihood:
-            return TrialResult(self.sign * value, new_tokens)
+        if self.likelihood:  # nothing generated: no token count to record
+            return TrialResult(self.sign * value)
         div = diversity([o.prediction or "" for o in outputs])
         reject = None
         if self.min_diversity is not None:

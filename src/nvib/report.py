@@ -190,10 +190,14 @@ def plot_differences(
     if not metrics:
         return None
     variants = list(differences)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(max(4.5, 1.2 * len(sets) + 2.5) * len(metrics), 3.6))
-    axes = np.atleast_1d(axes)
+    cols = min(2, len(metrics))
+    rows = math.ceil(len(metrics) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(4.5, 1.2 * len(sets) + 2.5) * cols, 3.4 * rows), squeeze=False)
+    axes = axes.flatten()
+    for ax in axes[len(metrics) :]:
+        ax.axis("off")
     width = 0.6 / max(len(variants), 1)
-    for ax, metric in zip(axes, metrics, strict=True):
+    for ax, metric in zip(axes, metrics, strict=False):
         for j, variant in enumerate(variants):
             xs, ys, lows, highs = [], [], [], []
             for i, test_set in enumerate(sets):
@@ -231,6 +235,10 @@ def plot_prior_mass(mass: Mapping[str, float], path: str | os.PathLike[str]) -> 
 # tables
 
 
+#: Metrics shown with 3 decimals (their differences are often below 0.01).
+_PRECISE = frozenset({"nll"})
+
+
 def _results_table(
     results: Mapping[str, Mapping[str, Mapping[str, float]]],
     differences: Mapping[str, Mapping[str, Mapping[str, Any]]] | None,
@@ -246,11 +254,12 @@ def _results_table(
     for variant, per_set in results.items():
         row = [variant]
         for ts, m in columns:
-            cell = _fmt(per_set.get(ts, {}).get(m))
+            k = 3 if m in _PRECISE else 2
+            cell = _fmt(per_set.get(ts, {}).get(m), k)
             d = (differences or {}).get(variant, {}).get(ts, {}).get(m)
             if d is not None:
                 delta, low, high = _diff_parts(d)
-                cell += f" (Δ {delta:+.2f} [{low:+.2f}, {high:+.2f}])"
+                cell += f" (Δ {delta:+.{k}f} [{low:+.{k}f}, {high:+.{k}f}])"
             row.append(cell)
         body.append(row)
     return header, body
