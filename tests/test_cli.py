@@ -219,3 +219,16 @@ def test_error_missing_files(model_dir: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path / "run.yaml", run_config(model_dir))
     assert_user_error(invoke("search", config, "--run-dir", tmp_path / "empty"), "no prior at", "Fix:")
     assert_user_error(invoke("run", config, "--demo"), "not both")
+
+
+def test_metric_option(finished_run: tuple[Path, Path]) -> None:
+    config, out = finished_run
+    assert_user_error(
+        invoke("search", config, "--run-dir", out, "--metric", "bleu", "--no-progress"),
+        "search.metric 'bleu' is not computed for task 'summarisation'",
+    )
+    # the stored study optimised the default (nll): another objective is refused, not mixed in
+    assert_user_error(
+        invoke("search", config, "--run-dir", out, "--metric", "rougeL", "--no-progress"),
+        "optimised 'nll', the config asks for 'rougeL'",
+    )

@@ -6,6 +6,7 @@ line with the fix, exit code 2, no traceback. Ctrl-C exits with 130; rerunning r
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import warnings
@@ -93,9 +94,25 @@ TrialsOpt = Annotated[
     int | None, typer.Option("--n-trials", help="Total search trials (overrides search.n_trials).", min=0)
 ]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+MetricOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--metric",
+        help="Search objective (overrides search.metric): nll (default: the likelihood of the dev references), "
+        "rougeL, rouge1, rouge2, bleu, chrf, or perplexity for the lm task.",
+    ),
+]
 PriorOpt = Annotated[
     Path | None, typer.Option("--prior", help="Prior file to use instead of RUN_DIR/prior.safetensors.")
 ]
+
+
+def _with_metric(config: RunConfig, metric: str | None) -> RunConfig:
+    """``config`` with search.metric replaced (validated against the task like the config key)."""
+    if metric is None:
+        return config
+    raw = {**config.raw, "search": {**dict(config.raw.get("search") or {}), "metric": metric}}
+    return dataclasses.replace(config, search=dataclasses.replace(config.search, metric=metric), raw=raw)
 
 
 def _run(config: RunConfig, run_dir: Path | None, n_trials: int | None, progress: bool, prior: Path | None = None):
@@ -196,11 +213,12 @@ def search_cmd(
     config: ConfigArg,
     run_dir: RunDirOpt = None,
     n_trials: TrialsOpt = None,
+    metric: MetricOpt = None,
     prior: PriorOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
     """Tune the NV knobs on the dev set (resumes the study in RUN_DIR); writes RUN_DIR/nv_config.json."""
-    _run(RunConfig.load(config), run_dir, n_trials, progress, prior).search()
+    _run(_with_metric(RunConfig.load(config), metric), run_dir, n_trials, progress, prior).search()
 
 
 @app.command("evaluate", epilog=CONFIG_HELP)
@@ -234,6 +252,7 @@ def run_cmd(
     demo: Annotated[bool, typer.Option("--demo", help="Use the embedded demo config (packaged MiniLM).")] = False,
     run_dir: RunDirOpt = None,
     n_trials: TrialsOpt = None,
+    metric: MetricOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
     """Prior -> search -> evaluate -> report in one run directory; rerunning reuses finished stages."""
@@ -241,7 +260,7 @@ def run_cmd(
         raise ValueError(
             "give a config file or --demo (not both). Fix: e.g. `nvib run my_run.yaml` or `nvib run --demo`"
         )
-    run_config = RunConfig.demo() if demo else RunConfig.load(config)
+    run_config = _with_metric(RunConfig.demo() if demo else RunConfig.load(config), metric)
     run = _run(run_config, run_dir, n_trials, progress)
     run.all()
     _console().print(f"done: {run.dir}")
