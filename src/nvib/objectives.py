@@ -95,8 +95,9 @@ def target_nll(
     :func:`nvib.data.batches` makes them (``seq2seq``: labels [B, T] are the decoder's targets; ``lm``: labels
     [B, L] equal ``input_ids`` on the target and -100 on prompt and padding). A decoder-only model scores the
     token at position t+1 from position t; only positions whose next label is a target reach the LM head.
-    ``forward_kwargs`` go to every forward call (e.g. a shared ``past_key_values``). Call under
-    ``torch.inference_mode()``; the model should be in eval mode.
+    ``forward_kwargs`` go to every forward call; rows are split into chunks of at most ``max_logits`` logits,
+    so anything batch-shaped in them must allow that (or pass a ``max_logits`` that keeps the batch whole).
+    Call under ``torch.inference_mode()``; the model should be in eval mode.
     """
     for key in ("input_ids", "attention_mask", "labels"):
         if key not in batch:
