@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         for domain in args.domains:
             test = load_examples(args.data / domain / "test.jsonl")[: args.test]
             refs = [e.target for e in test]
-            preds = [o.prediction for o in evaluator.outputs(test, f"{domain} {out.name}")]
+            preds = [o.prediction for o in evaluator.outputs(test, f"{domain} {out.name}", score=False)]
             entry = {"rougeL": metric("rougeL")(preds, refs)}
             base_file = args.baseline / f"{domain}.json"
             if base_file.exists():  # the post-training benchmark's predictions on the same examples
