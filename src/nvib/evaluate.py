@@ -29,7 +29,6 @@ from nvib.diagnostics import record_prior_mass
 from nvib.metrics import (
     LIKELIHOOD_METRICS,
     LOWER_IS_BETTER,
-    PERPLEXITY,
     CorpusMetric,
     diversity,
     get_metric,
@@ -68,7 +67,7 @@ VARIANTS = {"unconverted": "unconverted", "nv_equivalence": "NV equivalence", "n
 
 def metric(name: str) -> CorpusMetric:
     """A task metric by name: any of :data:`nvib.metrics.METRICS` (``perplexity`` and ``nll`` included)."""
-    return PERPLEXITY if name == "perplexity" else get_metric(name)
+    return get_metric(name)
 
 
 def new_progress(enabled: bool = True, console=None) -> Progress:
