@@ -49,7 +49,7 @@ def save_tiny_gguf(path: Path) -> tuple[Path, tf.GPT2LMHeadModel]:
     import numpy as np
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    tokens = [*bytes_to_unicode().values(), "Ġt", "<|endoftext|>"]
+    tokens = [*bytes_to_unicode().values(), "Ġt", "es", "<|endoftext|>"]
     eos, n_layer = len(tokens) - 1, 2
     torch.manual_seed(0)
     config = tf.GPT2Config(
@@ -67,7 +67,7 @@ def save_tiny_gguf(path: Path) -> tuple[Path, tf.GPT2LMHeadModel]:
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list(tokens)
     writer.add_token_types([1] * eos + [3])  # 3: a control token
-    writer.add_token_merges(["Ġ t"])
+    writer.add_token_merges(["Ġ t", "e s"])  # two: transformers 5.15 reads a one-element array as a scalar
     writer.add_bos_token_id(eos)
     writer.add_eos_token_id(eos)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, n_layer)
