@@ -122,7 +122,13 @@ def _model_class(name: str, file: Path) -> type[transformers.PreTrainedModel]:
     return cls
 
 
+# NVConfig fields added after files were first written, with the values that reproduce what those files computed
+# (spec §11: before the floor, b_α = τ_α·ς, uncentred)
+ADDED_LATER = {"alpha_scale_min": 0.0, "centre_alpha": False}
+
+
 def _knobs(data: dict[str, Any], file: Path) -> NVConfig:
+    data = {**ADDED_LATER, **data}
     missing = [f.name for f in dataclasses.fields(NVConfig) if f.name not in data]
     if missing:
         raise ValueError(

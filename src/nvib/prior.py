@@ -40,6 +40,10 @@ class SiteStats:
     norm_m2: torch.Tensor
     value_mean: torch.Tensor | None = None
 
+    def __post_init__(self) -> None:
+        self.norm_mean = torch.as_tensor(self.norm_mean, dtype=torch.float64)
+        self.norm_m2 = torch.as_tensor(self.norm_m2, dtype=torch.float64)
+
     @property
     def var(self) -> torch.Tensor:
         return self.m2 / max(self.count - 1, 1)
