@@ -326,3 +326,15 @@ def test_knob_bounds_keep_outputs_finite(name: str) -> None:
                 assert torch.isfinite(output(model, inputs)).all(), (dtype, alpha, stdev, mu, training)
                 if training:
                     assert torch.isfinite(nvib.kl_loss(model)), (dtype, alpha, stdev, mu)
+
+
+def test_files_from_before_the_alpha_floor_load_with_their_scaling(saved: Path, tmp_path: Path) -> None:
+    """nv_config.json written before spec §11 has no alpha_scale_min / centre_alpha: those files computed
+    b_α = τ_α·ς, so they load with alpha_scale_min = 0 and no centring (and the saved layers as they are)."""
+    old = edited(saved, tmp_path, lambda i: json.dumps({**i, "nv_config": {
+        k: v for k, v in i["nv_config"].items() if k not in ("alpha_scale_min", "centre_alpha")}}))  # fmt: skip
+    loaded = nvib.load(old)
+    assert loaded.nv_config.alpha_scale_min == 0.0 and loaded.nv_config.centre_alpha is False
+    inputs = CASES["bart"].inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, nvib.load(saved)(**inputs).logits)
