@@ -253,3 +253,15 @@ def test_prior_launch_and_shard_conflict(model_dir: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("WORLD_SIZE", "2")
     result = invoke("prior", model_dir, DEMO_DATA / "train.jsonl", "--shard", "0/2")
     assert_user_error(result, "under a 2-process launch", "Fix: drop --shard")
+
+
+def test_error_storage_driver_missing(
+    finished_run: tuple[Path, Path], model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, out = finished_run
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if the PostgreSQL driver were not installed
+    raw = run_config(model_dir, search={"storage": "postgresql://nvib:secret@127.0.0.1:5432/nvib"})
+    config = write_config(tmp_path / "run.yaml", raw)
+    result = invoke("search", config, "--run-dir", tmp_path / "o", "--prior", out / "prior.safetensors")
+    assert_user_error(result, "needs the database driver 'psycopg'", "Fix: pip install 'psycopg[binary]'")
+    assert "secret" not in result.output

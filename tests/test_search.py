@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -334,3 +336,29 @@ def test_unreachable_server_is_one_line() -> None:
 def test_grace_period_must_exceed_heartbeat(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="grace_period"):
         open_storage(f"sqlite:///{tmp_path}/s.db", heartbeat_interval=5, grace_period=5)
+
+
+def test_joiner_waits_for_the_creator_and_does_not_enqueue(tmp_path: Path) -> None:
+    """A worker that finds the study created but not yet set up waits for the objective record, then
+    finds the points already queued: each point is in the study once."""
+    storage = f"sqlite:///{tmp_path}/study.db"
+    study = optuna.create_study(storage=storage, study_name="setup", direction="maximize")
+    eq = equivalence_point({"decoder"})
+    objective = {"direction": "maximize", "knobs": {"alpha_tau_d": [-15.0, 5.0], "stdev_tau_d": [0.0, 0.5]}}
+
+    def creator_finishes_setup() -> None:
+        time.sleep(1.0)
+        study.enqueue_trial(eq, user_attrs={"start_point": "equivalence"})
+        study.set_user_attr("objective", {**objective, "slices": [1]})  # last, as run_search does
+
+    thread = threading.Thread(target=creator_finishes_setup)
+    thread.start()
+    started = time.monotonic()
+    done = run_search(
+        lambda k, n: -abs(k["alpha_tau_d"]), {"decoder"}, n_trials=2, storage=storage, study_name="setup",
+        slices=[1], progress=False,
+    )  # fmt: skip
+    thread.join()
+    assert time.monotonic() - started >= 1.0
+    assert [t.params == eq for t in done.trials] == [True, False]
+    assert all(t.state == TrialState.COMPLETE for t in done.trials)

@@ -140,6 +140,9 @@ def test_two_workers_share_one_study(postgres: str, model_dir: Path, tmp_path: P
     study = optuna.load_study(study_name="shared", storage=storage)
     done = check_study(study, n_trials)
     assert study.user_attrs["objective"]["metric"] == "rougeL"
+    # started together, yet the equivalence point was enqueued once (only the study's creator enqueues)
+    queued = [t.system_attrs.get("fixed_params", t.params) for t in study.trials]
+    assert queued.count(equivalence_point(KINDS)) == 1
     assert {t.user_attrs["worker"] for t in done} <= {f"{os.uname().nodename}:{w.pid}" for w in workers}
     skipped = [t for t in study.trials if t.state == TrialState.FAIL]
     assert all("skipped" in t.user_attrs for t in skipped)  # only a race's surplus, never evaluated
