@@ -18,8 +18,9 @@ from runs import run_config, save_tiny_model, write_config
 from typer.testing import CliRunner
 
 from nvib.cli import app
-from nvib.pipeline import Run, RunConfig
+from nvib.run import Run
 from nvib.search import equivalence_point
+from nvib.settings import RunConfig
 
 KINDS = {"encoder", "cross", "decoder"}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
