@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -230,5 +234,58 @@ def test_metric_option(finished_run: tuple[Path, Path]) -> None:
     # the stored study optimised the default (nll): another objective is refused, not mixed in
     assert_user_error(
         invoke("search", config, "--run-dir", out, "--metric", "rougeL", "--no-progress"),
-        "optimised 'nll', the config asks for 'rougeL'",
+        "was created for metric='nll', this run asks for metric='rougeL'",
     )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_prior_under_accelerate_launch_equals_single_process(model_dir: Path, tmp_path: Path) -> None:
+    """`accelerate launch --num_processes 2 -m nvib prior`: ranks shard the batches, rank 0 writes the merge."""
+    data = DEMO_DATA / "train.jsonl"
+    common = ["--batch-size", "4", "--limit", "18", "--max-source-len", "24", "--no-progress"]
+    assert invoke("prior", model_dir, data, "-o", tmp_path / "single.safetensors", *common).exit_code == 0
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()), "-m", "nvib",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    args = ["prior", str(model_dir), str(data), "-o", str(tmp_path / "launched.safetensors"), *common]
+    result = subprocess.run(launch + args, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "from 2 processes" in result.stderr
+    single = EmpiricalPrior.load(tmp_path / "single.safetensors")
+    launched = EmpiricalPrior.load(tmp_path / "launched.safetensors")
+    assert launched.metadata["complete"] is True
+    assert set(single.sites) == set(launched.sites)
+    for name, a in single.sites.items():
+        b = launched.sites[name]
+        assert a.count == b.count
+        assert (a.mean - b.mean).abs().max() <= 1e-9
+        assert (a.m2 - b.m2).abs().max() <= 1e-9 * max(1.0, float(a.m2.abs().max()))
+        assert (a.var - b.var).abs().max() <= 1e-9
+        assert abs(a.norm_mean - b.norm_mean) <= 1e-9 and abs(a.log_alpha_std - b.log_alpha_std) <= 1e-9
+
+
+def test_prior_launch_and_shard_conflict(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = invoke("prior", model_dir, DEMO_DATA / "train.jsonl", "--shard", "0/2")
+    assert_user_error(result, "under a 2-process launch", "Fix: drop --shard")
+
+
+def test_error_storage_driver_missing(
+    finished_run: tuple[Path, Path], model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, out = finished_run
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if the PostgreSQL driver were not installed
+    raw = run_config(model_dir, search={"storage": "postgresql://nvib:secret@127.0.0.1:5432/nvib"})
+    config = write_config(tmp_path / "run.yaml", raw)
+    result = invoke("search", config, "--run-dir", tmp_path / "o", "--prior", out / "prior.safetensors")
+    assert_user_error(result, "needs the database driver 'psycopg'", "Fix: pip install 'psycopg[binary]'")
+    assert "secret" not in result.output

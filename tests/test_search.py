@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -12,10 +15,13 @@ from optuna.trial import TrialState
 from nvib.objectives import TrialResult
 from nvib.search import (
     KNOBS,
+    ObjectiveMismatchError,
     SearchSpace,
+    StorageError,
     best_knobs,
     equivalence_point,
     knob_names,
+    open_storage,
     run_search,
     sampler_seed,
 )
@@ -277,3 +283,117 @@ def test_sampler_seed_per_domain() -> None:
         for d in ("docstrings", "wiki")
     ]  # fmt: skip
     assert first[0] != first[1]
+
+
+def test_objective_recorded_at_creation_and_checked_on_join(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path}/study.db"
+    kwargs = dict(kinds={"decoder"}, storage=storage, study_name="obj", slices=[2, 4], progress=False)
+    info = {"metric": "rougeL", "dev": "abc123"}
+    run_search(lambda k, n: 0.0, n_trials=0, objective_info=info, **kwargs)
+    # recorded before any trial ran
+    study = optuna.load_study(study_name="obj", storage=storage)
+    assert study.trials[0].state == TrialState.WAITING
+    assert study.user_attrs["objective"] == {
+        "metric": "rougeL",
+        "dev": "abc123",
+        "direction": "maximize",
+        "knobs": {"alpha_tau_d": [-15.0, 5.0], "stdev_tau_d": [0.0, 0.5]},
+        "slices": [2, 4],
+    }
+    with pytest.raises(ObjectiveMismatchError, match=r"metric='rougeL', this run asks for metric='rouge1'.*Fix"):
+        run_search(lambda k, n: 0.0, n_trials=2, objective_info={**info, "metric": "rouge1"}, **kwargs)
+    with pytest.raises(ObjectiveMismatchError, match="dev='abc123'"):
+        run_search(lambda k, n: 0.0, n_trials=2, objective_info={**info, "dev": "other"}, **kwargs)
+    with pytest.raises(ObjectiveMismatchError, match="knobs="):
+        run_search(lambda k, n: 0.0, n_trials=2, objective_info=info, space=SearchSpace(alpha_tau=(-5, 5)), **kwargs)
+    with pytest.raises(ObjectiveMismatchError, match="slices="):
+        run_search(lambda k, n: 0.0, n_trials=2, objective_info=info, **{**kwargs, "slices": [4]})
+    with pytest.raises(ObjectiveMismatchError, match="direction"):
+        run_search(lambda k, n: 0.0, n_trials=2, objective_info=info, direction="minimize", **kwargs)
+    # refused joins ran nothing; the same objective resumes
+    assert len(optuna.load_study(study_name="obj", storage=storage).trials) == 1
+    study = run_search(lambda k, n: -abs(k["alpha_tau_d"]), n_trials=2, objective_info=info, **kwargs)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+
+
+def test_point_enqueued_twice_is_evaluated_once(tmp_path: Path) -> None:
+    """Two workers racing to enqueue the same point: the second copy is skipped when popped."""
+    storage = f"sqlite:///{tmp_path}/study.db"
+    kwargs = dict(kinds={"decoder"}, storage=storage, study_name="dup", slices=[2], progress=False)
+    calls: list[dict[str, float]] = []
+
+    def objective(knobs: dict[str, float], n: int) -> float:
+        calls.append(knobs)
+        return -abs(knobs["alpha_tau_d"])
+
+    run_search(objective, n_trials=0, **kwargs)
+    eq = equivalence_point({"decoder"})
+    optuna.load_study(study_name="dup", storage=storage).enqueue_trial(eq, user_attrs={"start_point": "equivalence"})
+    study = run_search(objective, n_trials=3, **kwargs)
+    assert sum(k == eq for k in calls) == 1 and len(calls) == 3
+    skipped = [t for t in study.trials if "skipped" in t.user_attrs]
+    assert len(skipped) == 1 and skipped[0].state == TrialState.FAIL
+    assert skipped[0].user_attrs["skipped"] == "duplicate of trial 0"
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3
+
+
+def test_workers_draw_different_points(tmp_path: Path) -> None:
+    """Seeded per trial: two runs of the same seed on one study never repeat a sampled point."""
+    storage = f"sqlite:///{tmp_path}/study.db"
+    kwargs = dict(kinds={"encoder"}, storage=storage, study_name="seed", slices=[1], progress=False, seed=3)
+    run_search(peaked, n_trials=4, **kwargs)
+    study = run_search(peaked, n_trials=8, **kwargs)
+    params = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(params) == 8 and len(set(params)) == 8
+    # and the same seed on a fresh study reproduces the same draws
+    again = run_search(peaked, n_trials=8, **{**kwargs, "study_name": "seed2"})
+    assert [t.params for t in again.trials] == [t.params for t in study.trials]
+
+
+def test_missing_driver_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if psycopg (SQLAlchemy's PostgreSQL default) were missing
+    with pytest.raises(
+        StorageError,
+        match=r"driver 'psycopg'.*Fix: pip install 'psycopg\[binary\]' \(or pip install 'nvib\[postgres\]'\)",
+    ) as err:
+        open_storage("postgresql://nvib:secret@127.0.0.1:5432/nvib")
+    assert "secret" not in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(StorageError, match="unknown database dialect"):
+        open_storage("nosuchdb://host/db")
+
+
+def test_unreachable_server_is_one_line() -> None:
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver (pip install 'nvib[postgres]')")
+    with pytest.raises(StorageError, match=r"cannot connect to the Optuna storage .*Fix: start the database server"):
+        open_storage("postgresql://nvib@127.0.0.1:1/nvib")
+
+
+def test_grace_period_must_exceed_heartbeat(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="grace_period"):
+        open_storage(f"sqlite:///{tmp_path}/s.db", heartbeat_interval=5, grace_period=5)
+
+
+def test_joiner_waits_for_the_creator_and_does_not_enqueue(tmp_path: Path) -> None:
+    """A worker that finds the study created but not yet set up waits for the objective record, then
+    finds the points already queued: each point is in the study once."""
+    storage = f"sqlite:///{tmp_path}/study.db"
+    study = optuna.create_study(storage=storage, study_name="setup", direction="maximize")
+    eq = equivalence_point({"decoder"})
+    objective = {"direction": "maximize", "knobs": {"alpha_tau_d": [-15.0, 5.0], "stdev_tau_d": [0.0, 0.5]}}
+
+    def creator_finishes_setup() -> None:
+        time.sleep(1.0)
+        study.enqueue_trial(eq, user_attrs={"start_point": "equivalence"})
+        study.set_user_attr("objective", {**objective, "slices": [1]})  # last, as run_search does
+
+    thread = threading.Thread(target=creator_finishes_setup)
+    thread.start()
+    started = time.monotonic()
+    done = run_search(
+        lambda k, n: -abs(k["alpha_tau_d"]), {"decoder"}, n_trials=2, storage=storage, study_name="setup",
+        slices=[1], progress=False,
+    )  # fmt: skip
+    thread.join()
+    assert time.monotonic() - started >= 1.0
+    assert [t.params == eq for t in done.trials] == [True, False]
+    assert all(t.state == TrialState.COMPLETE for t in done.trials)

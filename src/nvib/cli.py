@@ -159,11 +159,24 @@ def prior_cmd(
     seed: Annotated[int, typer.Option(help="Seed of the weights a bert2bert warm start initialises.")] = 0,
     progress: ProgressOpt = True,
 ) -> None:
-    """Estimate the empirical prior of a model on in-domain data (one streaming pass, exact statistics)."""
+    """Estimate the empirical prior of a model on in-domain data (one streaming pass, exact statistics).
+
+    Under a multi-process launcher (`accelerate launch --num_processes N -m nvib prior ...`, or `torchrun`)
+    each process estimates the batches of its rank and rank 0 writes the merged prior (exact).
+    """
     from nvib.data import load_examples
+    from nvib.distributed import gather_to_rank0, launcher_rank
     from nvib.run import describe_data
 
     shard_spec = parse_shard(shard)
+    rank, world = launcher_rank()
+    if world > 1:
+        if shard_spec is not None:
+            raise ValueError(
+                f"--shard {shard} under a {world}-process launch: the launch already shards by rank. "
+                "Fix: drop --shard, or run single processes with --shard i/n and `nvib prior-merge`"
+            )
+        shard_spec = (rank, world)
     console = _console()
     loaded, tokenizer = load_model(ModelSection(str(model), kind=kind, seed=seed))
     examples = load_examples(data, source_column, target_column, limit=limit)
@@ -179,15 +192,21 @@ def prior_cmd(
         max_target_len=max_target_len,
         description=description,
         shard=shard_spec,
-        progress=progress,
+        progress=progress and rank == 0,
     )
+    if world > 1:
+        parts = gather_to_rank0(prior)
+        if parts is None:
+            return  # rank 0 writes the merged prior
+        prior = EmpiricalPrior.merge(*parts)
     output.parent.mkdir(parents=True, exist_ok=True)
     prior.save(output)
     tokens = max(s.count for s in prior.sites.values())
     if not prior.metadata.get("complete", True):
         console.print(Text(f"interrupted: partial prior ({tokens} tokens, complete=False) saved to {output}", "yellow"))
         raise typer.Exit(EXIT_INTERRUPTED)
-    console.print(f"prior over {len(prior.sites)} sites, {tokens} tokens -> {output}")
+    processes = f" from {world} processes" if world > 1 else ""
+    console.print(f"prior over {len(prior.sites)} sites, {tokens} tokens{processes} -> {output}")
 
 
 @app.command("prior-merge")

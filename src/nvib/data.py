@@ -9,6 +9,7 @@ row, what is wrong and how to fix it.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -346,3 +347,12 @@ def _lm_batch(
         seqs.append(list(prompt) + answer)
         labels.append([-100] * len(prompt) + answer)
     return {"input_ids": _pad(seqs, pad_id), "attention_mask": _mask(seqs), "labels": _pad(labels, -100)}
+
+
+def fingerprint(examples: Sequence[Example]) -> str:
+    """SHA-256 (first 16 hex digits) of the examples' texts, in order: equal iff the same data."""
+    digest = hashlib.sha256()
+    for ex in examples:
+        digest.update(json.dumps([ex.source, ex.target], ensure_ascii=False).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:16]

@@ -14,7 +14,6 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from contextlib import suppress
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from torch import nn
 
 from nvib.config import NVConfig
 from nvib.convert import convert, is_converted, nv_layers, unload
-from nvib.data import Example, batches, load_examples
+from nvib.data import Example, batches, fingerprint, load_examples
 from nvib.evaluate import (
     LOWER_IS_BETTER,
     VARIANTS,
@@ -40,7 +39,7 @@ from nvib.metrics import LIKELIHOOD_METRICS
 from nvib.models import batch_kind, load_model
 from nvib.prior import EmpiricalPrior
 from nvib.report import ReportPaths, write_report
-from nvib.search import best_knobs, run_search, sampler_seed
+from nvib.search import best_knobs, load_study, run_search, sampler_seed
 from nvib.settings import RunConfig
 
 __all__ = ["Run", "describe_data", "estimate_prior", "parse_shard", "prior_stats"]
@@ -282,12 +281,6 @@ class Run:
         if slices[-1] < max(cfg.search.slices):
             self.console.print(f"search: the dev set has {len(dev)} examples; slices clipped to {slices}")
         previous = _load_study(self.storage, cfg.search.study_name)
-        if previous is not None and previous.user_attrs.get("metric", metric_name) != metric_name:
-            raise ValueError(
-                f"the study {cfg.search.study_name!r} in {self.storage} optimised "
-                f"{previous.user_attrs['metric']!r}, the config asks for {metric_name!r}. "
-                "Fix: use another run directory or search.study_name"
-            )
         done = len(previous.get_trials(deepcopy=False, states=_FINISHED)) if previous is not None else 0
         remaining = max(self.n_trials - done, 0)
         if done:
@@ -319,6 +312,9 @@ class Run:
                 timeout=cfg.search.timeout,
                 progress=False,
                 n_startup_trials=cfg.search.n_startup_trials,
+                objective_info={"metric": metric_name, "dev": fingerprint(dev[: slices[-1]])},
+                heartbeat_interval=cfg.search.heartbeat_interval,
+                grace_period=cfg.search.grace_period,
             )
             bar.update(trials, completed=remaining)
         study.set_user_attr("metric", metric_name)
@@ -444,11 +440,8 @@ _FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
 def _load_study(storage: str, name: str) -> optuna.Study | None:
-    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///") :]).is_file():
-        return None  # do not create an empty database file just to look
-    with suppress(KeyError):
-        return optuna.load_study(study_name=name, storage=storage)
-    return None
+    """The stored study, or None; storage problems (missing driver, server down) are one-line errors."""
+    return load_study(storage, name, heartbeat_interval=None, grace_period=None)
 
 
 def _model_name(path: Path) -> str:

@@ -26,25 +26,42 @@ Design choices:
   over Optuna's ``constraints_func`` because infeasible trials there still complete and carry a value.
 - **Per-domain sampler seeds.** :func:`sampler_seed` derives the TPE seed from a name (the dev data's),
   so searches on different domains draw different candidate sequences instead of the same ones.
-- **Resume.** ``load_if_exists=True``; COMPLETE and PRUNED trials count toward ``n_trials``,
-  so a rerun only runs what is left. Enqueued points are not re-enqueued if a trial with the
-  same parameters is complete, pruned, waiting or running (a failed/interrupted one is
-  retried; Optuna's own ``skip_if_exists`` would skip it). The sampler's seed is offset by
-  the number of stored trials so a resumed run does not replay the first run's samples.
+- **Resume and many workers.** The study lives in an Optuna RDB storage (SQLite file, PostgreSQL,
+  ...); any number of processes started with the same storage URL and study name cooperate on it,
+  and a rerun resumes it. ``n_trials`` is the study's total: a worker stops when that many trials
+  are complete or pruned, and waits (rather than starting a surplus trial) while the last ones run
+  elsewhere. The process that creates the study (creation is atomic in the database) records the
+  objective (metric, dev data fingerprint, direction, knob ranges, slices) as a study user attribute
+  after enqueueing the equivalence point and start points; every other worker waits for that record,
+  refuses to join if its own objective differs, and re-enqueues only points with no live or finished
+  trial (a failed or interrupted one is retried). A point enqueued twice by a race is still evaluated
+  once: a trial popped from the queue whose parameters an earlier trial already runs or finished is
+  skipped (state FAIL, user attribute ``skipped``).
+- **Crashes.** Running trials send a heartbeat; a trial whose heartbeat is older than the grace period
+  (its process was killed) is failed by whichever worker looks next and re-queued with the same
+  parameters (``RetryHeartbeatStaleTrialCallback``), so a killed equivalence trial is evaluated after
+  all. The sampler is seeded per trial (``seed + trial number``): workers starting together draw
+  different points, and a resumed run does not replay the first run's draws.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
+import socket
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
-from optuna.distributions import FloatDistribution
-from optuna.trial import TrialState
+from optuna.distributions import BaseDistribution, FloatDistribution
+from optuna.samplers import BaseSampler, TPESampler
+from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
 
 from nvib.objectives import TrialResult
 
@@ -53,10 +70,14 @@ __all__ = [
     "EQUIVALENCE_STDEV_TAU",
     "KIND_SUFFIX",
     "KNOBS",
+    "ObjectiveMismatchError",
     "SearchSpace",
+    "StorageError",
     "best_knobs",
     "equivalence_point",
     "knob_names",
+    "load_study",
+    "open_storage",
     "run_search",
     "sampler_seed",
 ]
@@ -67,8 +88,26 @@ KIND_SUFFIX: dict[str, str] = {"encoder": "e", "cross": "c", "decoder": "d"}
 KNOBS: tuple[str, ...] = tuple(f"{p}_{s}" for p in ("alpha_tau", "stdev_tau") for s in KIND_SUFFIX.values())
 EQUIVALENCE_ALPHA_TAU = 10.0
 EQUIVALENCE_STDEV_TAU = 0.0
+#: The study user attribute holding the objective a study was created for.
+OBJECTIVE_ATTR = "objective"
+#: Default heartbeat of running trials and the silence after which a trial counts as dead (seconds).
+HEARTBEAT_INTERVAL, GRACE_PERIOD = 10, 60
 
 Objective = Callable[[dict[str, float], int], Any]  # float, (float, n_tokens) or a TrialResult
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+_LIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+#: Python module of a database driver -> the package that provides it.
+_DRIVER_PACKAGES = {
+    "psycopg2": "psycopg2-binary",
+    "psycopg": "psycopg[binary]",
+    "pg8000": "pg8000",
+    "asyncpg": "asyncpg",
+    "pymysql": "PyMySQL",
+    "MySQLdb": "mysqlclient",
+    "mysql": "mysql-connector-python",
+    "oracledb": "oracledb",
+    "pyodbc": "pyodbc",
+}
 
 
 def sampler_seed(name: str, seed: int = 0) -> int:
@@ -76,6 +115,14 @@ def sampler_seed(name: str, seed: int = 0) -> int:
     different for different names, and shifted by ``seed`` (a search seed)."""
     digest = hashlib.sha256(f"{name}\0{seed}".encode()).digest()
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+class StorageError(ValueError):
+    """The Optuna storage URL cannot be used (missing driver, server unreachable, bad URL)."""
+
+
+class ObjectiveMismatchError(ValueError):
+    """A stored study was created for another objective than the one asked for."""
 
 
 @dataclass
@@ -128,6 +175,177 @@ def equivalence_point(
     return {k: (alpha_tau if k.startswith("alpha") else stdev_tau) for k in knob_names(kinds)}
 
 
+# ----------------------------------------------------------------------------------------------
+# storage
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password (for messages)."""
+    try:
+        import sqlalchemy
+
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not even a URL: show it as given
+        return url
+
+
+def _missing_module(err: BaseException) -> str:
+    """The top-level module an ImportError (or one it wraps, as Optuna does) failed to import."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, ImportError) and seen.name:
+            return seen.name.split(".")[0]
+        seen = seen.__cause__ or seen.__context__
+    return "the database driver"
+
+
+def open_storage(
+    url: str, *, heartbeat_interval: int | None = HEARTBEAT_INTERVAL, grace_period: int | None = GRACE_PERIOD
+) -> RDBStorage:
+    """An Optuna RDB storage whose running trials send a heartbeat every ``heartbeat_interval`` s;
+    a trial silent for ``grace_period`` s is failed and re-queued (up to 3 times).
+
+    Raises StorageError (one line, naming the fix) for a missing database driver, an unreachable
+    server or a malformed URL.
+    """
+    import sqlalchemy.exc
+
+    if heartbeat_interval is not None and grace_period is not None and grace_period <= heartbeat_interval:
+        raise ValueError(
+            f"grace_period ({grace_period} s) must exceed heartbeat_interval ({heartbeat_interval} s): "
+            "a live trial would be failed between two heartbeats"
+        )
+    safe = _safe_url(url)
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                callback = RetryHeartbeatStaleTrialCallback(max_retry=3) if heartbeat_interval else None
+                return RDBStorage(
+                    url,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period if heartbeat_interval else None,
+                    heartbeat_stale_trial_callback=callback,
+                )
+        except ImportError as err:
+            module = _missing_module(err)
+            package = _DRIVER_PACKAGES.get(module, module)
+            extra = " (or pip install 'nvib[postgres]')" if module == "psycopg" else ""
+            raise StorageError(
+                f"the Optuna storage {safe} needs the database driver {module!r}, which is not installed. "
+                f"Fix: pip install '{package}'{extra}, or use a sqlite:/// storage"
+            ) from None
+        except sqlalchemy.exc.NoSuchModuleError:
+            raise StorageError(
+                f"{safe} names an unknown database dialect. Fix: use an SQLAlchemy URL such as "
+                "sqlite:///path/study.db or postgresql://user:password@host:5432/database"
+            ) from None
+        except sqlalchemy.exc.ArgumentError as err:
+            raise StorageError(
+                f"{safe!r} is not a storage URL ({err}). Fix: e.g. sqlite:///path/study.db or "
+                "postgresql://user:password@host:5432/database"
+            ) from None
+        except sqlalchemy.exc.OperationalError as err:
+            reason = " ".join(str(getattr(err, "orig", err)).split())
+            raise StorageError(
+                f"cannot connect to the Optuna storage {safe} ({reason}). "
+                "Fix: start the database server, or correct host, port, user and database in the URL"
+            ) from None
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # Workers starting together on an empty database race to create Optuna's tables; the loser
+            # sees a duplicate table or row: the tables exist now, so try again.
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def load_study(storage: str | BaseStorage, study_name: str, **storage_kwargs: Any) -> optuna.Study | None:
+    """The stored study of that name, or None (an absent SQLite file is not created just to look)."""
+    if isinstance(storage, str):
+        if storage.startswith("sqlite:///") and not os.path.isfile(storage[len("sqlite:///") :]):
+            return None
+        storage = open_storage(storage, **storage_kwargs)
+    try:
+        return optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# the objective a study was created for
+
+
+def _normalise(value: Any) -> Any:
+    """JSON round trip: tuples become lists, keys strings (what the storage gives back)."""
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
+def _check_objective(study: optuna.Study, wanted: dict[str, Any], where: str) -> None:
+    stored = study.user_attrs.get(OBJECTIVE_ATTR)
+    if stored is None:
+        return
+    for key in sorted(set(stored) | set(wanted)):
+        if stored.get(key) != wanted.get(key):
+            raise ObjectiveMismatchError(
+                f"the study {study.study_name!r} in {where} was created for {key}={stored.get(key)!r}, this run "
+                f"asks for {key}={wanted.get(key)!r}; its trials are not comparable. Fix: use a new study name "
+                "(search.study_name) or another run directory, or restore the original setting"
+            )
+
+
+def _wait_for_objective(study: optuna.Study, timeout: float) -> dict[str, Any] | None:
+    """The objective record of a study being set up by another worker (None if it never appears)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stored = study.user_attrs.get(OBJECTIVE_ATTR)
+        if stored is not None or time.monotonic() >= deadline:
+            return stored
+        if study.get_trials(deepcopy=False, states=_FINISHED):
+            return None  # a study from before objectives were recorded: not being set up
+        time.sleep(0.2)
+
+
+# ----------------------------------------------------------------------------------------------
+# the search
+
+
+class _TrialSeededTPE(BaseSampler):
+    """TPE whose random stream is seeded by ``seed + trial.number``: reproducible for one worker, and
+    workers (or a resumed run) sharing a study never replay each other's draws."""
+
+    def __init__(self, seed: int, **tpe_kwargs: Any):
+        self._seed, self._kwargs = seed, tpe_kwargs
+        self._tpe = TPESampler(seed=seed, **tpe_kwargs)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._tpe = TPESampler(seed=self._seed + trial.number, **self._kwargs)
+        self._tpe.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self._tpe.infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        return self._tpe.sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ) -> Any:
+        return self._tpe.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
+        self._tpe.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._tpe.reseed_rng()
+
+
+class _Skipped(Exception):
+    """A trial popped from the queue that must not be evaluated (duplicate or beyond the budget)."""
+
+
 def _distributions(
     study: optuna.Study, names: Sequence[str], space: SearchSpace, points: Sequence[Mapping[str, float]]
 ) -> dict[str, FloatDistribution]:
@@ -151,10 +369,13 @@ def _same_params(a: Mapping[str, Any], b: Mapping[str, float]) -> bool:
     return a.keys() == b.keys() and all(math.isclose(float(a[k]), float(b[k]), abs_tol=1e-12) for k in b)
 
 
+def _queued_params(t: FrozenTrial) -> dict[str, Any]:
+    return t.system_attrs.get("fixed_params", t.params)
+
+
 def _enqueue(study: optuna.Study, params: dict[str, float], label: str) -> None:
-    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING, TrialState.RUNNING)
-    for t in study.get_trials(deepcopy=False, states=live):
-        if _same_params(t.system_attrs.get("fixed_params", t.params), params):
+    for t in study.get_trials(deepcopy=False, states=_LIVE):
+        if _same_params(_queued_params(t), params):
             return
     study.enqueue_trial(params, user_attrs={"start_point": label})
 
@@ -178,12 +399,31 @@ def _record_slice(trial: optuna.Trial, result: TrialResult, n_examples: int) -> 
         raise optuna.TrialPruned(result.reject)
 
 
+def _skip_reason(study: optuna.Study, number: int, n_trials: int) -> str | None:
+    """Why trial ``number`` must not run: an earlier trial already has its queued parameters, or the
+    trials before it fill the budget (two workers raced past the check in the loop)."""
+    trials = study.get_trials(deepcopy=False)
+    mine = next(t for t in trials if t.number == number)
+    earlier = [t for t in trials if t.number < number]
+    if "fixed_params" in mine.system_attrs or "failed_trial" in mine.system_attrs:
+        for t in earlier:
+            if (
+                t.state in _LIVE
+                and t.state != TrialState.WAITING
+                and _same_params(_queued_params(t), _queued_params(mine))
+            ):
+                return f"duplicate of trial {t.number}"
+    if sum(t.state in _LIVE for t in earlier) >= n_trials:
+        return f"beyond n_trials={n_trials}"
+    return None
+
+
 def run_search(
     objective: Objective,
     kinds: set[str],
     *,
     n_trials: int,
-    storage: str | None,
+    storage: str | BaseStorage | None,
     study_name: str,
     slices: Sequence[int],
     start_points: Sequence[Mapping[str, float]] = (),
@@ -194,19 +434,29 @@ def run_search(
     progress: bool = True,
     equivalence: bool = True,
     n_startup_trials: int = 5,
+    objective_info: Mapping[str, Any] | None = None,
+    heartbeat_interval: int | None = HEARTBEAT_INTERVAL,
+    grace_period: int | None = GRACE_PERIOD,
+    setup_timeout: float = 30.0,
 ) -> optuna.Study:
-    """Search the knobs of ``kinds`` for ``n_trials`` finished (complete or pruned) trials.
+    """Search the knobs of ``kinds`` until the study has ``n_trials`` finished (complete or pruned) trials.
 
     ``objective(knobs, n)`` returns the metric on the first ``n`` dev examples, or
     ``(metric, n_generated_tokens)``, or a :class:`nvib.objectives.TrialResult` (its ``attrs`` are stored
     on the trial; a ``reject`` reason prunes it, see the module notes). Each trial is evaluated on each of
-    ``slices`` in turn (ascending), reporting intermediate values and possibly being pruned before the last; the
+    ``slices`` in turn
+    (ascending), reporting intermediate values and possibly being pruned before the last; the
     trial's value is the metric on the last slice. The equivalence point (if ``equivalence``)
     and then ``start_points`` are tried first. ``storage`` is any Optuna RDB URL (e.g.
-    ``sqlite:///run/study.db``) or None for in-memory; an existing study of the same name is
-    resumed. Per-trial user attributes: ``knobs``, ``metric``, ``slice_metrics``,
-    ``n_examples``, ``wall_time_s``, ``n_tokens`` (if the objective reports them), ``pruned_reason``
-    (if rejected). ``seed``: the TPE seed (see :func:`sampler_seed` for one per domain).
+    ``sqlite:///run/study.db`` or ``postgresql://user@host/db``), a storage object, or None for
+    in-memory; an existing study of the same name is resumed or joined (other processes may be
+    working on it). ``objective_info`` (e.g. ``{"metric": "rougeL", "dev": <fingerprint>}``) is
+    recorded with the direction, knob ranges and slices when the study is created, and a study
+    created for another objective is refused (``ObjectiveMismatchError``). Running trials send a
+    heartbeat every ``heartbeat_interval`` s; one silent for ``grace_period`` s is failed and
+    re-queued. Per-trial user attributes: ``knobs``, ``metric``, ``slice_metrics``,
+    ``n_examples``, ``wall_time_s``, ``worker``, ``n_tokens`` (if the objective reports them),
+    ``pruned_reason`` (if rejected). ``seed``: the TPE seed (see :func:`sampler_seed` for one per domain).
     """
     space = space or SearchSpace()
     space.validate()
@@ -227,27 +477,60 @@ def run_search(
             raise ValueError(f"start point {i} has knobs {sorted(extra)} not searched for kinds {sorted(kinds)}")
         # Knobs a start point leaves out are sampled by TPE.
         points.append(({k: float(v) for k, v in p.items()}, f"start_{i}"))
+    wanted = _normalise(
+        {
+            **dict(objective_info or {}),
+            "direction": direction,
+            "knobs": {n: list(space.range(n)) for n in names},
+            "slices": slices,
+        }
+    )
 
-    study = optuna.create_study(
+    where = "memory"
+    if isinstance(storage, str):
+        where = _safe_url(storage)
+        storage = open_storage(storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+    study_kwargs = dict(
         storage=storage,
         study_name=study_name,
         direction=direction,
-        load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=seed),
+        sampler=_TrialSeededTPE(seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials, n_warmup_steps=0),
     )
+    try:
+        # Creation is atomic (a unique study name in the database): exactly one worker creates it.
+        study, created = optuna.create_study(**study_kwargs, load_if_exists=False), True
+    except optuna.exceptions.DuplicatedStudyError:
+        study, created = optuna.create_study(**study_kwargs, load_if_exists=True), False
     if study.direction != optuna.study.StudyDirection[direction.upper()]:
-        raise ValueError(f"study {study_name!r} in storage has direction {study.direction.name.lower()}")
-    n_stored = len(study.get_trials(deepcopy=False))
-    if n_stored:
-        # A resumed run must not replay the random stream of the first run (its startup trials
-        # would repeat points already evaluated): offset the seed by the trials stored.
-        study.sampler = optuna.samplers.TPESampler(seed=seed + n_stored)
+        raise ObjectiveMismatchError(
+            f"the study {study_name!r} in {where} has direction {study.direction.name.lower()}, this run asks to "
+            f"{direction}. Fix: use a new study name (search.study_name) or another run directory"
+        )
+    if not created:
+        stored = _wait_for_objective(study, setup_timeout)
+        if stored is not None:
+            _check_objective(study, wanted, where)
+        elif "metric" in study.user_attrs and "metric" in wanted and study.user_attrs["metric"] != wanted["metric"]:
+            raise ObjectiveMismatchError(
+                f"the study {study_name!r} in {where} optimised {study.user_attrs['metric']!r}, this run asks for "
+                f"{wanted['metric']!r}. Fix: use a new study name (search.study_name) or another run directory"
+            )
     dists = _distributions(study, names, space, [p for p, _ in points])
+    # The creator enqueues the points, then records the objective (which joiners wait for); a joiner
+    # re-enqueues only points whose trial failed or was interrupted.
     for params, label in points:
         _enqueue(study, params, label)
+    if OBJECTIVE_ATTR not in study.user_attrs:
+        study.set_user_attr(OBJECTIVE_ATTR, wanted)
+    worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def trial_fn(trial: optuna.Trial) -> float:
+        reason = _skip_reason(study, trial.number, n_trials)
+        if reason is not None:
+            trial.set_user_attr("skipped", reason)
+            raise _Skipped(reason)
+        trial.set_user_attr("worker", worker)
         knobs = {n: trial.suggest_float(n, dists[n].low, dists[n].high) for n in names}
         trial.set_user_attr("knobs", knobs)
         start = time.perf_counter()
@@ -272,10 +555,32 @@ def run_search(
                 raise optuna.TrialPruned()
         return metric
 
-    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-    remaining = n_trials - done
-    if remaining > 0:
-        study.optimize(trial_fn, n_trials=remaining, timeout=timeout, show_progress_bar=progress)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_trials, desc="search", unit="trial")
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            finished = sum(t.state in _FINISHED for t in trials)
+            running = sum(t.state == TrialState.RUNNING for t in trials)
+            if bar is not None:
+                bar.update(min(finished, n_trials) - bar.n)
+            if finished >= n_trials:
+                break
+            if finished + running >= n_trials:
+                # The last trials run elsewhere (or in a killed process, failed once their heartbeat is stale).
+                time.sleep(0.5)
+                continue
+            study.optimize(trial_fn, n_trials=1, catch=(_Skipped,), show_progress_bar=False)
+    finally:
+        if bar is not None:
+            bar.close()
     return study
 
 

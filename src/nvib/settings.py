@@ -26,7 +26,7 @@ from pydantic_core import PydanticCustomError
 
 from nvib.config import bounds
 from nvib.evaluate import DEFAULT_OBJECTIVE, TASK_METRICS, TASKS, GenerationArgs
-from nvib.search import KNOBS, SearchSpace
+from nvib.search import GRACE_PERIOD, HEARTBEAT_INTERVAL, KNOBS, SearchSpace
 
 __all__ = [
     "MODEL_KINDS",
@@ -133,11 +133,13 @@ class SearchSection:
     """``slices``: growing dev prefixes each trial is scored on (clipped to the dev size); ``ranges``:
     ``alpha_tau`` / ``stdev_tau`` (every kind) or a single knob such as ``alpha_tau_c`` -> [low, high];
     ``start_points``: knob dicts tried first (after the equivalence point); ``storage``: an Optuna
-    storage URL (default: ``sqlite:///RUN_DIR/study.db``); ``metric``: default per task (``nll``, the
-    likelihood of the dev references, for summarisation and translation); ``min_diversity``: a search on a
-    generation metric prunes knobs whose dev outputs are less diverse than this fraction of the unconverted
-    model's (null: no guard); ``seed``: shifts the TPE seed, which is derived from the dev data's name so
-    different domains draw different candidates."""
+    storage URL (default: ``sqlite:///RUN_DIR/study.db``; runs started with the same URL and
+    ``study_name`` share the study); ``metric``: default per task (``nll``, the likelihood of the dev
+    references, for summarisation and translation); ``min_diversity``: a search on a generation metric
+    prunes knobs whose dev outputs are less diverse than this fraction of the unconverted model's (null: no
+    guard); ``seed``: shifts the TPE seed, which is derived from the dev data's name so different domains
+    draw different candidates; ``heartbeat_interval`` / ``grace_period``: seconds between heartbeats of a
+    running trial / of silence after which it is failed and re-queued (its process died)."""
 
     n_trials: NonNegativeInt = 30
     slices: tuple[PositiveInt, ...] = (32, 128)
@@ -150,8 +152,15 @@ class SearchSection:
     seed: Int = 0
     timeout: Annotated[float, Strict(), Gt(0)] | None = None
     n_startup_trials: Int = 5
+    heartbeat_interval: PositiveInt = HEARTBEAT_INTERVAL
+    grace_period: PositiveInt = GRACE_PERIOD
 
     def __post_init__(self) -> None:
+        if self.grace_period <= self.heartbeat_interval:
+            raise ValueError(
+                f"grace_period ({self.grace_period} s) must exceed heartbeat_interval ({self.heartbeat_interval} s): "
+                "a live trial would be failed between two heartbeats"
+            )
         if not self.slices or sorted(set(self.slices)) != list(self.slices):
             raise ValueError(f"slices must be positive and strictly increasing, got {list(self.slices)}")
         for i, point in enumerate(self.start_points):
