@@ -76,20 +76,22 @@ class Slot:
             for i in range(3)
         ]
 
-    def _tensors(self) -> list[torch.Tensor]:
-        ts = [t for wb in self.qkv_weights() for t in wb if t is not None]
-        return ts + list(self.layer.parameters()) + list(self.layer.buffers())
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor the folded weights depend on (read from the modules each time: `.to()` replaces buffers)."""
+        layer = self.layer
+        own = (t for p in self.proj for t in (p.weight, p.bias) if t is not None)
+        return (*own, *layer._parameters.values(), *layer._buffers.values())
 
     def fold(self) -> dict:
-        """Fast-form weights (spec §6), rebuilt only when a parameter, dtype or device changed."""
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in self._tensors())
-        key = tuple((0 if t.is_inference() else t._version, t.data_ptr(), t.dtype) for t in self._tensors())
-        if not grad and self.folded is not None and key == self.folded_key:
+        """Fast-form weights (spec §6), rebuilt only when a parameter (in-place update), dtype or device changed."""
+        ts = self._tensors()
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+        if not grad and self.folded is not None and _state(ts) == self.folded_key:
             return self.folded
         with torch.set_grad_enabled(grad):
             folded = self._build()
         if not grad:
-            self.folded, self.folded_key = folded, key
+            self.folded, self.folded_key = folded, _state(ts)
         return folded
 
     def _build(self) -> dict:
@@ -117,19 +119,20 @@ class Slot:
         g0 = (wv_h * t.prior_ratio) @ wk_h.transpose(1, 2)
         g = (wv_h * t.ratio) @ wk_h.transpose(1, 2) if bool(t.ratio.max() > 1e-9) else None
         key_scale, key_shift = t.key_scale.to(dtype), t.key_shift.to(dtype)
+        g_t, d_t = (None if g is None else g.transpose(1, 2).to(dtype)), (g0 if g is None else g0 - g).transpose(1, 2)
         return dict(
             general=False,
             # k̃ = W_k(key_scale ⊙ z + key_shift) + b_k: transform z, not the weights (spec §6 with W_μ = τ_μ I)
-            identity=bool((key_scale == 1).all() and (key_shift == 0).all()),
-            key_scale=key_scale,
-            key_shift=key_shift,
+            scale=None if bool((key_scale == 1).all()) else key_scale,
+            shift=None if bool((key_shift == 0).all()) else key_shift,
             c_lin=t.c_lin.to(f) if bool(t.c_lin.abs().max() > 0) else None,
             # w_2 − τ_μ²/(2β) is 0 at τ_σ = 0 but for float round-off of w_2: then skip the z⊙z pass
             c_quad=t.c_quad.to(f) if bool(t.c_quad.abs().max() > 1e-6 * self.layer.alpha_w2.abs().max()) else None,
             prior_k=prior_k.to(dtype),
             prior_v=prior_v.to(dtype),
-            g=None if g is None else g.transpose(1, 2).to(dtype),  # [H, E, E], applied as q @ Gᵀ
-            g0_minus_g=(g0 if g is None else g0 - g).transpose(1, 2).to(dtype),
+            # [Gᵀ | (G_0 − G)ᵀ] per head, [H, E, 2E] (or [H, E, E] without G), applied as one batched q @ ·
+            g_both=(d_t if g is None else torch.cat([g_t, d_t], 2)).to(dtype),
+            has_g=g is not None,
         )
 
     # ---- projections ------------------------------------------------------------------------
@@ -150,6 +153,12 @@ class Slot:
     ) -> torch.Tensor:
         """[..., H, E] plus one channel per head ([...] or a constant) and the spare channels
         ([..., H, spare], zeros when None) -> [..., H·width]."""
+        if not self.spare:  # one padded copy instead of building the channel and concatenating
+            if isinstance(extra, float):
+                return F.pad(out, (0, 1), value=extra).flatten(-2)
+            res = F.pad(out, (0, 1))
+            res.select(-1, self.head_dim).copy_(extra.clamp(-C_LIMIT, C_LIMIT)[..., None])
+            return res.flatten(-2)
         if isinstance(extra, float):
             channel = out.new_full((*out.shape[:-1], 1), extra)
         else:
@@ -184,16 +193,17 @@ class Slot:
             if which == "v":
                 return self._with_channel(self._linear("v", z), 0.0, second)
             return self._with_channel(self._linear("k", z), t.c, first)
-        z = x if w["identity"] else x * w["key_scale"] + w["key_shift"]
+        z = x if w["scale"] is None else x * w["scale"]
+        z = z if w["shift"] is None else z + w["shift"]
         if which == "v":
             return self._with_channel(self._linear("v", z), 0.0)
-        c = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32)).expand(x.shape[:-1])
-        x32 = x.to(c.dtype)
+        x32, c = x.to(torch.promote_types(x.dtype, torch.float32)), None
         if w["c_lin"] is not None:
             c = x32 @ w["c_lin"]
         if w["c_quad"] is not None:
-            c = c + (x32 * x32) @ w["c_quad"]
-        return self._with_channel(self._linear("k", z), c)
+            quad = (x32 * x32) @ w["c_quad"]
+            c = quad if c is None else c + quad
+        return self._with_channel(self._linear("k", z), 0.0 if c is None else c)
 
     def _project_train(self, which: str, x: torch.Tensor) -> torch.Tensor:
         """Spec §8: keys/values of a sampled z̃, with log γ − ‖z̃‖²/(2√E) as the key's bias channel."""
@@ -258,18 +268,29 @@ class Slot:
         return o.to(query.dtype)
 
     def correct(self, out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """Add (1 − a_m0)·G q + a_m0·G_0 q (spec §6) to the attention output [B, H, Q, E+1] → [B, H, Q, E]."""
+        """Add (1 − a_m0)·G q + a_m0·G_0 q (spec §6) to the attention output [B, H, Q, E+1] → [B, Q, H, E].
+
+        Works in the [B, Q, H, ·] layout the projections and SDPA's CPU kernels already use, so the module's
+        final reshape is a view; G q and (G_0 − G) q come from one batched product over the heads.
+        """
+        out = out.transpose(1, 2)
         o, a0 = out[..., :-1], out[..., -1:]
         if self.mass_log is not None:
             self.mass_log.append((float(a0.float().sum()), a0.numel()))
         if self.layer.training:
             return o
         w = self.folded  # validated by prepend_prior in this same call
-        q = query[..., :-1]
-        o = o + a0 * (q @ w["g0_minus_g"])
-        if w["g"] is not None:
-            o = o + q @ w["g"]
-        return o
+        B, Q, H, E = o.shape
+        q = query.transpose(1, 2)[..., :-1].reshape(B * Q, H, E).transpose(0, 1)  # [H, B·Q, E]
+        r = torch.bmm(q, w["g_both"]).transpose(0, 1).view(B, Q, H, -1)  # [B, Q, H, E or 2E]
+        if not w["has_g"]:
+            return torch.addcmul(o, a0, r)
+        return torch.addcmul(o + r[..., :E], a0, r[..., E:])
+
+
+def _state(tensors: tuple) -> tuple:
+    """What identifies the values of `tensors`: in-place updates bump `_version`, `.to()` moves the data."""
+    return tuple((0 if t.is_inference() else t._version, t.data_ptr(), t.dtype) for t in tensors if t is not None)
 
 
 def _key_mask(mask: torch.Tensor | None, batch: int, q_len: int, n_tokens: int, is_causal: bool, device):
@@ -323,7 +344,7 @@ def nv_attention_forward(
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=slot.scaling
     )
-    return slot.correct(out, query).transpose(1, 2), None
+    return slot.correct(out, query), None
 
 
 def _nv_mask(*args, **kwargs):
