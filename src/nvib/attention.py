@@ -35,6 +35,12 @@ from nvib.layer import NVIBLayer
 
 ATTN_NAME = "nvib"
 C_LIMIT = 1e4  # |c_n| bound so the bias channel stays finite in float16 (e^-1e4 is already 0)
+# Evaluation on CPU attends to the tokens with the fused kernel that also returns the log-sum-exp of the scores, and
+# merges the prior component afterwards (`Slot.attend_split`): no per-call copy of the keys and values with the prior
+# prepended. False (or another device, training, per-token variances) prepends the prior instead; tests compare both.
+SPLIT_PRIOR = True
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_SPLIT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclasses.dataclass(eq=False)
@@ -244,6 +250,24 @@ class Slot:
             self.with_prior = (weakref.ref(key, self._forget), w, *out)
         return out
 
+    def attend_split(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None, prior_bias
+    ) -> torch.Tensor:
+        """Fast-form attention over the prior and the tokens, without concatenating them: q/k/v [B, H, *, E+1]
+        (tokens only), `bias` the tokens' additive mask/bias [., ., Q, N] (finite), `prior_bias` the prior's or None.
+
+        With l_m = log Σ_n≥1 exp(s_mn) from the kernel, the prior's weight is a_m0 = sigmoid(s_m0 − l_m) and the
+        output (1 − a_m0)·(token output) + a_m0·ṽ_0 is exactly softmax over n = 0..N (spec §6). Returns [B, H, Q, E+1].
+        """
+        w = self.fold()
+        out, lse = _FLASH_CPU(query, key, value, attn_mask=bias, scale=self.scaling)
+        prior_k, prior_v = w["prior_k"], w["prior_v"]  # [H, E+1]
+        s0 = (query @ prior_k[:, :, None]).squeeze(-1) * self.scaling  # [B, H, Q]
+        if prior_bias is not None:
+            s0 = s0 + prior_bias.squeeze(-1)
+        a0 = torch.sigmoid(s0.to(lse.dtype) - lse).to(out.dtype)
+        return torch.lerp(out, prior_v[:, None, :], a0[..., None])
+
     def general_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask) -> torch.Tensor:
         """Spec §4 with per-token variances: q/k/v [B, H, *, width] (prior at n = 0) -> [B, H, Q, E].
 
@@ -323,6 +347,28 @@ def nv_attention_forward(
             position_bias=position_bias, **kwargs,
         )  # fmt: skip
     B, _, Q, _ = query.shape
+    if (
+        SPLIT_PRIOR
+        and not slot.spare
+        and not slot.layer.training
+        and query.device.type == "cpu"
+        and query.dtype in _SPLIT_DTYPES
+        and _FLASH_CPU is not None
+    ):
+        n_tokens = key.shape[2]
+        if attention_mask is not None and attention_mask.shape[-1] > n_tokens:
+            attention_mask = attention_mask[..., -n_tokens:]
+        allowed = _key_mask(attention_mask, B, Q, n_tokens, bool(getattr(module, "is_causal", False)), query.device)
+        bias = prior_bias = None
+        low = torch.finfo(query.dtype).min  # finite: a query that sees no token gets a_m0 = 1 (the prior)
+        if position_bias is not None:
+            position_bias = position_bias.to(query.dtype)
+            bias = position_bias[..., -n_tokens:]
+            prior_bias = position_bias[..., :1] if position_bias.shape[-1] == n_tokens + 1 else None
+            bias = bias if allowed is None else torch.where(allowed, bias, low)
+        elif allowed is not None:
+            bias = torch.where(allowed, query.new_zeros(()), low)
+        return slot.correct(slot.attend_split(query, key, value, bias, prior_bias), query), None
     key, value = slot.prepend_prior(key, value)
     if slot.spare and slot.layer.training:  # sampling (spec §8) needs no ratios
         query, key, value = (t[..., : slot.head_dim + 1] for t in (query, key, value))
