@@ -94,9 +94,13 @@ def test_fast_form_equals_reference(site, split, monkeypatch):
             assert (out[b] - ref).abs().max() <= 1e-10
 
 
+@pytest.mark.parametrize("chunk", [None, 1], ids=["heads-at-once", "head-by-head"])
 @pytest.mark.parametrize("site", ["encoder.0", "decoder.1", "cross"])
-def test_general_form_equals_reference(site):
-    """Per-token variances (W_σ ≠ 0): the module output is spec §4 computed literally."""
+def test_general_form_equals_reference(site, chunk, monkeypatch):
+    """Per-token variances (W_σ ≠ 0): the module output is spec §4 computed literally (heads in one group or one
+    at a time, as for long inputs)."""
+    if chunk is not None:
+        monkeypatch.setattr(nvib.attention, "GENERAL_CHUNK", chunk)
     g = torch.Generator().manual_seed(3)
     torch.manual_seed(0)
     nv = nvib.convert(TINY[0].build().eval().double(), per_token_variance=True)

@@ -41,6 +41,7 @@ C_LIMIT = 1e4  # |c_n| bound so the bias channel stays finite in float16 (e^-1e4
 SPLIT_PRIOR = True
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _SPLIT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+GENERAL_CHUNK = 1 << 22  # elements of the general form's per-head-group temporaries (16 MB in float32)
 
 
 @dataclasses.dataclass(eq=False)
@@ -269,10 +270,12 @@ class Slot:
         return torch.lerp(out, prior_v[:, None, :], a0[..., None])
 
     def general_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask) -> torch.Tensor:
-        """Spec §4 with per-token variances: q/k/v [B, H, *, width] (prior at n = 0) -> [B, H, Q, E].
+        """Spec §4 with per-token variances: q/k/v [B, H, *, width] (prior at n = 0) -> [B, Q, H, E].
 
-        Costs eager attention plus, per head, B·Q·(N+1)·P multiply-adds for Σ_n a_mn σ²_n/β_n and 2·B·Q·E·P
-        for the lift u = W_kᵀq and the projection back: about H·Q·N·P per module, the lifting the fast form avoids.
+        Costs eager attention plus B·H·Q·(N+1)·P multiply-adds for Σ_n a_mn σ²_n/β_n and 2·B·H·Q·E·P for the lift
+        u = W_kᵀq and the projection back: the lifting the fast form avoids. Heads go in groups, each group's
+        products as single batched matrix products, sized so that the [B, heads, Q, P] temporaries stay near
+        `GENERAL_CHUNK` elements (all heads at once when decoding one token).
         """
         w = self.fold()
         E, E1 = self.head_dim, self.head_dim + 1
@@ -280,15 +283,22 @@ class Slot:
         scores = query[..., :E1].to(f) @ key[..., :E1].to(f).transpose(-1, -2) * self.scaling
         if mask is not None:
             scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask.to(f)
-        a = scores.softmax(-1)
+        a = scores.softmax(-1)  # [B, H, Q, N+1]
         out = a @ value[..., :E1].to(f)
         if self.mass_log is not None:
             self.mass_log.append((float(out[..., E].sum()), out[..., E].numel()))
         ratio, q = self.gather_ratio(key, value).to(f), query[..., :E].to(f)  # [B, N+1, P], [B, H, Q, E]
-        o = out[..., :E].clone()
-        for h in range(self.heads):  # one head at a time: [B, Q, P] temporaries instead of [B, H, Q, P]
-            lifted = (a[:, h] @ ratio).mul_(q[:, h] @ w["wk_h"][h])  # (Σ_n a_mn σ²_n/β_n) ⊙ W_kᵀq_m
-            o[:, h] += lifted @ w["wv_h"][h]
+        B, H, Q, N1 = a.shape
+        P = ratio.shape[-1]
+        o = out[..., :E].transpose(1, 2).contiguous()  # [B, Q, H, E]
+        step = max(1, min(H, GENERAL_CHUNK // (B * Q * P)))
+        for h0 in range(0, H, step):
+            hs = slice(h0, min(H, h0 + step))
+            n = hs.stop - hs.start
+            weights = (a[:, hs].reshape(B, n * Q, N1) @ ratio).view(B, n, Q, P)  # Σ_n a_mn σ²_n/β_n
+            u = torch.bmm(q[:, hs].transpose(0, 1).reshape(n, B * Q, E), w["wk_h"][hs])  # W_kᵀ q, [n, B·Q, P]
+            u.view(n, B, Q, P).mul_(weights.transpose(0, 1))
+            o[:, :, hs] += torch.bmm(u, w["wv_h"][hs]).view(n, B, Q, E).permute(1, 2, 0, 3)
         return o.to(query.dtype)
 
     def correct(self, out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
@@ -386,7 +396,7 @@ def nv_attention_forward(
         bias = bias.to(query.dtype)
         mask = bias if mask is None else torch.where(mask, bias, torch.finfo(query.dtype).min)
     if slot.spare and not slot.layer.training:
-        return slot.general_attention(query, key, value, mask).transpose(1, 2), None
+        return slot.general_attention(query, key, value, mask), None
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=slot.scaling
     )
