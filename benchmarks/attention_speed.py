@@ -125,7 +125,7 @@ def _runners(model, row: ModelRow) -> dict[str, Callable[[], None]]:
     }
 
 
-def measure_time(name: str, variant: str, reps: int, threads: int) -> dict:
+def measure_time(name: str, variant: str, reps: int, threads: int, works: list[str]) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -136,7 +136,7 @@ def measure_time(name: str, variant: str, reps: int, threads: int) -> dict:
     runs = {"stock": _runners(stock, row), "nv": _runners(nv, row)}
     result = {}
     with torch.inference_mode():
-        for work in row.workloads:
+        for work in works:
             times = {"stock": [], "nv": []}
             runs["stock"][work](), runs["nv"][work]()  # warm-up (fast-form weights folded once)
             for _ in range(reps):
@@ -155,7 +155,7 @@ def _peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def measure_memory(name: str, variant: str, threads: int) -> dict:
+def measure_memory(name: str, variant: str, threads: int, works: list[str]) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -166,7 +166,7 @@ def measure_memory(name: str, variant: str, threads: int) -> dict:
     loaded = _peak_rss_mb()
     runs = _runners(model, row)
     with torch.inference_mode():
-        for work in row.workloads:
+        for work in works:
             runs[work]()
     return {"peak_rss_mb": _peak_rss_mb(), "model_rss_mb": loaded}
 
@@ -174,17 +174,22 @@ def measure_memory(name: str, variant: str, threads: int) -> dict:
 def _child(args: argparse.Namespace, mode: str, name: str, variant: str) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, name, variant, "--reps", str(args.reps)]
     cmd += ["--threads", str(args.threads)]
+    cmd += ["--workloads", *_workloads(args, MODELS[name])]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _table(name: str, row: ModelRow, timed: dict, memory: dict) -> str:
-    head = "| variant | " + " | ".join(f"{w}: stock s, NV s, best-of-N, median" for w in row.workloads)
-    lines = [head + " | peak RSS MB (stock, NV, ratio) |", "|---" * (len(row.workloads) + 2) + "|"]
+def _workloads(args: argparse.Namespace, row: ModelRow) -> list[str]:
+    return [w for w in row.workloads if not args.workloads or w in args.workloads]
+
+
+def _table(name: str, row: ModelRow, timed: dict, memory: dict, works: list[str]) -> str:
+    head = "| variant | " + " | ".join(f"{w}: stock s, NV s, best-of-N, median" for w in works)
+    lines = [head + " | peak RSS MB (stock, NV, ratio) |", "|---" * (len(works) + 2) + "|"]
     stock_mem = memory["stock"]["peak_rss_mb"]
-    for variant in row.variants:
+    for variant in timed:
         cells = []
-        for work in row.workloads:
+        for work in works:
             t = timed[variant][work]
             pairs = [n / s for s, n in zip(t["stock"], t["nv"], strict=True)]
             best = min(t["nv"]) / min(t["stock"])
@@ -199,13 +204,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, help="a subset (default: each model's own)")
+    parser.add_argument("--variants", nargs="+", help="a subset of each model's NV variants (default: all)")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)  # mode, model, variant
     args = parser.parse_args(argv)
     if args.child:
         mode, name, variant = args.child
-        result = measure_time(name, variant, args.reps, args.threads) if mode == "time" else None
-        print(json.dumps(result if result is not None else measure_memory(name, variant, args.threads)))
+        works = args.workloads
+        if mode == "time":
+            print(json.dumps(measure_time(name, variant, args.reps, args.threads, works)))
+        else:
+            print(json.dumps(measure_memory(name, variant, args.threads, works)))
         return
     tables = []
     for name in args.models:
@@ -213,13 +223,14 @@ def main(argv: list[str] | None = None) -> None:
         if not row.available():
             print(f"{name}: not available here, skipped", flush=True)
             continue
-        memory = {v: _child(args, "memory", name, v) for v in ("stock", *row.variants)}
+        variants = [v for v in row.variants if not args.variants or v in args.variants]
+        memory = {v: _child(args, "memory", name, v) for v in ("stock", *variants)}
         print(name, "memory", memory, flush=True)
         timed = {}
-        for variant in row.variants:
+        for variant in variants:
             timed[variant] = _child(args, "time", name, variant)
             print(name, variant, json.dumps(timed[variant]), flush=True)
-        tables.append(_table(name, row, timed, memory))
+        tables.append(_table(name, row, timed, memory, _workloads(args, row)))
         print(tables[-1], flush=True)
     import torch
 
