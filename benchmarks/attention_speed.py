@@ -1,131 +1,251 @@
-"""NV attention vs stock attention: time and peak memory on a bart-base-sized model (random weights).
+"""NV attention vs stock attention: time and peak memory, one data row per model (`MODELS`).
 
-    python benchmarks/attention_speed.py [--reps 3] [--threads 2] [--out benchmarks/RESULTS.md]
+    python benchmarks/attention_speed.py [--reps 7] [--threads 2] [--models bart-base gemma3-270m] [--out ...]
 
-(a) teacher-forced forward, batch 8, source 256, target 64; (b) greedy generation, batch 4, source 256,
-64 new tokens. Variants: stock, NV at the equivalence setting, NV at a regularised setting (all three the fast
-form of spec §6), and NV with per-token variances (W_σ ≠ 0, as after fine-tuning: the general form of §4). Each variant
-runs in its own process so that its peak resident memory can be read; times are the best of `reps`.
+Workloads: (a) teacher-forced forward, batch 8, source 256 (half the rows padded from 200), target 64 (encoder-decoder
+models only); (b) greedy generation, batch 4, source 256, 64 new tokens ("generate"); (c) greedy generation, batch 4,
+source 128, 24 new tokens ("short generate": the per-step overhead). Variants: stock, NV at the equivalence setting,
+NV at a regularised setting (the fast form of spec §6 for z-space models, the key-space form of §10 for rotary
+decoder-only ones), and NV with per-token variances (W_σ ≠ 0: the general form of §4; z-space models only).
+
+Time: one process per (model, variant) holds the stock model and its NV copy and alternates them, `reps` times per
+workload after one warm-up each; a row reports best-of-N (NV best / stock best) and the median of the N pairwise
+ratios (each NV run over the stock run next to it), so a noisy, shared machine shifts both sides alike.
+Memory: one fresh process per (model, variant) builds (and converts) the model, resets the kernel's peak-RSS mark
+(`/proc/self/clear_refs`), runs every workload once and reads the peak (`VmHWM`): weights plus the workload's
+peak, without the other variant's allocations in the same heap.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import platform
-import resource
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-VARIANTS = ("stock", "nv-equivalence", "nv-regularised", "nv-per-token-variance")
 BART_BASE = dict(  # facebook/bart-base (BartConfig's defaults are bart-large)
     d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12, decoder_attention_heads=12,
     encoder_ffn_dim=3072, decoder_ffn_dim=3072,
 )  # fmt: skip
 REGULARISED = dict(alpha_tau_e=-3, alpha_tau_c=-7, alpha_tau_d=2, stdev_tau_e=0.35, stdev_tau_c=0.1, stdev_tau_d=0.2)
+WORKLOADS = ("forward", "generate", "short generate")
 
 
-def measure(variant: str, reps: int, threads: int) -> dict:
-    import torch
+def _bart():
     import transformers as tf
+
+    return tf.BartForConditionalGeneration(tf.BartConfig(**BART_BASE)).eval()
+
+
+def _gemma():
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gemma3_model import load_gemma3
+
+    return load_gemma3()[0]
+
+
+def _gemma_available() -> bool:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gemma3_model import available
+
+    return available()
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRow:
+    """One benchmarked model: how to build it (eval mode), its vocabulary range, what it runs."""
+
+    build: Callable
+    vocab: int
+    workloads: tuple[str, ...]
+    variants: tuple[str, ...]
+    available: Callable[[], bool] = lambda: True
+    note: str = ""
+
+
+MODELS = {
+    "bart-base": ModelRow(
+        _bart, 50000, WORKLOADS, ("nv-equivalence", "nv-regularised", "nv-per-token-variance"),
+        note="bart-base-sized BartForConditionalGeneration, random weights",
+    ),
+    "gemma3-270m": ModelRow(
+        _gemma, 200000, ("generate", "short generate"), ("nv-equivalence", "nv-regularised"), _gemma_available,
+        note="Gemma 3 270M, real weights (key space, spec §10)",
+    ),
+}  # fmt: skip
+
+
+def _convert(model, variant: str):
+    import torch
 
     import nvib
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = tf.BartForConditionalGeneration(tf.BartConfig(**BART_BASE)).eval()
-    if variant != "stock":
-        config = nvib.NVConfig(**REGULARISED) if variant != "nv-equivalence" else nvib.NVConfig()
-        nvib.convert(model, config, per_token_variance=variant == "nv-per-token-variance")
+    if variant == "stock":
+        return model
+    config = nvib.NVConfig(**REGULARISED) if variant != "nv-equivalence" else nvib.NVConfig()
+    nvib.convert(model, config, per_token_variance=variant == "nv-per-token-variance")
     if variant == "nv-per-token-variance":
         with torch.no_grad():
             for layer in nvib.nv_layers(model).values():
                 layer.logvar_weight.normal_(0, 0.1 / layer.dim**0.5)
+    return model
+
+
+def _runners(model, row: ModelRow) -> dict[str, Callable[[], None]]:
+    import torch
+
     g = torch.Generator().manual_seed(0)
-    fwd = dict(
-        input_ids=torch.randint(4, 50000, (8, 256), generator=g),
-        attention_mask=torch.ones(8, 256, dtype=torch.long),
-        decoder_input_ids=torch.randint(4, 50000, (8, 64), generator=g),
-    )
-    fwd["attention_mask"][::2, 200:] = 0  # padding in half the rows
-    gen = dict(input_ids=fwd["input_ids"][:4], attention_mask=fwd["attention_mask"][:4])
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    ids = torch.randint(4, row.vocab, (8, 256), generator=g)
+    mask = torch.ones(8, 256, dtype=torch.long)
+    mask[::2, 200:] = 0  # padding in half the rows
+    target = torch.randint(4, row.vocab, (8, 64), generator=g)
+    model.generation_config.pad_token_id = model.generation_config.pad_token_id or 0
 
-    def forward():
-        model(**fwd)
+    def generate(src: int, new: int) -> Callable[[], None]:
+        rows = mask[:4, :src] if model.config.is_encoder_decoder else torch.ones(4, src, dtype=torch.long)
+        kw = dict(input_ids=ids[:4, :src], attention_mask=rows)
 
-    def generate():
-        out = model.generate(**gen, max_new_tokens=64, min_new_tokens=64, do_sample=False, num_beams=1)
-        assert out.shape[1] >= 64
+        def run() -> None:
+            out = model.generate(**kw, max_new_tokens=new, min_new_tokens=new, do_sample=False, num_beams=1)
+            assert out.shape[1] >= new
 
+        return run
+
+    return {
+        "forward": lambda: model(input_ids=ids, attention_mask=mask, decoder_input_ids=target),
+        "generate": generate(256, 64),
+        "short generate": generate(128, 24),
+    }
+
+
+def measure_time(name: str, variant: str, reps: int, threads: int, works: list[str]) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    row = MODELS[name]
+    stock = row.build()
+    nv = _convert(copy.deepcopy(stock), variant)
+    runs = {"stock": _runners(stock, row), "nv": _runners(nv, row)}
     result = {}
     with torch.inference_mode():
-        for name, fn in (("forward", forward), ("generate", generate)):
-            fn()  # warm-up (and fast-form weights folded once)
-            times = []
+        for work in works:
+            times = {"stock": [], "nv": []}
+            runs["stock"][work](), runs["nv"][work]()  # warm-up (fast-form weights folded once)
             for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            result[name] = min(times)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result["peak_rss_over_model_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
+                for side in ("stock", "nv"):
+                    t0 = time.perf_counter()
+                    runs[side][work]()
+                    times[side].append(time.perf_counter() - t0)
+            result[work] = times
     return result
+
+
+def _peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def measure_memory(name: str, variant: str, threads: int, works: list[str]) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    row = MODELS[name]
+    model = _convert(row.build(), variant)
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS (Linux): drop the build's transients
+    loaded = _peak_rss_mb()
+    runs = _runners(model, row)
+    with torch.inference_mode():
+        for work in works:
+            runs[work]()
+    return {"peak_rss_mb": _peak_rss_mb(), "model_rss_mb": loaded}
+
+
+def _child(args: argparse.Namespace, mode: str, name: str, variant: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", mode, name, variant, "--reps", str(args.reps)]
+    cmd += ["--threads", str(args.threads)]
+    cmd += ["--workloads", *_workloads(args, MODELS[name])]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _workloads(args: argparse.Namespace, row: ModelRow) -> list[str]:
+    return [w for w in row.workloads if not args.workloads or w in args.workloads]
+
+
+def _table(name: str, row: ModelRow, timed: dict, memory: dict, works: list[str]) -> str:
+    head = "| variant | " + " | ".join(f"{w}: stock s, NV s, best-of-N, median" for w in works)
+    lines = [head + " | peak RSS MB (stock, NV, ratio) |", "|---" * (len(works) + 2) + "|"]
+    stock_mem = memory["stock"]["peak_rss_mb"]
+    for variant in timed:
+        cells = []
+        for work in works:
+            t = timed[variant][work]
+            pairs = [n / s for s, n in zip(t["stock"], t["nv"], strict=True)]
+            best = min(t["nv"]) / min(t["stock"])
+            cells.append(f"{min(t['stock']):.3f}, {min(t['nv']):.3f}, **{best:.3f}**, {statistics.median(pairs):.3f}")
+        mem = memory[variant]["peak_rss_mb"]
+        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {stock_mem:.0f}, {mem:.0f}, {mem / stock_mem:.3f} |")
+    return f"**{name}** ({row.note})\n\n" + "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, help="a subset (default: each model's own)")
+    parser.add_argument("--variants", nargs="+", help="a subset of each model's NV variants (default: all)")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
-    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)  # mode, model, variant
     args = parser.parse_args(argv)
-    if args.variant:
-        print(json.dumps(measure(args.variant, args.reps, args.threads)))
+    if args.child:
+        mode, name, variant = args.child
+        works = args.workloads
+        if mode == "time":
+            print(json.dumps(measure_time(name, variant, args.reps, args.threads, works)))
+        else:
+            print(json.dumps(measure_memory(name, variant, args.threads, works)))
         return
-    rows = {}
-    for variant in VARIANTS:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--variant",
-            variant,
-            "--reps",
-            str(args.reps),
-            "--threads",
-            str(args.threads),
-        ]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        rows[variant] = json.loads(out.strip().splitlines()[-1])
-        print(variant, rows[variant], flush=True)
-    stock = rows["stock"]
-    lines = [
-        "| variant | forward (s) | ratio | generate (s) | ratio | peak RSS (MB) | ratio |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for variant, r in rows.items():
-        lines.append(
-            f"| {variant} | {r['forward']:.3f} | {r['forward'] / stock['forward']:.3f} | {r['generate']:.3f} | "
-            f"{r['generate'] / stock['generate']:.3f} | {r['peak_rss_mb']:.0f} | "
-            f"{r['peak_rss_mb'] / stock['peak_rss_mb']:.3f} |"
-        )
-    table = "\n".join(lines)
-    print(table)
+    tables = []
+    for name in args.models:
+        row = MODELS[name]
+        if not row.available():
+            print(f"{name}: not available here, skipped", flush=True)
+            continue
+        variants = [v for v in row.variants if not args.variants or v in args.variants]
+        memory = {v: _child(args, "memory", name, v) for v in ("stock", *variants)}
+        print(name, "memory", memory, flush=True)
+        timed = {}
+        for variant in variants:
+            timed[variant] = _child(args, "time", name, variant)
+            print(name, variant, json.dumps(timed[variant]), flush=True)
+        tables.append(_table(name, row, timed, memory, _workloads(args, row)))
+        print(tables[-1], flush=True)
     import torch
 
     header = (
         "## attention_speed.py\n\n"
-        f"bart-base-sized BartForConditionalGeneration (random weights), torch {torch.__version__}, "
-        f"{args.threads} threads, {platform.processor() or platform.machine()}, best of {args.reps}. "
-        "(a) forward: batch 8, source 256 (half the rows padded from 200), target 64; "
-        "(b) greedy generate: batch 4, source 256, 64 new tokens. Target: every ratio <= 1.10 for the fast form "
-        "(equivalence, regularised); the per-token-variance row is the general form of spec §4, reported for "
-        "its cost.\n\n"
-        "Command: `python benchmarks/attention_speed.py`\n\n"
+        f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}, "
+        f"N = {args.reps} alternating runs per workload. Forward: batch 8, source 256 (half the rows padded from "
+        "200), target 64; generate: greedy, batch 4, source 256, 64 new tokens; short generate: batch 4, source 128, "
+        "24 new tokens. Each cell: best stock time, best NV time (seconds), **best-of-N ratio**, median of the N "
+        "pairwise ratios. Peak RSS: one fresh process per variant, weights plus the peak of running every workload "
+        "once (`VmHWM` after resetting it). Regularised knobs: "
+        + ", ".join(f"{k} {v}" for k, v in REGULARISED.items())
+        + ".\n\nCommand: `python benchmarks/attention_speed.py`\n\n"
     )
-    update_section(args.out, "attention_speed.py", header + table + "\n")
+    update_section(args.out, "attention_speed.py", header + "\n\n".join(tables) + "\n")
 
 
 def update_section(path: Path, name: str, body: str) -> None:

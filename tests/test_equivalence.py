@@ -9,6 +9,7 @@ import torch
 from cases import REAL_SIZE, REAL_WEIGHTS, TINY, Case
 
 import nvib
+import nvib.attention
 
 REGULARISED = nvib.NVConfig(
     alpha_tau_e=-3, alpha_tau_c=-7, alpha_tau_d=2, stdev_tau_e=0.35, stdev_tau_c=0.1, stdev_tau_d=0.2
@@ -280,3 +281,17 @@ def test_convert_and_configure_inside_inference_mode():
     with torch.inference_mode():
         nvib.configure(nv, nvib.NVConfig())
         assert (nv(**inputs).logits - ref).abs().max() <= 1e-4
+
+
+def test_split_and_prepended_prior_agree(monkeypatch):
+    """The log-sum-exp merge of the prior (CPU evaluation) and the prepended prior give the same model."""
+    case = TINY[0]
+    _, nv = pair(case)
+    nvib.configure(nv, REGULARISED)
+    inputs = case.inputs()
+    split = output(nv, inputs)
+    split_beams = generate(nv, inputs, num_beams=4)
+    monkeypatch.setattr(nvib.attention, "SPLIT_PRIOR", False)
+    assert (output(nv, inputs) - split).abs().max() <= 1e-5
+    assert torch.equal(generate(nv, inputs, num_beams=4), split_beams)
+    check_caches(case, nv, inputs)

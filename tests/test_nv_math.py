@@ -10,6 +10,7 @@ from cases import TINY
 from test_equivalence import REGULARISED, pair
 
 import nvib
+import nvib.attention
 from nvib.kl import kl_dirichlet, kl_gaussian
 from nvib.layer import sample_log_gamma
 
@@ -62,8 +63,11 @@ def randomise(layer, generator):
         layer.set_prior(0.2 * torch.randn(P, generator=generator), torch.rand(P, generator=generator) + 0.5, 1.0, 2.0)
 
 
+@pytest.mark.parametrize("split", [True, False], ids=["split-prior", "prepended-prior"])
 @pytest.mark.parametrize("site", ["encoder.0", "decoder.1", "cross"])
-def test_fast_form_equals_reference(site):
+def test_fast_form_equals_reference(site, split, monkeypatch):
+    """Both ways of attending to the prior (merged by log-sum-exp, or prepended to the keys) are spec §4."""
+    monkeypatch.setattr(nvib.attention, "SPLIT_PRIOR", split)
     g = torch.Generator().manual_seed(0)
     _, nv = pair(TINY[0], torch.float64)
     layer = nvib.nv_layers(nv)[site]
@@ -73,7 +77,9 @@ def test_fast_form_equals_reference(site):
     z = torch.randn(2, 7, 32, generator=g, dtype=torch.float64) * 2
     allowed = torch.ones(2, 7, dtype=torch.bool)
     allowed[1, 4:] = False
-    mask = allowed[:, None, None, :].expand(2, 1, 5, 7)
+    mask = allowed[:, None, None, :].expand(2, 1, 5, 7).clone()
+    if site == "cross":
+        mask[1, :, 2] = False  # a query that sees no token: all its weight goes to the prior
     with torch.no_grad():
         kv = {"key_value_states": z} if site == "cross" else {}
         if site == "cross":
@@ -83,12 +89,18 @@ def test_fast_form_equals_reference(site):
             out, _ = module(x, attention_mask=allowed[:, None, None, :].expand(2, 1, 7, 7))
         for b in range(2):
             ref = reference_attention(x[b], z[b], allowed[b], module, layer)
+            if site == "cross" and b == 1:
+                ref[2] = reference_attention(x[b, 2:3], z[b], torch.zeros(7, dtype=torch.bool), module, layer)[0]
             assert (out[b] - ref).abs().max() <= 1e-10
 
 
+@pytest.mark.parametrize("chunk", [None, 1], ids=["heads-at-once", "head-by-head"])
 @pytest.mark.parametrize("site", ["encoder.0", "decoder.1", "cross"])
-def test_general_form_equals_reference(site):
-    """Per-token variances (W_σ ≠ 0): the module output is spec §4 computed literally."""
+def test_general_form_equals_reference(site, chunk, monkeypatch):
+    """Per-token variances (W_σ ≠ 0): the module output is spec §4 computed literally (heads in one group or one
+    at a time, as for long inputs)."""
+    if chunk is not None:
+        monkeypatch.setattr(nvib.attention, "GENERAL_CHUNK", chunk)
     g = torch.Generator().manual_seed(3)
     torch.manual_seed(0)
     nv = nvib.convert(TINY[0].build().eval().double(), per_token_variance=True)

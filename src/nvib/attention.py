@@ -35,6 +35,13 @@ from nvib.layer import NVIBLayer
 
 ATTN_NAME = "nvib"
 C_LIMIT = 1e4  # |c_n| bound so the bias channel stays finite in float16 (e^-1e4 is already 0)
+# Evaluation on CPU attends to the tokens with the fused kernel that also returns the log-sum-exp of the scores, and
+# merges the prior component afterwards (`Slot.attend_split`): no per-call copy of the keys and values with the prior
+# prepended. False (or another device, training, per-token variances) prepends the prior instead; tests compare both.
+SPLIT_PRIOR = True
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_SPLIT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+GENERAL_CHUNK = 1 << 22  # elements of the general form's per-head-group temporaries (16 MB in float32)
 
 
 @dataclasses.dataclass(eq=False)
@@ -76,20 +83,22 @@ class Slot:
             for i in range(3)
         ]
 
-    def _tensors(self) -> list[torch.Tensor]:
-        ts = [t for wb in self.qkv_weights() for t in wb if t is not None]
-        return ts + list(self.layer.parameters()) + list(self.layer.buffers())
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor the folded weights depend on (read from the modules each time: `.to()` replaces buffers)."""
+        layer = self.layer
+        own = (t for p in self.proj for t in (p.weight, p.bias) if t is not None)
+        return (*own, *layer._parameters.values(), *layer._buffers.values())
 
     def fold(self) -> dict:
-        """Fast-form weights (spec §6), rebuilt only when a parameter, dtype or device changed."""
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in self._tensors())
-        key = tuple((0 if t.is_inference() else t._version, t.data_ptr(), t.dtype) for t in self._tensors())
-        if not grad and self.folded is not None and key == self.folded_key:
+        """Fast-form weights (spec §6), rebuilt only when a parameter (in-place update), dtype or device changed."""
+        ts = self._tensors()
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+        if not grad and self.folded is not None and _state(ts) == self.folded_key:
             return self.folded
         with torch.set_grad_enabled(grad):
             folded = self._build()
         if not grad:
-            self.folded, self.folded_key = folded, key
+            self.folded, self.folded_key = folded, _state(ts)
         return folded
 
     def _build(self) -> dict:
@@ -117,19 +126,20 @@ class Slot:
         g0 = (wv_h * t.prior_ratio) @ wk_h.transpose(1, 2)
         g = (wv_h * t.ratio) @ wk_h.transpose(1, 2) if bool(t.ratio.max() > 1e-9) else None
         key_scale, key_shift = t.key_scale.to(dtype), t.key_shift.to(dtype)
+        g_t, d_t = (None if g is None else g.transpose(1, 2).to(dtype)), (g0 if g is None else g0 - g).transpose(1, 2)
         return dict(
             general=False,
             # k̃ = W_k(key_scale ⊙ z + key_shift) + b_k: transform z, not the weights (spec §6 with W_μ = τ_μ I)
-            identity=bool((key_scale == 1).all() and (key_shift == 0).all()),
-            key_scale=key_scale,
-            key_shift=key_shift,
+            scale=None if bool((key_scale == 1).all()) else key_scale,
+            shift=None if bool((key_shift == 0).all()) else key_shift,
             c_lin=t.c_lin.to(f) if bool(t.c_lin.abs().max() > 0) else None,
             # w_2 − τ_μ²/(2β) is 0 at τ_σ = 0 but for float round-off of w_2: then skip the z⊙z pass
             c_quad=t.c_quad.to(f) if bool(t.c_quad.abs().max() > 1e-6 * self.layer.alpha_w2.abs().max()) else None,
             prior_k=prior_k.to(dtype),
             prior_v=prior_v.to(dtype),
-            g=None if g is None else g.transpose(1, 2).to(dtype),  # [H, E, E], applied as q @ Gᵀ
-            g0_minus_g=(g0 if g is None else g0 - g).transpose(1, 2).to(dtype),
+            # [Gᵀ | (G_0 − G)ᵀ] per head, [H, E, 2E] (or [H, E, E] without G), applied as one batched q @ ·
+            g_both=(d_t if g is None else torch.cat([g_t, d_t], 2)).to(dtype),
+            has_g=g is not None,
         )
 
     # ---- projections ------------------------------------------------------------------------
@@ -150,6 +160,12 @@ class Slot:
     ) -> torch.Tensor:
         """[..., H, E] plus one channel per head ([...] or a constant) and the spare channels
         ([..., H, spare], zeros when None) -> [..., H·width]."""
+        if not self.spare:  # one padded copy instead of building the channel and concatenating
+            if isinstance(extra, float):
+                return F.pad(out, (0, 1), value=extra).flatten(-2)
+            res = F.pad(out, (0, 1))
+            res.select(-1, self.head_dim).copy_(extra.clamp(-C_LIMIT, C_LIMIT)[..., None])
+            return res.flatten(-2)
         if isinstance(extra, float):
             channel = out.new_full((*out.shape[:-1], 1), extra)
         else:
@@ -184,16 +200,17 @@ class Slot:
             if which == "v":
                 return self._with_channel(self._linear("v", z), 0.0, second)
             return self._with_channel(self._linear("k", z), t.c, first)
-        z = x if w["identity"] else x * w["key_scale"] + w["key_shift"]
+        z = x if w["scale"] is None else x * w["scale"]
+        z = z if w["shift"] is None else z + w["shift"]
         if which == "v":
             return self._with_channel(self._linear("v", z), 0.0)
-        c = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32)).expand(x.shape[:-1])
-        x32 = x.to(c.dtype)
+        x32, c = x.to(torch.promote_types(x.dtype, torch.float32)), None
         if w["c_lin"] is not None:
             c = x32 @ w["c_lin"]
         if w["c_quad"] is not None:
-            c = c + (x32 * x32) @ w["c_quad"]
-        return self._with_channel(self._linear("k", z), c)
+            quad = (x32 * x32) @ w["c_quad"]
+            c = quad if c is None else c + quad
+        return self._with_channel(self._linear("k", z), 0.0 if c is None else c)
 
     def _project_train(self, which: str, x: torch.Tensor) -> torch.Tensor:
         """Spec §8: keys/values of a sampled z̃, with log γ − ‖z̃‖²/(2√E) as the key's bias channel."""
@@ -234,11 +251,31 @@ class Slot:
             self.with_prior = (weakref.ref(key, self._forget), w, *out)
         return out
 
-    def general_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask) -> torch.Tensor:
-        """Spec §4 with per-token variances: q/k/v [B, H, *, width] (prior at n = 0) -> [B, H, Q, E].
+    def attend_split(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None, prior_bias
+    ) -> torch.Tensor:
+        """Fast-form attention over the prior and the tokens, without concatenating them: q/k/v [B, H, *, E+1]
+        (tokens only), `bias` the tokens' additive mask/bias [., ., Q, N] (finite), `prior_bias` the prior's or None.
 
-        Costs eager attention plus, per head, B·Q·(N+1)·P multiply-adds for Σ_n a_mn σ²_n/β_n and 2·B·Q·E·P
-        for the lift u = W_kᵀq and the projection back: about H·Q·N·P per module, the lifting the fast form avoids.
+        With l_m = log Σ_n≥1 exp(s_mn) from the kernel, the prior's weight is a_m0 = sigmoid(s_m0 − l_m) and the
+        output (1 − a_m0)·(token output) + a_m0·ṽ_0 is exactly softmax over n = 0..N (spec §6). Returns [B, H, Q, E+1].
+        """
+        w = self.fold()
+        out, lse = _FLASH_CPU(query, key, value, attn_mask=bias, scale=self.scaling)
+        prior_k, prior_v = w["prior_k"], w["prior_v"]  # [H, E+1]
+        s0 = (query @ prior_k[:, :, None]).squeeze(-1) * self.scaling  # [B, H, Q]
+        if prior_bias is not None:
+            s0 = s0 + prior_bias.squeeze(-1)
+        a0 = torch.sigmoid(s0.to(lse.dtype) - lse).to(out.dtype)
+        return torch.lerp(out, prior_v[:, None, :], a0[..., None])
+
+    def general_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask) -> torch.Tensor:
+        """Spec §4 with per-token variances: q/k/v [B, H, *, width] (prior at n = 0) -> [B, Q, H, E].
+
+        Costs eager attention plus B·H·Q·(N+1)·P multiply-adds for Σ_n a_mn σ²_n/β_n and 2·B·H·Q·E·P for the lift
+        u = W_kᵀq and the projection back: the lifting the fast form avoids. Heads go in groups, each group's
+        products as single batched matrix products, sized so that the [B, heads, Q, P] temporaries stay near
+        `GENERAL_CHUNK` elements (all heads at once when decoding one token).
         """
         w = self.fold()
         E, E1 = self.head_dim, self.head_dim + 1
@@ -246,30 +283,48 @@ class Slot:
         scores = query[..., :E1].to(f) @ key[..., :E1].to(f).transpose(-1, -2) * self.scaling
         if mask is not None:
             scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask.to(f)
-        a = scores.softmax(-1)
+        a = scores.softmax(-1)  # [B, H, Q, N+1]
         out = a @ value[..., :E1].to(f)
         if self.mass_log is not None:
             self.mass_log.append((float(out[..., E].sum()), out[..., E].numel()))
         ratio, q = self.gather_ratio(key, value).to(f), query[..., :E].to(f)  # [B, N+1, P], [B, H, Q, E]
-        o = out[..., :E].clone()
-        for h in range(self.heads):  # one head at a time: [B, Q, P] temporaries instead of [B, H, Q, P]
-            lifted = (a[:, h] @ ratio).mul_(q[:, h] @ w["wk_h"][h])  # (Σ_n a_mn σ²_n/β_n) ⊙ W_kᵀq_m
-            o[:, h] += lifted @ w["wv_h"][h]
+        B, H, Q, N1 = a.shape
+        P = ratio.shape[-1]
+        o = out[..., :E].transpose(1, 2).contiguous()  # [B, Q, H, E]
+        step = max(1, min(H, GENERAL_CHUNK // (B * Q * P)))
+        for h0 in range(0, H, step):
+            hs = slice(h0, min(H, h0 + step))
+            n = hs.stop - hs.start
+            weights = (a[:, hs].reshape(B, n * Q, N1) @ ratio).view(B, n, Q, P)  # Σ_n a_mn σ²_n/β_n
+            u = torch.bmm(q[:, hs].transpose(0, 1).reshape(n, B * Q, E), w["wk_h"][hs])  # W_kᵀ q, [n, B·Q, P]
+            u.view(n, B, Q, P).mul_(weights.transpose(0, 1))
+            o[:, :, hs] += torch.bmm(u, w["wv_h"][hs]).view(n, B, Q, E).permute(1, 2, 0, 3)
         return o.to(query.dtype)
 
     def correct(self, out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """Add (1 − a_m0)·G q + a_m0·G_0 q (spec §6) to the attention output [B, H, Q, E+1] → [B, H, Q, E]."""
+        """Add (1 − a_m0)·G q + a_m0·G_0 q (spec §6) to the attention output [B, H, Q, E+1] → [B, Q, H, E].
+
+        Works in the [B, Q, H, ·] layout the projections and SDPA's CPU kernels already use, so the module's
+        final reshape is a view; G q and (G_0 − G) q come from one batched product over the heads.
+        """
+        out = out.transpose(1, 2)
         o, a0 = out[..., :-1], out[..., -1:]
         if self.mass_log is not None:
             self.mass_log.append((float(a0.float().sum()), a0.numel()))
         if self.layer.training:
             return o
         w = self.folded  # validated by prepend_prior in this same call
-        q = query[..., :-1]
-        o = o + a0 * (q @ w["g0_minus_g"])
-        if w["g"] is not None:
-            o = o + q @ w["g"]
-        return o
+        B, Q, H, E = o.shape
+        q = query.transpose(1, 2)[..., :-1].reshape(B * Q, H, E).transpose(0, 1)  # [H, B·Q, E]
+        r = torch.bmm(q, w["g_both"]).transpose(0, 1).view(B, Q, H, -1)  # [B, Q, H, E or 2E]
+        if not w["has_g"]:
+            return torch.addcmul(o, a0, r)
+        return torch.addcmul(o + r[..., :E], a0, r[..., E:])
+
+
+def _state(tensors: tuple) -> tuple:
+    """What identifies the values of `tensors`: in-place updates bump `_version`, `.to()` moves the data."""
+    return tuple((0 if t.is_inference() else t._version, t.data_ptr(), t.dtype) for t in tensors if t is not None)
 
 
 def _key_mask(mask: torch.Tensor | None, batch: int, q_len: int, n_tokens: int, is_causal: bool, device):
@@ -302,6 +357,28 @@ def nv_attention_forward(
             position_bias=position_bias, **kwargs,
         )  # fmt: skip
     B, _, Q, _ = query.shape
+    if (
+        SPLIT_PRIOR
+        and not slot.spare
+        and not slot.layer.training
+        and query.device.type == "cpu"
+        and query.dtype in _SPLIT_DTYPES
+        and _FLASH_CPU is not None
+    ):
+        n_tokens = key.shape[2]
+        if attention_mask is not None and attention_mask.shape[-1] > n_tokens:
+            attention_mask = attention_mask[..., -n_tokens:]
+        allowed = _key_mask(attention_mask, B, Q, n_tokens, bool(getattr(module, "is_causal", False)), query.device)
+        bias = prior_bias = None
+        low = torch.finfo(query.dtype).min  # finite: a query that sees no token gets a_m0 = 1 (the prior)
+        if position_bias is not None:
+            position_bias = position_bias.to(query.dtype)
+            bias = position_bias[..., -n_tokens:]
+            prior_bias = position_bias[..., :1] if position_bias.shape[-1] == n_tokens + 1 else None
+            bias = bias if allowed is None else torch.where(allowed, bias, low)
+        elif allowed is not None:
+            bias = torch.where(allowed, query.new_zeros(()), low)
+        return slot.correct(slot.attend_split(query, key, value, bias, prior_bias), query), None
     key, value = slot.prepend_prior(key, value)
     if slot.spare and slot.layer.training:  # sampling (spec §8) needs no ratios
         query, key, value = (t[..., : slot.head_dim + 1] for t in (query, key, value))
@@ -319,11 +396,11 @@ def nv_attention_forward(
         bias = bias.to(query.dtype)
         mask = bias if mask is None else torch.where(mask, bias, torch.finfo(query.dtype).min)
     if slot.spare and not slot.layer.training:
-        return slot.general_attention(query, key, value, mask).transpose(1, 2), None
+        return slot.general_attention(query, key, value, mask), None
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=slot.scaling
     )
-    return slot.correct(out, query).transpose(1, 2), None
+    return slot.correct(out, query), None
 
 
 def _nv_mask(*args, **kwargs):

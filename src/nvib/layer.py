@@ -87,6 +87,7 @@ class NVIBLayer(PriorWeight, nn.Module):
         self.kl_dirichlet: torch.Tensor | None = None
         self._sample: tuple | None = None
         self._terms: tuple | None = None  # (weakref to z, parameter versions, TokenTerms)
+        self._constants: tuple | None = None  # ((dtype, parameter versions), what token_terms needs)
 
     @property
     def per_token_variance(self) -> bool:
@@ -158,23 +159,47 @@ class NVIBLayer(PriorWeight, nn.Module):
         with β̄ = σ̄² + √E the shared form and δ = 1/β̄ − 1/β_n,
         c_n = c_lin·z + c_quad·(z⊙z) + ½Σ δ μ_n² − ½Σ log(β_n/β̄).
         """
-        versions = tuple(0 if t.is_inference() else t._version for t in (*self.parameters(), *self.buffers()))
+        versions = tuple(
+            (0 if t.is_inference() else t._version, t.data_ptr(), t.dtype)
+            for t in (*self._parameters.values(), *self._buffers.values())
+            if t is not None
+        )
         memo = self._terms
         if memo is not None and memo[0]() is z and memo[1] == versions and not torch.is_grad_enabled():
             return memo[2]
         f = torch.promote_types(z.dtype, torch.float32)
-        fast = self.fast_terms()
+        k = self._token_constants(f, versions)
         zf = z.to(f)
-        var0 = self.logvar_bias.to(f).exp()
-        beta0 = var0 + self.noise
-        dvar = var0 * torch.expm1(zf @ self.logvar_weight.t().to(f))  # σ_n² − σ̄²
+        dvar = k["var0"] * torch.expm1(zf @ k["logvar_weight_t"])  # σ_n² − σ̄²
+        beta0 = k["beta0"]
         beta = beta0 + dvar
-        mu = self.mu_scale.to(f) * zf + self.mu_bias.to(f)
-        c = zf @ fast.c_lin.to(f) + (zf * zf) @ fast.c_quad.to(f)
+        mu = k["mu_scale"] * zf + k["mu_bias"]
+        var0 = k["var0"]
+        c = zf @ k["c_lin"] + (zf * zf) @ k["c_quad"]
         c = c + 0.5 * (dvar / (beta * beta0) * mu * mu).sum(-1) - 0.5 * torch.log1p(dvar / beta0).sum(-1)
         terms = TokenTerms(point=self.noise * mu / beta, ratio=(var0 + dvar) / beta, c=c)
         self._terms = (weakref.ref(z, self._drop_terms), versions, terms)  # released with z
         return terms
+
+    def _token_constants(self, f: torch.dtype, versions: tuple) -> dict[str, torch.Tensor]:
+        """The parameters `token_terms` needs, in dtype f; kept between calls while no parameter changes."""
+        memo = self._constants
+        if memo is not None and memo[0] == (f, versions) and not torch.is_grad_enabled():
+            return memo[1]
+        fast = self.fast_terms()
+        var0 = self.logvar_bias.to(f).exp()
+        consts = dict(
+            var0=var0,
+            beta0=var0 + self.noise,
+            logvar_weight_t=self.logvar_weight.t().to(f),
+            mu_scale=self.mu_scale.to(f),
+            mu_bias=self.mu_bias.to(f),
+            c_lin=fast.c_lin.to(f),
+            c_quad=fast.c_quad.to(f),
+        )
+        if not torch.is_grad_enabled():
+            self._constants = ((f, versions), consts)
+        return consts
 
     def _drop_terms(self, _ref) -> None:
         self._terms = None
