@@ -78,7 +78,8 @@ def reference(q, k_rot, mu, v, allowed, layer, scaling) -> torch.Tensor:
 @pytest.mark.parametrize(
     "case", [c for c in ROTARY if c.name in ("llama", "qwen3", "gemma3_text")], ids=lambda c: c.name
 )
-def test_fast_form_equals_the_spec_10_reference(case: Case, monkeypatch):
+@pytest.mark.parametrize("split", [True, False], ids=["prior-merged", "prior-prepended"])
+def test_fast_form_equals_the_spec_10_reference(case: Case, split: bool, monkeypatch):
     """The implementation (query-side √E/β, c_n from rotated keys, bias in the mask) is §10 to 1e-10 in float64."""
     stock, _ = pair(case, torch.float64)
     nv = nvib.convert(copy.deepcopy(stock), prior=prior_for(stock, case))
@@ -88,6 +89,7 @@ def test_fast_form_equals_the_spec_10_reference(case: Case, monkeypatch):
         var = torch.rand(G, E, generator=g, dtype=torch.float64) + 0.5
         layer.set_prior(torch.randn(G, E, generator=g), var, torch.rand(G) * 3, torch.rand(G) + 1, torch.randn(G, E))
     nvib.configure(nv, nvib.NVConfig(alpha_tau_d=-1.0, stdev_tau_d=0.7))
+    monkeypatch.setattr(nvib.attention, "SPLIT_PRIOR", split)
     calls, unrotated = [], []
     original = keyspace.nv_key_attention
 

@@ -25,6 +25,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
+from nvib import attention
 from nvib.architectures import Site
 from nvib.attention import _key_mask, _nv_mask
 from nvib.layer import TINY_VARIANCE, PriorWeight, sample_log_gamma
@@ -146,6 +147,7 @@ class KeySlot:
             prior_c=t["prior_c"].to(f),
             prior_value=t["prior_value"].to(dtype),
             same_c=bool((t["prior_c"] == t["prior_c"][0]).all()),  # one bias row serves every head
+            scaling=self.scaling,
         )
         self.folded_key = key
         return self.folded
@@ -210,6 +212,8 @@ def nv_key_attention(
     G, E = key.shape[1], key.shape[3]
     if w["query_scale"] is not None:
         query = query * w["query_scale"][:, None, :]
+    if _can_split(query, softcap, slot, dropout):
+        return _attend_split(query, key, value, allowed, w).transpose(1, 2), None
     key = torch.cat([w["prior_key"][None, :, None, :].expand(B, G, 1, E), key], 2)
     value = torch.cat([w["prior_value"][None, :, None, :].expand(B, G, 1, E), value], 2)
     prior_c = w["prior_c"][None, :, None].expand(B, G, 1)
@@ -220,6 +224,43 @@ def nv_key_attention(
         bias = torch.cat([prior_c, c], -1)
     mask = _bias_mask(allowed, bias, Q, query.dtype)
     return _attend(query, key, value, mask, slot, dropout, softcap).transpose(1, 2), None
+
+
+def _can_split(query: torch.Tensor, softcap, slot: KeySlot, dropout: float) -> bool:
+    """Whether the prior can be merged after a fused tokens-only pass (CPU, no soft cap, nothing recorded)."""
+    return (
+        attention.SPLIT_PRIOR
+        and attention._FLASH_CPU is not None
+        and query.device.type == "cpu"
+        and query.dtype in attention._SPLIT_DTYPES
+        and softcap is None
+        and slot.mass_log is None
+        and not dropout
+    )
+
+
+def _attend_split(query, key, value, allowed, w: dict) -> torch.Tensor:
+    """The same attention without copying the cache: the fused kernel attends to the tokens and returns their
+    log-sum-exp l_m; the prior then enters with weight a_m0 = sigmoid(s_m0 − l_m) (as in `attention.Slot`).
+    GQA without repeating keys: the R query heads of a group are folded into the query axis. -> [B, Hq, Q, E]"""
+    B, Hq, Q, E = query.shape
+    G, N = key.shape[1], key.shape[2]
+    R = Hq // G
+    q = query.reshape(B, G, R * Q, E)
+    low = torch.finfo(query.dtype).min  # finite: a query that sees no token gets a_m0 = 1 (the prior alone)
+    bias = None
+    if w["key_weight"] is not None:
+        c = (key.to(w["key_weight"].dtype).square() * w["key_weight"][:, None, :]).sum(-1)  # [B, G, N]
+        bias = c.clamp(-C_LIMIT, C_LIMIT).to(query.dtype)[:, :, None, :]
+    if allowed is not None:
+        bias = torch.where(allowed, query.new_zeros(()) if bias is None else bias, low)
+    if bias is not None:
+        bias = bias.expand(B, -1, Q, N).repeat(1, 1, R, 1)  # query axis r·Q + q, as in `q`
+    out, lse = attention._FLASH_CPU(q, key, value, attn_mask=bias, scale=w["scaling"])
+    s0 = (q @ w["prior_key"][:, :, None]).squeeze(-1) * w["scaling"] + w["prior_c"][None, :, None]  # [B, G, R·Q]
+    a0 = torch.sigmoid(s0.to(lse.dtype) - lse).to(out.dtype)
+    out = torch.lerp(out, w["prior_value"][None, :, None, :], a0[..., None])
+    return out.reshape(B, Hq, Q, E)
 
 
 def _train_attention(slot: KeySlot, query, key, value, allowed, dropout: float, softcap) -> torch.Tensor:
