@@ -3,12 +3,13 @@
     python benchmarks/ood/kl_gradients.py [--steps 40] [--lambda 1e-3] [--floors 0 1e-3] [--clip joint separate]
 
 Same warm start, prior, data order and optimiser as `finetune_nvib.py` (BERT2BERT from all-MiniLM-L6-v2, the
-empirical prior on 1000 shuffled training examples, batch 16, AdamW lr 1e-4 with 30 warm-up steps, clipping at
-1.0) but a constant λ_G = λ_D = λ from step 0. At every step it takes the gradients of the task loss, of
-λ·Σ KL_G and of λ·Σ KL_D separately (all trainable parameters) and records their norms; the update then clips
-either their sum (``joint``: the Trainer's usual clipping) or the task and KL parts separately (``separate``,
-`NVTrainer(clip="separate")`). `--floors` sets the relative prior-variance floor of KL_G (spec §8; 0 = none).
-Writes a JSON of the per-step norms next to the models and prints a summary table.
+empirical prior on the first 1000 shuffled training examples (`--prior-examples`), batch 16, AdamW lr 1e-4
+with 30 warm-up steps, clipping at 1.0) but a constant λ_G = λ_D = λ from step 0. At every step it takes the
+gradients of the task loss, of λ·Σ KL_G and of λ·Σ KL_D separately (all trainable parameters) and records
+their norms; the update then clips either their sum (``joint``: the Trainer's usual clipping) or the task and
+KL parts separately (``separate``, `NVTrainer(kl_clip="separate")`). `--floors` sets the relative
+prior-variance floor of KL_G (spec §8; 0 = none). Writes a JSON of the per-step norms (runs/) and prints a
+summary table.
 """
 
 from __future__ import annotations
@@ -35,12 +36,10 @@ import finetune_base  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(args, floor: float, clip: str, train, tokenizer, feats) -> list[dict]:
+def run(args, floor: float, clip: str, prior, feats) -> list[dict]:
     recipe = finetune_base.RECIPE
     torch.manual_seed(recipe["seed"])
     model = finetune_base.build_model(recipe["decoder_layers"]).eval()
-    prior_data = batches(train[:1000], tokenizer, 32, recipe["max_source_len"], recipe["max_target_len"], "seq2seq")
-    prior = nvib.EmpiricalPrior.estimate(model, prior_data, progress=False)
     prepare_model(model, prior=prior, per_token_variance=False)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -99,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clip", nargs="+", choices=["joint", "separate"], default=["joint"])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "kl_gradients.json")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prior-examples", type=int, default=1000)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     recipe = finetune_base.RECIPE
@@ -112,12 +112,24 @@ def main(argv: list[str] | None = None) -> None:
         recipe["max_source_len"],
         recipe["max_target_len"],
     )
+    prior_file = args.out.with_suffix(f".prior{args.prior_examples}.safetensors")
+    if prior_file.exists():
+        prior = nvib.EmpiricalPrior.load(prior_file)
+    else:  # the warm start's prior, as finetune_nvib.py estimates it (on fewer examples with --prior-examples)
+        torch.manual_seed(recipe["seed"])
+        model = finetune_base.build_model(recipe["decoder_layers"]).eval()
+        prior_data = batches(
+            train[: args.prior_examples], tokenizer, 32, recipe["max_source_len"], recipe["max_target_len"], "seq2seq"
+        )
+        prior = nvib.EmpiricalPrior.estimate(model, prior_data, progress=False)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        prior.save(prior_file)
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     for floor in args.floors:
         for clip in args.clip:
             t0 = time.time()
             key = f"lambda={args.lam:g} floor={floor:g} clip={clip}"
-            results[key] = run(args, floor, clip, train, tokenizer, feats)
+            results[key] = run(args, floor, clip, prior, feats)
             print(f"{key}: {time.time() - t0:.0f} s", flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=1) + "\n")
