@@ -543,7 +543,8 @@ def test_cli_help_and_errors(cli, tmp_path):
     assert result.exit_code == 0
     options = ("--lambda-g", "--lambda-d", "--schedule", "--schedule-steps", "--freeze-nv",
                "--freeze-pretrained", "--max-steps", "--batch-size", "--lr", "--seed", "--source-column",
-               "--target-column", "--output-dir", "--prior", "--knobs", "--resume")  # fmt: skip
+               "--target-column", "--output-dir", "--prior", "--knobs", "--resume", "--kl-clip", "--max-grad-norm",
+               "--start-stdev-tau")  # fmt: skip
     for option in options:
         assert option in result.output, option
     train = tmp_path / "train.jsonl"
@@ -552,6 +553,7 @@ def test_cli_help_and_errors(cli, tmp_path):
         ((tmp_path / "nomodel", train, "-o", tmp_path / "o"), "no model"),
         ((tmp_path, tmp_path / "missing.jsonl", "-o", tmp_path / "o"), "file not found"),
         ((tmp_path, train, "-o", tmp_path / "o", "--schedule", "cosine"), "constant, linear or cyclic"),
+        ((tmp_path, train, "-o", tmp_path / "o", "--kl-clip", "both"), "separate or joint"),
         ((tmp_path, train, "-o", tmp_path / "o", "--schedule", "linear"), "steps"),
         ((tmp_path, train, "-o", tmp_path / "o", "--freeze-nv", "--freeze-pretrained"), "nothing to train"),
     ]
