@@ -46,7 +46,7 @@ def run(args, floor: float, clip: str, prior, feats) -> list[dict]:
     nv_ids = {id(p) for p in model.nvib_layers.parameters()}
     optimizer = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / recipe["warmup"]))
-    collate, rows = Collator(pad_id=0), []
+    collate, rows, layers = Collator(pad_id=0), [], nvib.nv_layers(model)
     nvib.kl.PRIOR_VARIANCE_FLOOR = floor  # kl_gaussian's default, read at call time
     for step in range(args.steps):
         batch = collate(feats[step * recipe["batch_size"] : (step + 1) * recipe["batch_size"]])
@@ -70,7 +70,7 @@ def run(args, floor: float, clip: str, prior, feats) -> list[dict]:
             "step": step, "task_loss": float(task), "kl_g": float(kl_g), "kl_d": float(kl_d),
             "task": norm(grads[0]), "kl_g_grad": norm(grads[1]), "kl_d_grad": norm(grads[2]), "kl_grad": norm(kl),
             "total": norm(total), "kl_grad_pretrained": norm(kl, False), "kl_grad_nv": norm(kl, True),
-            "kl_g_cross": float(sum(g for s, (g, _) in terms.items() if model.nvib_layers[s].kind == "cross")),
+            "kl_g_cross": float(sum(g for s, (g, _) in terms.items() if layers[s].kind == "cross")),
         }  # fmt: skip
         if clip == "joint":
             scale = min(1.0, 1.0 / (row["total"] + 1e-6))
