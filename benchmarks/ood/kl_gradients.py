@@ -133,18 +133,33 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{key}: {time.time() - t0:.0f} s", flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=1) + "\n")
-    print("| run | steps | task grad | λ·KL_G grad | λ·KL_D grad | total | task share | KL_G cross | task loss |")
+    print(summary(results))
+
+
+def summary(results: dict[str, list[dict]]) -> str:
+    """Markdown table: step 0, then the median (min–max) over the later steps, per run."""
+
+    def cell(values: list[float], digits: int = 3) -> str:
+        if len(values) == 1:
+            return f"{values[0]:.{digits}g}"
+        return f"{statistics.median(values):.{digits}g} ({min(values):.{digits}g}–{max(values):.{digits}g})"
+
+    lines = [
+        "| KL_G floor | clip | steps | task loss | ‖g_task‖ | ‖λ·∇KL_G‖ | ‖λ·∇KL_D‖ | ‖sum‖ | task update "
+        "| KL_G cross |",
+        "|---" * 10 + "|",
+    ]
     for key, rows in results.items():
-        for lo, hi in ((0, 10), (len(rows) - 10, len(rows))):
-            part = rows[lo:hi]
-
-            def med(k, part=part):
-                return statistics.median(r[k] for r in part)
-
-            print(
-                f"| {key} | {lo}–{hi - 1} | {med('task'):.3g} | {med('kl_g_grad'):.3g} | {med('kl_d_grad'):.3g} | "
-                f"{med('total'):.3g} | {med('task_share'):.3g} | {med('kl_g_cross'):.3g} | {med('task_loss'):.3f} |"
-            )
+        floor, clip = key.split("floor=")[1].split()[0], key.split("clip=")[1]
+        for label, part in (("0", rows[:1]), (f"1–{len(rows) - 1}", rows[1:])):
+            if not part:
+                continue
+            cells = [cell([r["task_loss"] for r in part], 4)]
+            cells += [cell([r[k] for r in part]) for k in ("task", "kl_g_grad", "kl_d_grad", "total")]
+            cells.append(cell([r["task"] * r["task_share"] for r in part]))
+            cells.append(cell([r["kl_g_cross"] for r in part]))
+            lines.append(f"| {floor} | {clip} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
