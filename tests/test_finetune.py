@@ -134,8 +134,10 @@ def test_step0_eval_loss_is_the_stock_loss(case, tmp_path):
     if case is BART:  # conversion with an empirical prior is still the identity
         feats, collate = tokenise(examples(), tiny_tokenizer(), "seq2seq", 64, 64), Collator(pad_id=1)
         prior = nvib.EmpiricalPrior.estimate(stock, [collate(feats[:4]), collate(feats[4:])], progress=False)
-        for stats in prior.sites.values():  # random weights: LayerNorm fixes ‖z‖, so ς ≈ 0 and alpha_tau does
-            stats.norm_m2 = stats.count - 1.0  # nothing; give the prior a spread ς = 1 as real weights have
+        # random weights: LayerNorm fixes ‖z‖, so ς ≈ 0 and alpha_tau does nothing; give the prior a spread ς = 1
+        # as real weights have
+        for stats in prior.sites.values():
+            stats.norm_m2 = torch.tensor(stats.count - 1.0, dtype=torch.float64)
         knobs = nvib.NVConfig(alpha_tau_e=20, alpha_tau_c=20, alpha_tau_d=20)
     prepare_model(nv, knobs, prior=prior)
     trainer = trainer_for(nv, tmp_path, name=case.name, lambda_g=0.0, lambda_d=0.0)
