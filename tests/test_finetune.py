@@ -21,13 +21,14 @@ from nvib.finetune import (
     RUN_LOG,
     Collator,
     LambdaSchedule,
+    NVCausalLMTrainer,
     build_trainer,
     finetune,
     finetune_cli,
     prepare_model,
     tokenise,
 )
-from nvib.kl import kl_dirichlet
+from nvib.kl import kl_dirichlet, kl_gaussian
 from nvib.layer import LOG_ALPHA_GAUSSIAN
 
 DEMO_DATA = Path(nvib.__file__).parent / "demo_data"
@@ -133,8 +134,10 @@ def test_step0_eval_loss_is_the_stock_loss(case, tmp_path):
     if case is BART:  # conversion with an empirical prior is still the identity
         feats, collate = tokenise(examples(), tiny_tokenizer(), "seq2seq", 64, 64), Collator(pad_id=1)
         prior = nvib.EmpiricalPrior.estimate(stock, [collate(feats[:4]), collate(feats[4:])], progress=False)
-        for stats in prior.sites.values():  # random weights: LayerNorm fixes ‖z‖, so ς ≈ 0 and alpha_tau does
-            stats.norm_m2 = stats.count - 1.0  # nothing; give the prior a spread ς = 1 as real weights have
+        # random weights: LayerNorm fixes ‖z‖, so ς ≈ 0 and alpha_tau does nothing; give the prior a spread ς = 1
+        # as real weights have
+        for stats in prior.sites.values():
+            stats.norm_m2 = torch.tensor(stats.count - 1.0, dtype=torch.float64)
         knobs = nvib.NVConfig(alpha_tau_e=20, alpha_tau_c=20, alpha_tau_d=20)
     prepare_model(nv, knobs, prior=prior)
     trainer = trainer_for(nv, tmp_path, name=case.name, lambda_g=0.0, lambda_d=0.0)
@@ -185,11 +188,29 @@ def test_real_weights_step0_with_empirical_prior_and_finite_kl(tmp_path):
     ref = task_loss(stock, batch)
     with torch.no_grad():
         assert abs(float(trainer.compute_loss(nv.eval(), batch)) - ref) <= 1e-5
-        nv.train()
-        loss = float(trainer.compute_loss(nv, batch))
+    nv.train()
+    loss = trainer.compute_loss(nv, batch)
     terms = torch.tensor([[float(g), float(d)] for g, d in nvib.kl_terms(nv).values()])
     assert torch.isfinite(terms).all() and (terms >= 0).all() and terms.max() < 1e3, terms
-    assert loss == pytest.approx(ref + 1e-3 * float(terms.sum()), abs=0.05)
+    assert float(loss) == pytest.approx(ref + 1e-3 * float(terms.sum()), abs=0.05)
+    prior_var = torch.stack([layer.prior_var for layer in nvib.nv_layers(nv).values()])
+    assert (prior_var < 1e-6 * prior_var.median()).any()  # the dimensions the §8 floor is for are there
+    (loss + nvib.kl_loss(nv, 1.0, 1.0)).backward()  # the KL terms at full weight, through every parameter
+    grads = {n: p.grad for n, p in nv.named_parameters() if p.grad is not None}
+    assert len(grads) > 100 and all(torch.isfinite(g).all() for g in grads.values())
+    # once training wakes the dead dimensions up (their LayerNorm gains ~1e-33 grow), 1/s0² would explode (~1e6);
+    # with the floor (spec §8) KL_G stays of the size of the other terms
+    with torch.no_grad():
+        for gain in (nv.encoder.encoder.layer[5].output.LayerNorm.weight,):
+            gain[gain.abs() < 1e-6] = 1e-2
+        trainer.compute_loss(nv, batch)
+    cross = [layer for layer in nvib.nv_layers(nv).values() if layer.kind == "cross"]
+    assert cross and max(float(layer.kl_gaussian) for layer in cross) < 1e3
+    mu, logvar, log_alpha = cross[0]._sample[2]
+    valid = batch["attention_mask"].bool()
+    unfloored = kl_gaussian(mu, logvar, log_alpha, valid, cross[0].prior_mean, cross[0].prior_var,
+                            cross[0].prior_log_alpha, floor=0.0)  # fmt: skip
+    assert float(unfloored.mean()) > 1e4
 
 
 def test_kl_dirichlet_is_accurate_for_huge_pseudo_counts():
@@ -242,6 +263,73 @@ def test_kl_is_scaled_consistently_under_gradient_accumulation(tmp_path):
         updates.append({k: (v.detach() - start[k]) for k, v in nv.named_parameters()})
     for key, delta in updates[0].items():
         assert torch.allclose(delta, updates[1][key], rtol=1e-3, atol=1e-5), key
+
+
+def _grads(model, loss) -> dict[str, torch.Tensor]:
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    got = torch.autograd.grad(loss, list(params.values()), retain_graph=True, allow_unused=True)
+    return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), got, strict=True)}
+
+
+def _clipped(grads: dict[str, torch.Tensor], max_norm: float) -> dict[str, torch.Tensor]:
+    norm = torch.stack([g.norm() for g in grads.values()]).norm()
+    return {n: g * min(1.0, max_norm / (float(norm) + 1e-6)) for n, g in grads.items()}
+
+
+@pytest.mark.parametrize("kl_clip", ["separate", "joint"])
+def test_kl_clip_clips_task_and_kl_gradients_as_asked(kl_clip, tmp_path):
+    """One SGD step (lr 1) moves every parameter by clip(g_task) + clip(g_KL) (separate) or clip(g_task + g_KL)."""
+    quiet = nvib.NVConfig(alpha_tau_e=100, alpha_tau_c=100, alpha_tau_d=100)  # sampling noise ~ e^-50
+    nv = prepare_model(stock_model(BART), quiet)
+    reference = copy.deepcopy(nv).train()
+    trainer = trainer_for(nv, tmp_path, max_steps=1, batch_size=8, lambda_g=0.5, lambda_d=0.5, optim="sgd", lr=1.0,
+                          lr_scheduler="constant", max_grad_norm=0.05, save_strategy="no", kl_clip=kl_clip)  # fmt: skip
+    batch = first_batch(trainer)
+    task = reference(**batch).loss
+    penalty = nvib.kl_loss(reference, 0.5, 0.5)
+    g_task, g_kl = _grads(reference, task), _grads(reference, penalty)
+    assert torch.stack([g.norm() for g in g_kl.values()]).norm() > 0.05  # both parts are clipped
+    if kl_clip == "separate":
+        task_part, kl_part = _clipped(g_task, 0.05), _clipped(g_kl, 0.05)
+        expected = {n: task_part[n] + kl_part[n] for n in g_task}
+    else:
+        expected = _clipped({n: g_task[n] + g_kl[n] for n in g_task}, 0.05)
+    start = {n: p.detach().clone() for n, p in nv.named_parameters()}
+    trainer.train()
+    moved = {n: start[n] - p.detach() for n, p in nv.named_parameters()}
+    scale = max(float(g.abs().max()) for g in expected.values())
+    for name, step in moved.items():
+        assert torch.allclose(step, expected[name], atol=1e-4 * scale, rtol=1e-3), name
+    log = [e for e in trainer.state.log_history if "loss" in e]
+    assert ("kl_grad_norm" in log[0]) == (kl_clip == "separate")
+    with pytest.raises(ValueError, match="kl_clip"):
+        trainer_for(nv, tmp_path, kl_clip="both")
+
+
+def test_w_sigma_receives_the_task_gradient_once_tokens_have_a_variance(tmp_path):
+    """λ = 0: the task loss reaches W_σ through z̃ = μ + σε, so with σ ≈ 1e-6 (τ_σ = 0) it barely does; from
+    τ_σ = 0.1 (what per_token_variance=True starts from) the gradient is ~1e5 larger and training moves σ²."""
+    norms = {}
+    for tau in (0.0, 0.1):
+        nv = prepare_model(stock_model(BART), nvib.NVConfig(stdev_tau_e=tau, stdev_tau_c=tau, stdev_tau_d=tau),
+                           per_token_variance=True, start_stdev_tau=0.0)  # fmt: skip
+        trainer = trainer_for(nv, tmp_path / str(tau), lambda_g=0.0, lambda_d=0.0)
+        torch.manual_seed(0)
+        trainer.compute_loss(nv.train(), first_batch(trainer)).backward()
+        grads = [layer.logvar_weight.grad for layer in nvib.nv_layers(nv).values()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        norms[tau] = float(torch.stack([g.norm() for g in grads]).norm())
+    assert norms[0.1] > 1e4 * norms[0.0] and norms[0.1] > 1e-4, norms
+    # training from the default start (per_token_variance=True: τ_σ = START_STDEV_TAU) moves log σ² per token
+    nv = prepare_model(stock_model(BART), per_token_variance=True)
+    assert nv.nv_config.stdev_tau("encoder") == 0.1
+    layer = next(iter(nvib.nv_layers(nv).values()))
+    z = torch.randn(5, layer.dim, generator=torch.Generator().manual_seed(0))
+    before = layer.posterior(z)[1].detach().clone()
+    trainer_for(nv, tmp_path / "train", lambda_g=0.0, lambda_d=0.0, max_steps=20, lr=1e-2, save_strategy="no").train()
+    after = layer.posterior(z)[1].detach()
+    moved = (after - before) - (after - before).mean(0)  # the per-token part (W_σ z), not the shared bias
+    assert moved.abs().max() > 1e-3, float(moved.abs().max())
 
 
 # ---- training runs ---------------------------------------------------------------------------
@@ -373,7 +461,54 @@ def test_other_architectures_train(case, tmp_path):
     kinds = {layer.kind for layer in nvib.nv_layers(model).values()}
     log = [e for e in json.loads((tmp_path / RUN_LOG).read_text()) if "loss" in e]
     assert {f"kl_{kind}" for kind in kinds} <= set(log[0])
-    assert all(k[3:] in kinds or k[5:] in kinds for k in log[0] if k.startswith("kl_"))
+    assert all(k[3:] in kinds or k[5:] in kinds for k in log[0] if k.startswith("kl_") and k != "kl_grad_norm")
+
+
+def tiny_llama() -> tf.LlamaForCausalLM:
+    """Rotary, grouped-query attention: converted in key space (spec §10)."""
+    bos, pad, eos, _ = SPECIALS["gpt2"]
+    config = tf.LlamaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, intermediate_size=64, pad_token_id=pad, bos_token_id=bos,
+                            eos_token_id=eos)  # fmt: skip
+    return tf.LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize(("build", "layer_class"), [(GPT2.build, "NVIBLayer"), (tiny_llama, "KeySpaceLayer")],
+                         ids=["gpt2", "llama"])  # fmt: skip
+def test_causal_lm_trains_with_the_plain_trainer_on_target_tokens_only(build, layer_class, tmp_path):
+    """Causal LMs get an NVCausalLMTrainer (HF Trainer, not Seq2SeqTrainer) over prompt + target sequences whose
+    loss is the cross-entropy of the target tokens (and EOS) alone; fine-tuning lowers it. GPT-2 is converted
+    in z space, Llama in key space."""
+    torch.manual_seed(0)
+    stock = no_dropout(build().eval())
+    data = examples(8)
+    nv = prepare_model(copy.deepcopy(stock))
+    assert {type(layer).__name__ for layer in nvib.nv_layers(nv).values()} == {layer_class}
+    trainer = trainer_for(nv, tmp_path / "probe", name="gpt2", data=data)
+    assert isinstance(trainer, NVCausalLMTrainer) and not isinstance(trainer, tf.Seq2SeqTrainer)
+    assert type(trainer.args) is tf.TrainingArguments
+    batch = first_batch(trainer)
+    tok = tiny_tokenizer("gpt2")
+    for row, ex in enumerate(data):  # labels: -100 on the prompt, the target's ids and EOS after it
+        prompt = len(tok(ex.source + "\n")["input_ids"])
+        target = tok(ex.target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        labels = batch["labels"][row]
+        assert (labels[:prompt] == -100).all() and labels[prompt : prompt + len(target)].tolist() == target
+    with torch.no_grad():
+        logits = stock(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        shifted, targets = logits[:, :-1], batch["labels"][:, 1:]
+        keep = targets != -100
+        direct = torch.nn.functional.cross_entropy(shifted[keep], targets[keep])
+        assert float(trainer.compute_loss(nv.eval(), batch)) == pytest.approx(float(direct), abs=1e-4)
+    model = copy.deepcopy(stock)
+    finetune(model, data * 4, tok, output_dir=tmp_path / "run", max_steps=12, batch_size=8, lr=3e-3,
+             lambda_g=1e-3, lambda_d=1e-3, logging_steps=4, progress=False, save_strategy="no")  # fmt: skip
+    with torch.no_grad():
+        assert float(model(**batch).loss) < float(direct) - 0.2
+    log = [e for e in json.loads((tmp_path / "run" / RUN_LOG).read_text()) if "loss" in e]
+    assert {"kl_decoder", "task_loss", "kl_grad_norm"} <= set(log[0])
+    with torch.no_grad():
+        assert float(nvib.load(tmp_path / "run")(**batch).loss) == pytest.approx(float(model(**batch).loss), abs=1e-6)
 
 
 def test_bad_arguments():
@@ -410,7 +545,8 @@ def test_cli_help_and_errors(cli, tmp_path):
     assert result.exit_code == 0
     options = ("--lambda-g", "--lambda-d", "--schedule", "--schedule-steps", "--freeze-nv",
                "--freeze-pretrained", "--max-steps", "--batch-size", "--lr", "--seed", "--source-column",
-               "--target-column", "--output-dir", "--prior", "--knobs", "--resume")  # fmt: skip
+               "--target-column", "--output-dir", "--prior", "--knobs", "--resume", "--kl-clip", "--max-grad-norm",
+               "--start-stdev-tau")  # fmt: skip
     for option in options:
         assert option in result.output, option
     train = tmp_path / "train.jsonl"
@@ -419,6 +555,7 @@ def test_cli_help_and_errors(cli, tmp_path):
         ((tmp_path / "nomodel", train, "-o", tmp_path / "o"), "no model"),
         ((tmp_path, tmp_path / "missing.jsonl", "-o", tmp_path / "o"), "file not found"),
         ((tmp_path, train, "-o", tmp_path / "o", "--schedule", "cosine"), "constant, linear or cyclic"),
+        ((tmp_path, train, "-o", tmp_path / "o", "--kl-clip", "both"), "separate or joint"),
         ((tmp_path, train, "-o", tmp_path / "o", "--schedule", "linear"), "steps"),
         ((tmp_path, train, "-o", tmp_path / "o", "--freeze-nv", "--freeze-pretrained"), "nothing to train"),
     ]

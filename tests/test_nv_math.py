@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import math
+import statistics
 
 import pytest
 import torch
@@ -164,6 +166,38 @@ def test_kl_gaussian_closed_form():
             torch.distributions.Normal(m0, s0sq.sqrt()),
         ).mean(-1)
         assert torch.allclose(got[b], (alphas[1:] / alphas.sum() * kl).sum(), atol=1e-12)
+
+
+def test_kl_gaussian_prior_variance_floor_against_a_direct_loop():
+    """Spec §8 conditioning: s̄0² = max(s0², 1e-3·median s0²), checked element by element in plain Python floats."""
+    g = torch.Generator().manual_seed(5)
+    B, N, P = 2, 4, 6  # even P: the median is the mean of the two middle values
+    mu = torch.randn(B, N, P, generator=g, dtype=torch.float64)
+    logvar = torch.randn(B, N, P, generator=g, dtype=torch.float64) - 3
+    log_alpha = torch.randn(B, N, generator=g, dtype=torch.float64)
+    valid = torch.ones(B, N, dtype=torch.bool)
+    valid[0, 2:] = False
+    m0 = torch.randn(P, dtype=torch.float64, generator=g)
+    s0sq = torch.tensor([0.0, 1e-33, 2.5e-4, 0.7, 1.3, 4.0], dtype=torch.float64)  # like MiniLM's dead dimensions
+    a0 = torch.tensor(0.4, dtype=torch.float64)
+    floor = 1e-3 * statistics.median(s0sq.tolist())
+    floored = [max(v, floor) for v in s0sq.tolist()]
+    assert floored[:3] == [floor, floor, floor] and floored[3:] == s0sq[3:].tolist()
+    got = kl_gaussian(mu, logvar, log_alpha, valid, m0, s0sq, a0)
+    for b in range(B):
+        n = int(valid[b].sum())
+        alphas = [math.exp(float(a0))] + [math.exp(float(la)) for la in log_alpha[b, :n]]
+        total = 0.0
+        for i in range(n):
+            terms = []
+            for p in range(P):
+                var, s = math.exp(float(logvar[b, i, p])), floored[p]
+                d = float(mu[b, i, p] - m0[p])
+                terms.append(var / s + d * d / s - 1 - math.log(var / s))
+            total += alphas[i + 1] / sum(alphas) * 0.5 * sum(terms) / P
+        assert float(got[b]) == pytest.approx(total, rel=1e-12)
+    unfloored = kl_gaussian(mu, logvar, log_alpha, valid, m0, s0sq, a0, floor=0.0)
+    assert (unfloored > 1e9).all() and (got < 1e4).all()  # what the floor prevents: 1/s0² with s0² ≈ 0
 
 
 def test_kl_dirichlet_closed_form():

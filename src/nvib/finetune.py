@@ -17,6 +17,7 @@ import inspect
 import json
 import math
 import shutil
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,15 +25,16 @@ from typing import Annotated, Any, Literal
 import torch
 import typer
 from torch import nn
-from transformers import Seq2SeqTrainer
+from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
 
-from nvib.config import KINDS, NVConfig
+from nvib.config import KINDS, SUFFIX, NVConfig
 from nvib.convert import LAYERS, configure, convert, enable_per_token_variance, is_converted, kl_terms, nv_layers
 from nvib.data import BatchKind, Example, batches
 from nvib.prior import EmpiricalPrior
 
 __all__ = [
     "LambdaSchedule",
+    "NVCausalLMTrainer",
     "NVTrainer",
     "build_trainer",
     "finetune",
@@ -45,6 +47,7 @@ __all__ = [
 CHECKPOINTS = "checkpoints"  # under output_dir: the Trainer's checkpoints, for resuming
 RUN_ARGS = "finetune_args.json"  # under output_dir: the settings of the run (checked on resume)
 RUN_LOG = "finetune_log.json"  # under output_dir: the Trainer's log history of the finished run
+START_STDEV_TAU = 0.1  # per-token variances asked for: the starting τ_σ of the kinds whose knobs give none
 
 ScheduleKind = Literal["constant", "linear", "cyclic"]
 
@@ -103,13 +106,23 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-class NVTrainer(Seq2SeqTrainer):
-    """`Seq2SeqTrainer` whose training loss adds the NVIB regularisers.
+KLClip = Literal["joint", "separate"]
+KL_CLIPS = ("joint", "separate")
+
+
+class _NVLoss:
+    """The NVIB part of `NVTrainer` / `NVCausalLMTrainer` (a mixin in front of a HuggingFace `Trainer`).
 
     compute_loss = task loss + λ_G(step)·Σ_sites KL_G + λ_D(step)·Σ_sites KL_D in training mode; in
     evaluation mode (no sampling, no KL) it is the task loss alone. The training logs gain, averaged over
     the logging interval, ``kl_g_<kind>`` / ``kl_d_<kind>`` (Σ over the sites of that kind: encoder,
     cross, decoder), ``kl_<kind>`` (their sum), ``task_loss``, and the current ``lambda_g`` / ``lambda_d``.
+
+    `kl_clip` says how `max_grad_norm` applies: ``joint`` clips the gradient of the whole loss (the Trainer's
+    usual clipping); ``separate`` clips the task gradient and the KL gradient to `max_grad_norm` each and adds
+    them, so a large KL gradient can no longer shrink the task update (benchmarks/RESULTS.md, "kl
+    gradients"). With ``separate`` the KL gradient is taken by its own backward pass (about one more encoder
+    backward per step) and is logged as ``kl_grad_norm`` (before clipping; ``grad_norm`` is then the task's).
     """
 
     def __init__(
@@ -119,6 +132,7 @@ class NVTrainer(Seq2SeqTrainer):
         lambda_d: float = 0.0,
         schedule: LambdaSchedule | None = None,
         nv_lr: float | None = None,
+        kl_clip: KLClip = "joint",
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
@@ -129,11 +143,18 @@ class NVTrainer(Seq2SeqTrainer):
         self.model_accepts_loss_kwargs = False
         _check_lambda("lambda_g", lambda_g)
         _check_lambda("lambda_d", lambda_d)
+        _check_kl_clip(kl_clip)
         self.lambda_g, self.lambda_d = float(lambda_g), float(lambda_d)
         self.schedule = schedule or LambdaSchedule()
         self.nv_lr = nv_lr
+        # without clipping (max_grad_norm <= 0) both ways add the same unclipped gradients: skip the extra pass
+        self.kl_clip = kl_clip if self.args.max_grad_norm > 0 else "joint"
         self._kl_sums: dict[str, torch.Tensor] = {}
         self._kl_count = 0
+        self._kl_grads: dict[int, torch.Tensor] = {}  # kl_clip="separate": id(param) -> KL gradient so far
+        self._kl_grad_norms: list[float] = []
+        if self.kl_clip == "separate":
+            self.add_callback(_AddClippedKLGradients(self))
 
     def create_optimizer(self, *args: Any, **kwargs: Any):
         """The Trainer's optimizer, with the NV layers' parameters in groups of their own at `nv_lr`."""
@@ -170,14 +191,49 @@ class NVTrainer(Seq2SeqTrainer):
             if lambda_d:
                 penalty = penalty + lambda_d * sum(d for _, d in per_kind.values())
             task = loss
-            if self._task_loss_scaled_for_ga(num_items_in_batch):
+            accumulated = getattr(self, "current_gradient_accumulation_steps", 1)
+            scaled_for_ga = self._task_loss_scaled_for_ga(num_items_in_batch)
+            if scaled_for_ga:
                 # the task loss is already this batch's share of the accumulated batch; the KL terms are means
-                accumulated = getattr(self, "current_gradient_accumulation_steps", 1)
                 penalty = penalty / accumulated
                 task = loss * accumulated
             self._record(task, per_kind)
+            if self.kl_clip == "separate" and penalty.requires_grad and torch.is_grad_enabled():
+                # training_step divides an unscaled loss by the accumulation steps before its backward
+                self._accumulate_kl_gradients(base, penalty if scaled_for_ga else penalty / accumulated)
+                penalty = penalty.detach()  # logged in the loss, but its gradient goes through the callback
             loss = loss + penalty
         return (loss, outputs) if return_outputs else loss
+
+    def _accumulate_kl_gradients(self, model: nn.Module, penalty: torch.Tensor) -> None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(penalty, params, retain_graph=True, allow_unused=True)
+        for param, grad in zip(params, grads, strict=True):
+            if grad is not None:
+                key = id(param)
+                self._kl_grads[key] = self._kl_grads[key] + grad if key in self._kl_grads else grad
+
+    @torch.no_grad()
+    def _add_clipped_kl_gradients(self, model: nn.Module) -> None:
+        """After the Trainer clipped the task gradient: clip the accumulated KL gradient alone and add it."""
+        if not self._kl_grads:
+            return
+        params = {id(p): p for p in model.parameters()}
+        grads = self._kl_grads
+        self._kl_grads = {}
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for grad in grads.values():  # the Trainer's backward all-reduces the task gradient; do the same
+                torch.distributed.all_reduce(grad)
+                grad /= torch.distributed.get_world_size()
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads.values()]))
+        self._kl_grad_norms.append(float(norm))
+        scale = (self.args.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        for key, grad in grads.items():
+            param = params[key]
+            if param.grad is None:
+                param.grad = (grad * scale).to(param.dtype)
+            else:
+                param.grad.add_((grad * scale).to(param.grad.dtype))
 
     def _task_loss_scaled_for_ga(self, num_items_in_batch) -> bool:
         if getattr(self, "loss_is_scaled_for_ga", None) is not None:
@@ -213,10 +269,36 @@ class NVTrainer(Seq2SeqTrainer):
             if self._kl_count:
                 for key, total in self._kl_sums.items():
                     logs[key] = float(total) / self._kl_count
+            if self._kl_grad_norms:
+                logs["kl_grad_norm"] = sum(self._kl_grad_norms) / len(self._kl_grad_norms)
             lambda_g, lambda_d = self.current_lambdas()
             logs["lambda_g"], logs["lambda_d"] = lambda_g, lambda_d
-            self._kl_sums, self._kl_count = {}, 0
+            self._kl_sums, self._kl_count, self._kl_grad_norms = {}, 0, []
         super().log(logs, start_time)
+
+
+class _AddClippedKLGradients(TrainerCallback):
+    """kl_clip="separate": the Trainer calls this after clipping the (task) gradient, before the optimizer step."""
+
+    def __init__(self, trainer: _NVLoss):
+        self.trainer = weakref.proxy(trainer)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._add_clipped_kl_gradients(_unwrap(self.trainer.model))
+
+
+class NVTrainer(_NVLoss, Seq2SeqTrainer):
+    """`Seq2SeqTrainer` whose training loss adds the NVIB regularisers (seq2seq models; see `_NVLoss`)."""
+
+
+class NVCausalLMTrainer(_NVLoss, Trainer):
+    """`Trainer` whose training loss adds the NVIB regularisers (causal LMs: the loss covers the target tokens
+    of each prompt + target example, `nvib.data.batches(kind="lm")`; see `_NVLoss`)."""
+
+
+def _check_kl_clip(value: str) -> None:
+    if value not in KL_CLIPS:
+        raise ValueError(f"kl_clip must be 'joint' or 'separate', got {value!r}")
 
 
 def _check_lambda(name: str, value: float) -> None:
@@ -236,6 +318,7 @@ def prepare_model(
     train_nv: bool = True,
     train_pretrained: bool = True,
     per_token_variance: bool | None = None,
+    start_stdev_tau: float = START_STDEV_TAU,
 ) -> nn.Module:
     """Convert `model` if needed (identity initialisation, so it computes what the pretrained model computes)
     and set which parameters train. An already converted model keeps its NV layers, unless `nv_config` is
@@ -245,11 +328,19 @@ def prepare_model(
     (spec §2). None (the default) adds it when the starting knobs give the tokens a variance (some stdev_tau
     > 0) or the model has one already. From stdev_tau = 0 it would be dead weight: log σ² starts at
     log 1e-12, the gradients through the samples scale with σ, and AdamW moves log σ² by about the learning
-    rate per step, so the variances stay negligible while evaluation pays for the general form."""
+    rate per step, so the variances stay negligible while evaluation pays for the general form. Hence, when
+    per-token variances are asked for (True) and the layers are initialised here (a plain model, or
+    `nv_config` given), every site kind whose stdev_tau is 0 starts at `start_stdev_tau` instead
+    (σ² = τ_σ²·s0²: the task gradient reaches W_σ through z̃ = μ + σε, scaled by σ)."""
     if isinstance(prior, str | Path):
         prior = EmpiricalPrior.load(prior)
     if nv_config is not None and not isinstance(nv_config, NVConfig):
         raise TypeError(f"nv_config must be an nvib.NVConfig, got {type(nv_config).__name__}")
+    fresh = nv_config is not None or not is_converted(model)
+    if per_token_variance and fresh and start_stdev_tau > 0:
+        nv_config = nv_config or NVConfig()
+        start = {f"stdev_tau_{SUFFIX[k]}": start_stdev_tau for k in KINDS if nv_config.stdev_tau(k) == 0}
+        nv_config = nv_config.replace(**start) if start else nv_config
     if is_converted(model):
         if prior is not None and prior is not model.__dict__.get("nv_prior"):
             raise ValueError(
@@ -377,6 +468,7 @@ def build_trainer(
     lambda_d: float = 1e-3,
     schedule: LambdaSchedule | None = None,
     nv_lr: float | None = None,
+    kl_clip: KLClip = "separate",
     max_steps: int = 1000,
     batch_size: int = 8,
     gradient_accumulation_steps: int = 1,
@@ -401,9 +493,12 @@ def build_trainer(
     Loss = task loss + λ_G·Σ KL_G + λ_D·Σ KL_D, λ following `schedule` (default constant). AdamW with peak
     `lr` (`nv_lr` for the NV layers' parameters, default `lr`), `lr_scheduler` and `warmup_steps`;
     `max_source_len` / `max_target_len` truncate (`lm_separator` joins source and target for causal LMs);
-    a checkpoint every `save_steps`. Extra keyword arguments go to `Seq2SeqTrainingArguments`.
+    a checkpoint every `save_steps`. `kl_clip` (default ``separate``) clips the task and KL gradients to
+    `max_grad_norm` each (see `NVTrainer`). Seq2seq models get an `NVTrainer`, causal LMs an `NVCausalLMTrainer`
+    (plain `Trainer`; loss on the target tokens only). Extra keyword arguments go to their
+    `Seq2SeqTrainingArguments` / `TrainingArguments`.
     """
-    from transformers import Seq2SeqTrainingArguments
+    from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
     if not is_converted(model):
         raise ValueError("build_trainer needs an NV model: call nvib.finetune.prepare_model (or nvib.convert) first")
@@ -419,10 +514,12 @@ def build_trainer(
     for name, value in (("lr", lr), ("nv_lr", 1.0 if nv_lr is None else nv_lr)):
         if isinstance(value, bool) or not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    _check_kl_clip(kl_clip)
+    kind = batch_kind(model)
     features = tokenise(
         _as_examples(train_examples),
         tokenizer,
-        batch_kind(model),
+        kind,
         max_source_len,
         max_target_len,
         lm_separator=lm_separator,
@@ -449,8 +546,11 @@ def build_trainer(
         "dataloader_num_workers": 0,
         "dataloader_pin_memory": torch.cuda.is_available(),
     }
-    args = Seq2SeqTrainingArguments(**{**defaults, **training_args})
-    return NVTrainer(
+    arguments, trainer = (
+        (TrainingArguments, NVCausalLMTrainer) if kind == "lm" else (Seq2SeqTrainingArguments, NVTrainer)
+    )
+    args = arguments(**{**defaults, **training_args})
+    return trainer(
         model=model,
         args=args,
         data_collator=Collator(_pad_id(tokenizer, model)),
@@ -461,6 +561,7 @@ def build_trainer(
         lambda_d=lambda_d,
         schedule=schedule,
         nv_lr=nv_lr,
+        kl_clip=kl_clip,
     )
 
 
@@ -472,7 +573,7 @@ def _check_positive(**values: int) -> None:
 
 # the build_trainer options (besides the schedule) a resumed run must share with the run that wrote the checkpoints
 SAME_RUN_OPTIONS = (
-    "lambda_g", "lambda_d", "batch_size", "gradient_accumulation_steps", "lr", "nv_lr", "lr_scheduler",
+    "lambda_g", "lambda_d", "kl_clip", "batch_size", "gradient_accumulation_steps", "lr", "nv_lr", "lr_scheduler",
     "warmup_steps", "weight_decay", "seed", "max_source_len", "max_target_len",
 )  # fmt: skip
 
@@ -488,6 +589,7 @@ def finetune(
     train_nv: bool = True,
     train_pretrained: bool = True,
     per_token_variance: bool | None = None,
+    start_stdev_tau: float = START_STDEV_TAU,
     resume: bool = True,
     **trainer_options: Any,
 ) -> nn.Module:
@@ -497,7 +599,8 @@ def finetune(
     with `nv_config` (default: the equivalence setting) and `prior` (an `EmpiricalPrior` or its file), so
     step 0 computes what the pretrained model computes. `train_nv` / `train_pretrained` choose what trains;
     `per_token_variance` lets training give every token its own variance (W_σ; evaluation then takes the
-    general form of spec §4, which costs more: see `nvib.attention`); None decides as `prepare_model` does.
+    general form of spec §4, which costs more: see `nvib.attention`); None decides as `prepare_model` does, and
+    with True the site kinds whose knobs give no variance start from τ_σ = `start_stdev_tau`.
     `trainer_options` go to `build_trainer`: λ_G, λ_D and their `schedule`, `max_steps`, `batch_size`, `lr`,
     ... and any `Seq2SeqTrainingArguments`. Checkpoints go to ``output_dir/checkpoints`` every `save_steps` steps; with
     `resume` (the default) a rerun continues from the last one (with `resume=False` they are deleted and
@@ -522,6 +625,7 @@ def finetune(
         "train_nv": train_nv,
         "train_pretrained": train_pretrained,
         "per_token_variance": per_token_variance,
+        "start_stdev_tau": start_stdev_tau,
         **{name: options[name] for name in SAME_RUN_OPTIONS},
         "schedule": dataclasses.asdict(options["schedule"]),
         "examples": len(examples),
@@ -541,6 +645,7 @@ def finetune(
         train_nv=train_nv,
         train_pretrained=train_pretrained,
         per_token_variance=per_token_variance,
+        start_stdev_tau=start_stdev_tau,
     )
     trainer = build_trainer(model, examples, tokenizer, output_dir=out, **options)
     out.mkdir(parents=True, exist_ok=True)
@@ -684,6 +789,22 @@ def finetune_cli(
             show_default=False,
         ),
     ] = None,
+    start_stdev_tau: Annotated[
+        float,
+        _opt(
+            help="With --per-token-variance: the starting τ_σ of the site kinds whose knobs give the tokens no "
+            "variance (σ² = τ_σ²·s0²; the task gradient reaches W_σ scaled by σ).",
+            min=0,
+        ),
+    ] = START_STDEV_TAU,
+    kl_clip: Annotated[
+        str,
+        _opt(
+            help="Gradient clipping: separate (the task and the KL gradients are clipped to --max-grad-norm each, "
+            "so the KL terms cannot shrink the task update) or joint (the whole loss's gradient, one clip)."
+        ),
+    ] = "separate",
+    max_grad_norm: Annotated[float, _opt(help="Gradient clipping norm (0: none).", min=0)] = 1.0,
     max_steps: Annotated[int, _opt(help="Optimisation steps.", min=1)] = 1000,
     batch_size: Annotated[int, _opt(help="Examples per batch.", min=1)] = 8,
     grad_accum: Annotated[int, _opt(help="Batches accumulated per optimisation step.", min=1)] = 1,
@@ -723,6 +844,8 @@ def finetune_cli(
 
     if schedule not in ("constant", "linear", "cyclic"):
         raise ValueError(f"--schedule must be constant, linear or cyclic, got {schedule!r}")
+    if kl_clip not in KL_CLIPS:
+        raise ValueError(f"--kl-clip must be separate or joint, got {kl_clip!r}")
     lambda_schedule = LambdaSchedule(schedule, schedule_steps)  # type: ignore[arg-type]
     if not (train_nv or train_pretrained):
         raise ValueError("nothing to train: --freeze-nv and --freeze-pretrained together freeze everything")
@@ -750,6 +873,9 @@ def finetune_cli(
         train_nv=train_nv,
         train_pretrained=train_pretrained,
         per_token_variance=per_token_variance,
+        start_stdev_tau=start_stdev_tau,
+        kl_clip=kl_clip,
+        max_grad_norm=max_grad_norm,
         max_steps=max_steps,
         batch_size=batch_size,
         gradient_accumulation_steps=grad_accum,

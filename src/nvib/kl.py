@@ -10,6 +10,9 @@ import torch
 # like ((K−1)/2)·log Σα, but Σα itself must stay finite: it is clamped at e^60.
 MAX_LOG_PSEUDO_COUNT = 60.0
 MIN_PRIOR_VARIANCE = 1e-12  # real models have dimensions with (float32) zero variance: s0² = 0 would give 0/0
+# Spec §8 conditioning: KL_G divides by s̄0² = max(s0², PRIOR_VARIANCE_FLOOR · median_p s0²), so dimensions the
+# pretrained model keeps (about) constant cannot dominate the regulariser.
+PRIOR_VARIANCE_FLOOR = 1e-3
 SERIES_FROM = 10.0  # Stirling-type series for lnΓ and ψ from here on (truncation error < 1e-10)
 
 
@@ -21,13 +24,26 @@ def _with_prior(log_alpha: torch.Tensor, valid: torch.Tensor, prior_log_alpha: t
     return torch.cat([la0, la], dim=1)
 
 
-def kl_gaussian(mu, logvar, log_alpha, valid, prior_mean, prior_var, prior_log_alpha) -> torch.Tensor:
-    """KL_G [B] = ½ Σ_n (α_n/Σα) mean_p[σ²/s0² + (μ−m0)²/s0² − 1 − log(σ²/s0²)].
+def floored_prior_var(prior_var: torch.Tensor, floor: float | None = None) -> torch.Tensor:
+    """s̄0² [P] = max(s0², floor · median_p s0², 1e-12) (spec §8; the median of an even P is the mean of the
+    two middle values); `floor` None reads PRIOR_VARIANCE_FLOOR. Used by KL_G only: at evaluation
+    β0 = s0² + √E is well conditioned without it."""
+    floor = PRIOR_VARIANCE_FLOOR if floor is None else floor
+    var = prior_var.to(torch.promote_types(prior_var.dtype, torch.float32))
+    relative = floor * torch.quantile(var.reshape(-1, var.shape[-1]).to(torch.float64), 0.5, dim=-1)
+    return torch.maximum(var, relative.to(var.dtype).reshape(var.shape[:-1] + (1,))).clamp(min=MIN_PRIOR_VARIANCE)
 
-    mu, logvar [B, N, P]; log_alpha, valid [B, N]; the prior component (its own KL is 0) counts in Σα.
+
+def kl_gaussian(
+    mu, logvar, log_alpha, valid, prior_mean, prior_var, prior_log_alpha, floor: float | None = None
+) -> torch.Tensor:
+    """KL_G [B] = ½ Σ_n (α_n/Σα) mean_p[σ²/s̄0² + (μ−m0)²/s̄0² − 1 − log(σ²/s̄0²)], s̄0² = `floored_prior_var`.
+
+    mu, logvar [B, N, P]; log_alpha, valid [B, N]; prior_mean, prior_var [P]; the prior component (its own
+    KL is 0) counts in Σα. `floor` = 0 gives the unconditioned KL against s0² itself.
     """
     weights = torch.softmax(_with_prior(log_alpha, valid, prior_log_alpha), dim=1)[:, 1:]
-    log_s0sq = prior_var.to(mu.dtype).clamp(min=MIN_PRIOR_VARIANCE).log()
+    log_s0sq = floored_prior_var(prior_var, floor).to(mu.dtype).log()
     log_ratio = logvar - log_s0sq
     per_token = 0.5 * (log_ratio.exp() + (mu - prior_mean.to(mu.dtype)) ** 2 / log_s0sq.exp() - 1 - log_ratio)
     return (weights * per_token.mean(-1).to(weights.dtype)).sum(-1)
