@@ -58,6 +58,7 @@ class Slot:
     spare: int = 0  # extra channels per head carrying σ²_n/β_n (general form only)
     folded: dict | None = None
     folded_key: tuple | None = None
+    last: dict | None = None  # the weights of the current call
     prior_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # training: this forward's sampled prior k, v
     mass_log: list | None = None  # record_prior_mass: (Σ a_m0, number of queries) per call
     # cross-attention: (weakref to the cached key, folded, key with prior, value with prior); dropped with the key
@@ -94,11 +95,13 @@ class Slot:
         ts = self._tensors()
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
         if not grad and self.folded is not None and _state(ts) == self.folded_key:
+            self.last = self.folded
             return self.folded
         with torch.set_grad_enabled(grad):
             folded = self._build()
         if not grad:
             self.folded, self.folded_key = folded, _state(ts)
+        self.last = folded
         return folded
 
     def _build(self) -> dict:
@@ -313,7 +316,7 @@ class Slot:
             self.mass_log.append((float(a0.float().sum()), a0.numel()))
         if self.layer.training:
             return o
-        w = self.folded  # validated by prepend_prior in this same call
+        w = self.last  # what prepend_prior / attend_split used in this same call (rebuilt with gradients too)
         B, Q, H, E = o.shape
         q = query.transpose(1, 2)[..., :-1].reshape(B * Q, H, E).transpose(0, 1)  # [H, B·Q, E]
         r = torch.bmm(q, w["g_both"]).transpose(0, 1).view(B, Q, H, -1)  # [B, Q, H, E or 2E]

@@ -133,24 +133,25 @@ class KeySlot:
     def fold(self, dtype: torch.dtype) -> dict:
         """Terms in the attention's dtype, [Hq, E]-expanded where queries use them; rebuilt when anything changed."""
         tensors = [*self.layer.parameters(), *self.layer.buffers()]
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)  # then rebuilt every call
         key = (dtype, *((0 if t.is_inference() else t._version, t.data_ptr()) for t in tensors))
-        if self.folded is not None and key == self.folded_key:
+        if not grad and self.folded is not None and key == self.folded_key:
             return self.folded
-        with torch.no_grad():
-            t = self.layer.terms()
+        t = self.layer.terms()
         rep = self.heads // self.layer.heads
         f = torch.promote_types(dtype, torch.float32)
-        self.folded = dict(
+        folded = dict(
             query_scale=None if t["query_scale"] is None else t["query_scale"].repeat_interleave(rep, 0).to(dtype),
             key_weight=None if t["key_weight"] is None else t["key_weight"].to(f),
             prior_key=t["prior_key"].to(dtype),
             prior_c=t["prior_c"].to(f),
             prior_value=t["prior_value"].to(dtype),
-            same_c=bool((t["prior_c"] == t["prior_c"][0]).all()),  # one bias row serves every head
+            same_c=bool((t["prior_c"] == t["prior_c"][0]).all().detach()),  # one bias row serves every head
             scaling=self.scaling,
         )
-        self.folded_key = key
-        return self.folded
+        if not grad:
+            self.folded, self.folded_key = folded, key
+        return folded
 
 
 def _bias_mask(allowed: torch.Tensor | None, bias: torch.Tensor, q_len: int, dtype) -> torch.Tensor:
@@ -212,7 +213,7 @@ def nv_key_attention(
     G, E = key.shape[1], key.shape[3]
     if w["query_scale"] is not None:
         query = query * w["query_scale"][:, None, :]
-    if _can_split(query, softcap, slot, dropout):
+    if _can_split(query, softcap, slot, dropout) and not w["prior_c"].requires_grad:  # kernel: no mask gradient
         return _attend_split(query, key, value, allowed, w).transpose(1, 2), None
     key = torch.cat([w["prior_key"][None, :, None, :].expand(B, G, 1, E), key], 2)
     value = torch.cat([w["prior_value"][None, :, None, :].expand(B, G, 1, E), value], 2)
