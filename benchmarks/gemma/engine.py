@@ -49,10 +49,16 @@ def _by_length(items: Sequence[Encoded], batch_size: int) -> list[list[int]]:
 class PrefixRunner:
     """Scores and generates examples after one fixed prefix of token ids, with the prefix's KV cache shared."""
 
-    def __init__(self, model: tf.PreTrainedModel, tokenizer: tf.PreTrainedTokenizerBase, prefix: list[int]):
+    def __init__(
+        self,
+        model: tf.PreTrainedModel,
+        tokenizer: tf.PreTrainedTokenizerBase,
+        prefix: list[int],
+        stop: list[bool] | None = None,
+    ):
         self.model, self.prefix = model, prefix
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.stop = stop_tokens(tokenizer, model.config.vocab_size)
+        self.stop = stop if stop is not None else stop_tokens(tokenizer, model.config.vocab_size)
         self.tokenizer = tokenizer
         self._cache: tf.Cache | None = None
 
