@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 import transformers as tf
-
 from prompts import Encoded
 
 LM_HEAD_CHUNK = 256  # rows of logits materialised at once
@@ -110,8 +109,8 @@ class PrefixRunner:
                 input_ids=ids, attention_mask=full_mask, position_ids=pos, cache=self._prefix_cache(len(idx)),
                 use_cache=True,
             ).last_hidden_state  # fmt: skip
-            # the hidden state before the suffix's first token is the prefix's last: not needed (targets start later)
-            scored = self._target_nll(hidden, ids, [len(items[i].suffix) for i in idx], [len(items[i].target) for i in idx])
+            starts, lengths = [len(items[i].suffix) for i in idx], [len(items[i].target) for i in idx]
+            scored = self._target_nll(hidden, ids, starts, lengths)
             for i, s in zip(idx, scored, strict=True):
                 out[i] = s
         return out  # type: ignore[return-value]
@@ -153,8 +152,8 @@ class PrefixRunner:
 
             tgt, tmask = _pad([items[i].target for i in idx], self.pad)
             th = self.model.model(
-                input_ids=tgt, attention_mask=torch.cat([mask, tmask], dim=1), position_ids=pos + torch.arange(tgt.shape[1]),
-                cache=copy.deepcopy(cache), use_cache=True,
+                input_ids=tgt, attention_mask=torch.cat([mask, tmask], dim=1), cache=copy.deepcopy(cache),
+                position_ids=pos + torch.arange(tgt.shape[1]), use_cache=True,
             ).last_hidden_state  # fmt: skip
             both = torch.cat([last.unsqueeze(1), th], dim=1)  # hidden[:, j] predicts target token j
             rows = torch.cat([torch.full((len(idx), 1), self.pad), tgt], dim=1)
@@ -216,7 +215,7 @@ def check_sharing(runner: PrefixRunner, items: Sequence[Encoded], tol: float = 1
 
 @torch.inference_mode()
 def greedy_unshared(runner: PrefixRunner, item: Encoded, max_new_tokens: int = 24) -> str:
-    """The greedy prediction of `PrefixRunner.evaluate` for one example without a shared prefix or padding (the check's reference)."""
+    """The greedy prediction of `PrefixRunner.evaluate` for one example, without a shared prefix or padding."""
     model, cache = runner.model, tf.DynamicCache(config=runner.model.config)
     ids, generated = torch.tensor([runner.prefix + item.suffix]), []
     for _ in range(max_new_tokens):

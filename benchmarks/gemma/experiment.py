@@ -48,8 +48,8 @@ sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
 from engine import PrefixRunner, Scored, check_sharing, stop_tokens  # noqa: E402
 from gemma3_model import load_gemma3  # noqa: E402
 from measures import NLL, summarise  # noqa: E402
+from prompts import Encoded, PromptBuilder, pick_demos, read_pairs  # noqa: E402
 from tables import render  # noqa: E402
-from prompts import Encoded, Pair, PromptBuilder, pick_demos, read_pairs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DOMAINS = ("debian", "docstrings", "wikipara", "wiki")
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--results", type=Path, help="markdown to update (default benchmarks/RESULTS.md; OUT/ if quick)")
+    parser.add_argument("--results", type=Path, help="markdown to update (default: benchmarks/RESULTS.md)")
     args = parser.parse_args(argv)
     if args.quick:
         for k, v in QUICK.items():
@@ -232,13 +232,12 @@ def main(argv: list[str] | None = None) -> None:
     checks = {"stock": clock.phase("check", lambda: state.get("check stock", stock_check))}
     log("sharing check (stock):", checks["stock"])
     for i, d in enumerate(args.domains):
-        systems: dict[str, dict] = {}
-        systems["unconverted"] = clock.phase("test", lambda d=d: state.get(f"{d}/unconverted", lambda: test_eval(d, IN_DOMAIN)))
+        clock.phase("test", lambda d=d: state.get(f"{d}/unconverted", lambda: test_eval(d, IN_DOMAIN)))
         log(d, "unconverted done")
 
         def temperature(d=d, i=i) -> dict:
-            obj = DevNLL(runners[IN_DOMAIN], encoded[d][0], lambda k: set_temperature(model, k["temperature"], scalings),
-                         args.batch)  # fmt: skip
+            apply = lambda k: set_temperature(model, k["temperature"], scalings)  # noqa: E731
+            obj = DevNLL(runners[IN_DOMAIN], encoded[d][0], apply, args.batch)
             study = tune_temperature(obj, args.trials, [len(dev[d]) // 2, len(dev[d])], storage,
                                      f"temp-{d}-{key}", args.seed + i)  # fmt: skip
             t = study.best_params["temperature"]
@@ -273,8 +272,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def estimate() -> dict:
         with torch.inference_mode():
-            prior = nvib.EmpiricalPrior.estimate(model, prior_batches(), data=f"debian 3-shot prompts x{args.prior_examples}",
-                                                 progress=False)  # fmt: skip
+            data = f"debian 3-shot prompts x{args.prior_examples}"
+            prior = nvib.EmpiricalPrior.estimate(model, prior_batches(), data=data, progress=False)
         prior.save(prior_path)
         return {"tokens": prior.metadata["tokens"]}
 
@@ -335,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
             "nv_knobs": got["NV tuned"]["knobs"], "nv_prior_mass": got["NV tuned"]["prior_mass"],
             "nv_target_knobs": got["NV + target demos"]["knobs"],
             "nv_target_prior_mass": got["NV + target demos"]["prior_mass"],
-            "search": {s: got[s]["search"] for s in ("NV tuned", "temperature", "NV + target demos") if "search" in got[s]},
+            "search": {s: got[s]["search"] for s in ("NV tuned", "temperature", "NV + target demos")},
             "demos": [p.id for p in demos[d if d in demos else IN_DOMAIN]],
         }  # fmt: skip
         (args.out / "predictions").mkdir(exist_ok=True)

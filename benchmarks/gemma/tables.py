@@ -28,7 +28,7 @@ def render(rows: dict, details: dict, meta: dict) -> str:
         "",
         f"Gemma 3 270M few-shot benchmark (`python benchmarks/gemma/experiment.py{label}`"
         f"{', REDUCED BUDGET: not the protocol sizes' if meta['quick'] else ''}): a fixed 3-shot prompt of Debian "
-        f"descriptions → synopsis is the in-domain \"training\"; inputs cut to {b['max_input_tokens']} tokens; "
+        f'descriptions → synopsis is the in-domain "training"; inputs cut to {b["max_input_tokens"]} tokens; '
         f"greedy, ≤ {b['max_new_tokens']} new tokens, stopped at the newline. Knobs tuned per domain on its dev pairs "
         f"({b['trials']} Optuna trials per tuned system, objective = mean target NLL), scored on its test pairs. "
         "ROUGE-L F1 ×100, NLL in nats per target token (lower is better); Δ = system − unconverted with the 95% "
