@@ -73,14 +73,16 @@ def render(rows: dict, details: dict, meta: dict) -> str:
             f"{sum(secs) / len(secs):.0f} |"
         )
     checks = meta["checks"]
-    phases = ", ".join(f"{k} {v / 60:.1f} min" for k, v in meta["phase_seconds"].items())
+    cpu = meta["phase_cpu_seconds"]
+    phases = ", ".join(f"{k} {v / 60:.1f} ({cpu[k] / 60:.1f})" for k, v in meta["phase_seconds"].items())
     lines += [
         "",
         f"Checks: prefix-shared vs unshared NLL, stock {checks['stock']['nll_gap']:.1e} / "
         f"{checks['stock']['evaluate_nll_gap']:.1e} nats/token, NV regularised "
         f"{checks['nv']['regularised']['nll_gap']:.1e} / {checks['nv']['regularised']['evaluate_nll_gap']:.1e}; "
         f"greedy identical: {checks['stock']['greedy_identical'] and checks['nv']['regularised']['greedy_identical']}; "
-        f"NV at the identity knobs vs stock: {checks['nv']['identity_nll_gap']:.1e} nats/token. Phases: {phases}.",
+        f"NV at the identity knobs vs stock: {checks['nv']['identity_nll_gap']:.1e} nats/token. Wall minutes per "
+        f"phase (process CPU minutes): {phases}; CPU total {meta['cpu_seconds'] / 60:.1f} min.",
         "",
     ]
     return "\n".join(lines)
