@@ -18,7 +18,7 @@ from pathlib import Path
 import transformers as tf
 
 #: Demonstrations are drawn among train pairs of this many document words (keeps the prefix short).
-DEMO_WORDS = (15, 60)
+DEMO_WORDS = (15, 40)
 
 
 @dataclass(frozen=True)
