@@ -60,6 +60,10 @@ IN_DOMAIN = "debian"
 SYSTEMS = ("unconverted", "NV tuned", "temperature", "target demos", "NV + target demos")
 TEMPERATURE = (0.5, 2.0)
 REGULARISED = {"alpha_tau_d": 0.0, "stdev_tau_d": 0.3}  # the sharing check's NV setting
+# Key-space τ_α is centred on an average in-domain token and counted in units ς ≥ 1 (spec §11): τ_α = 0 gives the
+# prior an average token's weight, -3 gives it e^{3ς} ≥ 20 tokens' worth (all the attention where ς ≈ 50), +3 at
+# most e^-3 of a token. The equivalence point (10) is tried first and widens the range to it (nvib.search).
+SPACE = SearchSpace(alpha_tau=(-3.0, 3.0), stdev_tau=(0.0, 0.5))
 PROTOCOL = {"dev": 64, "trials": 20, "test": 300}
 QUICK = {"dev": 12, "trials": 5, "test": 32, "prior_examples": 12}
 
@@ -320,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
                 study = run_search(
                     obj, {"decoder"}, n_trials=args.trials, storage=storage, direction="minimize",
                     study_name=f"nv-{d}-{prompt}-{key}", slices=[len(dev[d]) // 2, len(dev[d])], seed=args.seed + i,
-                    progress=False, space=SearchSpace(),
+                    progress=False, space=SPACE,
                 )  # fmt: skip
                 knobs = best_knobs(study)
                 nvib.configure(model, nvib.NVConfig(**knobs))
