@@ -20,9 +20,11 @@ NLL = CorpusMetric(
 
 
 def diversity(preds: Sequence[str]) -> dict[str, float]:
-    """distinct (distinct predictions / n), top_share (most frequent prediction / n), distinct2."""
-    counts = Counter(p.strip().lower() for p in preds)
-    bigrams = [tuple(w[i : i + 2]) for w in (p.lower().split() for p in preds) for i in range(len(w) - 1)]
+    """distinct (distinct predictions / n), top_share (most frequent prediction / n), distinct2; predictions are
+    compared after stripping outer whitespace, words are whitespace tokens (as nvib.metrics.diversity on `obj`)."""
+    texts = [p.strip() for p in preds]
+    counts = Counter(texts)
+    bigrams = [tuple(w[i : i + 2]) for w in (t.split() for t in texts) for i in range(len(w) - 1)]
     return {
         "distinct": len(counts) / len(preds),
         "top_share": max(counts.values()) / len(preds),
