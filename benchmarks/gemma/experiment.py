@@ -69,34 +69,32 @@ QUICK = {"dev": 12, "trials": 5, "test": 32, "prior_examples": 12}
 
 
 class State:
-    """Results of finished steps, persisted after each one (resume after an interruption)."""
+    """Results of finished steps, persisted after each one (resume after an interruption), with the wall and
+    process CPU seconds each step took when it ran (CPU seconds / threads estimates the time on idle cores)."""
 
     def __init__(self, path: Path, key: str):
         self.path, self.key = path, key
         every = json.loads(path.read_text()) if path.exists() else {}
         self.data = every.get(key, {})
+        self.cost: dict[str, dict] = self.data.setdefault("_cost", {})
 
-    def get(self, name: str, compute: Callable[[], dict]) -> dict:
+    def get(self, name: str, compute: Callable[[], dict], phase: str) -> dict:
         if name not in self.data:
+            start, cpu = time.perf_counter(), time.process_time()
             self.data[name] = compute()
+            self.cost[name] = {"phase": phase, "wall": time.perf_counter() - start, "cpu": time.process_time() - cpu}
             every = json.loads(self.path.read_text()) if self.path.exists() else {}
             every[self.key] = self.data
             self.path.write_text(json.dumps(every))
         return self.data[name]
 
-
-class Clock:
-    """Wall time and process CPU time per phase (CPU time / threads estimates the wall time on idle cores)."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self.cpu_seconds: dict[str, float] = {}
-
-    def phase(self, name: str, fn: Callable[[], dict]) -> dict:
-        start, cpu = time.perf_counter(), time.process_time()
-        out = fn()
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-        self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + time.process_time() - cpu
+    def phases(self) -> dict[str, dict[str, float]]:
+        """phase -> summed wall and CPU seconds of its steps."""
+        out: dict[str, dict[str, float]] = {}
+        for c in self.cost.values():
+            acc = out.setdefault(c["phase"], {"wall": 0.0, "cpu": 0.0})
+            acc["wall"] += c["wall"]
+            acc["cpu"] += c["cpu"]
         return out
 
 
@@ -200,11 +198,12 @@ def main(argv: list[str] | None = None) -> None:
     budget = {k: getattr(args, k) for k in ("dev", "test", "trials", "seed", "prior_examples", "max_input_tokens",
                                                "max_new_tokens")}  # fmt: skip
     key = hashlib.sha256(json.dumps(budget, sort_keys=True).encode()).hexdigest()[:12]
-    state, clock, t_start = State(args.out / "state.json", key), Clock(), time.time()
+    state, t_start = State(args.out / "state.json", key), time.time()
     storage = f"sqlite:///{args.out / 'studies.db'}"
     log = lambda *a: print(f"[{time.time() - t_start:7.0f}s]", *a, flush=True)  # noqa: E731
 
-    model, tokenizer = clock.phase("load", load_gemma3)
+    model, tokenizer = load_gemma3()
+    load_seconds, load_cpu = time.time() - t_start, time.process_time()
     builder = PromptBuilder(tokenizer, args.max_input_tokens)
     train = {d: args.data / d / "train.jsonl" for d in DOMAINS}
     demos = {IN_DOMAIN: pick_demos(read_pairs(train[IN_DOMAIN], 20000), 3, args.seed)}
@@ -244,29 +243,8 @@ def main(argv: list[str] | None = None) -> None:
         result = check_sharing(runners[IN_DOMAIN], check_items, max_new_tokens=args.max_new_tokens)
         return {**result, "nll": [[s.nll, s.n] for s in runners[IN_DOMAIN].nll(check_items)]}
 
-    checks = {"stock": clock.phase("check", lambda: state.get("check stock", stock_check))}
+    checks = {"stock": state.get("check stock", stock_check, "check")}
     log("sharing check (stock):", checks["stock"])
-    for i, d in enumerate(args.domains):
-        clock.phase("test", lambda d=d: state.get(f"{d}/unconverted", lambda: test_eval(d, IN_DOMAIN)))
-        log(d, "unconverted done")
-
-        def temperature(d=d, i=i) -> dict:
-            apply = lambda k: set_temperature(model, k["temperature"], scalings)  # noqa: E731
-            obj = DevNLL(runners[IN_DOMAIN], encoded[d][0], apply, args.batch)
-            study = tune_temperature(obj, args.trials, [len(dev[d]) // 2, len(dev[d])], storage,
-                                     f"temp-{d}-{key}", args.seed + i)  # fmt: skip
-            t = study.best_params["temperature"]
-            set_temperature(model, t, scalings)
-            try:
-                result = {"temperature": t, "search": study_summary(study), **test_eval(d, IN_DOMAIN)}
-            finally:
-                set_temperature(model, 1.0, scalings)
-            return result
-
-        clock.phase("temperature", lambda d=d, f=temperature: state.get(f"{d}/temperature", f))
-        if d != IN_DOMAIN:
-            clock.phase("test", lambda d=d: state.get(f"{d}/target demos", lambda: test_eval(d, d)))
-        log(d, "stock systems done")
 
     # ---- NV: prior on in-domain prompts, conversion, checks, tuning
     def prior_batches():
@@ -292,10 +270,6 @@ def main(argv: list[str] | None = None) -> None:
         prior.save(prior_path)
         return {"tokens": prior.metadata["tokens"]}
 
-    clock.phase("prior", lambda: state.get("prior", estimate))
-    prior = nvib.EmpiricalPrior.load(prior_path)
-    nvib.convert(model, prior=prior)
-
     def nv_checks() -> dict:
         """NV at the identity knobs gives the stock NLL; sharing holds at a regularised setting."""
         runners[IN_DOMAIN].reset()
@@ -310,10 +284,43 @@ def main(argv: list[str] | None = None) -> None:
             nvib.configure(model, nvib.NVConfig())
         return {"identity_nll_gap": gap, "regularised": {"knobs": REGULARISED, **shared}}
 
-    checks["nv"] = clock.phase("check", lambda: state.get("check nv", nv_checks))
-    log("sharing check (NV):", checks["nv"])
+    def to_stock() -> None:
+        if nvib.is_converted(model):
+            nvib.unload(model)
 
-    for i, d in enumerate(args.domains):
+    def to_nv() -> None:
+        """Estimate the prior (on the stock model) once, convert, and run the NV checks once."""
+        if nvib.is_converted(model):
+            return
+        state.get("prior", estimate, "prior")
+        nvib.convert(model, prior=nvib.EmpiricalPrior.load(prior_path))
+        if "nv" not in checks:
+            checks["nv"] = state.get("check nv", nv_checks, "check")
+            log("sharing check (NV):", checks["nv"])
+
+    def stock_systems(i: int, d: str) -> None:
+        state.get(f"{d}/unconverted", lambda d=d: test_eval(d, IN_DOMAIN), "test")
+        log(d, "unconverted done")
+
+        def temperature(d=d, i=i) -> dict:
+            apply = lambda k: set_temperature(model, k["temperature"], scalings)  # noqa: E731
+            obj = DevNLL(runners[IN_DOMAIN], encoded[d][0], apply, args.batch)
+            study = tune_temperature(obj, args.trials, [len(dev[d]) // 2, len(dev[d])], storage,
+                                     f"temp-{d}-{key}", args.seed + i)  # fmt: skip
+            t = study.best_params["temperature"]
+            set_temperature(model, t, scalings)
+            try:
+                result = {"temperature": t, "search": study_summary(study), **test_eval(d, IN_DOMAIN)}
+            finally:
+                set_temperature(model, 1.0, scalings)
+            return result
+
+        state.get(f"{d}/temperature", temperature, "temperature")
+        if d != IN_DOMAIN:
+            state.get(f"{d}/target demos", lambda d=d: test_eval(d, d), "test")
+        log(d, "stock systems done")
+
+    def nv_systems(i: int, d: str) -> None:
         for system, prompt in (("NV tuned", IN_DOMAIN), ("NV + target demos", d)):
             if system == "NV + target demos" and d == IN_DOMAIN:
                 continue
@@ -333,8 +340,16 @@ def main(argv: list[str] | None = None) -> None:
                 nvib.configure(model, nvib.NVConfig())
                 return {"knobs": knobs, "prior_mass": dict(mass), "search": study_summary(study), **result}
 
-            clock.phase("nv", lambda d=d, f=tune, system=system: state.get(f"{d}/{system}", f))
+            state.get(f"{d}/{system}", tune, "nv")
             log(d, system, "done")
+
+    # domain by domain, so that a run cut short has whole rows
+    for i, d in enumerate(args.domains):
+        to_stock()
+        stock_systems(i, d)
+        to_nv()
+        nv_systems(i, d)
+    to_stock()
 
     # ---- report
     rows, details = {}, {}
@@ -357,10 +372,13 @@ def main(argv: list[str] | None = None) -> None:
             json.dumps({"refs": refs, **{s: v["preds"] for s, v in got.items()}}, indent=1)
         )
     elapsed = time.time() - t_start
+    phases = {"load": {"wall": load_seconds, "cpu": load_cpu}, **state.phases()}
     meta = {
-        "budget": budget, "quick": args.quick, "domains": args.domains, "seconds": elapsed,
-        "phase_seconds": clock.seconds, "phase_cpu_seconds": clock.cpu_seconds,
-        "cpu_seconds": time.process_time(), "checks": checks, "load_average": os.getloadavg(),
+        "budget": budget, "quick": args.quick, "domains": args.domains,
+        "seconds": sum(p["wall"] for p in phases.values()),
+        "cpu_seconds": sum(p["cpu"] for p in phases.values()),
+        "phases": phases,
+        "this_process_seconds": elapsed, "checks": checks, "load_average": os.getloadavg(),
         "threads": args.threads, "machine": platform.processor() or platform.machine(),
     }  # fmt: skip
     (args.out / "results.json").write_text(json.dumps({"rows": rows, "details": details, "meta": meta}, indent=2))

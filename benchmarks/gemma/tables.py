@@ -20,6 +20,13 @@ def _mass(mass: dict) -> str:
     return ", ".join(f"{v:.3f}" for v in mass.values()) or "–"
 
 
+def _move(search: dict) -> str:
+    """Dev NLL of the identity trial (knobs that leave the model unchanged, tried first) → the best trial's."""
+    if not search:
+        return "–"
+    return f"{search['first_value']:.3f} → {search['best_value']:.3f}"
+
+
 def render(rows: dict, details: dict, meta: dict) -> str:
     b = meta["budget"]
     label = " --quick" if meta["quick"] else ""
@@ -34,7 +41,7 @@ def render(rows: dict, details: dict, meta: dict) -> str:
         "ROUGE-L F1 ×100, NLL in nats per target token (lower is better); Δ = system − unconverted with the 95% "
         "paired bootstrap interval (1000 resamples). distinct = distinct predictions / n, top = share of the most "
         f"frequent prediction, d2 = distinct-2. Wall time {meta['seconds'] / 60:.1f} min with {meta['threads']} "
-        f"threads (load average at the end {meta['load_average'][1]:.1f}: the machine was shared).",
+        f"threads on a shared machine (load average at the end {meta['load_average'][1]:.1f}).",
         "",
     ]
     for domain, row in rows.items():
@@ -58,7 +65,7 @@ def render(rows: dict, details: dict, meta: dict) -> str:
         lines.append("")
     lines += [
         "| domain | NV knobs | prior mass | temperature | NV + target demos knobs | prior mass | "
-        "dev NLL: unconverted → NV / temp. / NV+demos | s per trial (NV) |",
+        "dev NLL, identity trial → best: NV / temperature / NV + target demos | s per trial (NV) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for domain, d in details.items():
@@ -68,13 +75,11 @@ def render(rows: dict, details: dict, meta: dict) -> str:
         lines.append(
             f"| {domain} | {_knobs(d['nv_knobs'])} | {_mass(d['nv_prior_mass'])} | {d['temperature']:.2f} | "
             f"{_knobs(d['nv_target_knobs'])} | {_mass(d['nv_target_prior_mass'])} | "
-            f"{nv.get('first_value', float('nan')):.3f} → {nv.get('best_value', float('nan')):.3f} / "
-            f"{temp.get('best_value', float('nan')):.3f} / {nvt.get('best_value', float('nan')):.3f} | "
+            f"{_move(nv)} / {_move(temp)} / {_move(nvt)} | "
             f"{sum(secs) / len(secs):.0f} |"
         )
     checks = meta["checks"]
-    cpu = meta["phase_cpu_seconds"]
-    phases = ", ".join(f"{k} {v / 60:.1f} ({cpu[k] / 60:.1f})" for k, v in meta["phase_seconds"].items())
+    phases = ", ".join(f"{k} {v['wall'] / 60:.1f} ({v['cpu'] / 60:.1f})" for k, v in meta["phases"].items())
     lines += [
         "",
         f"Checks: prefix-shared vs unshared NLL, stock {checks['stock']['nll_gap']:.1e} / "
@@ -82,7 +87,8 @@ def render(rows: dict, details: dict, meta: dict) -> str:
         f"{checks['nv']['regularised']['nll_gap']:.1e} / {checks['nv']['regularised']['evaluate_nll_gap']:.1e}; "
         f"greedy identical: {checks['stock']['greedy_identical'] and checks['nv']['regularised']['greedy_identical']}; "
         f"NV at the identity knobs vs stock: {checks['nv']['identity_nll_gap']:.1e} nats/token. Wall minutes per "
-        f"phase (process CPU minutes): {phases}; CPU total {meta['cpu_seconds'] / 60:.1f} min.",
+        f"phase (process CPU minutes): {phases}; CPU total {meta['cpu_seconds'] / 60:.1f} min (on idle cores the wall "
+        f"time would be about CPU / {meta['threads']}).",
         "",
     ]
     return "\n".join(lines)
