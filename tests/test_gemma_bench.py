@@ -13,7 +13,7 @@ import nvib
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks" / "gemma"))
 from engine import PrefixRunner, check_sharing, greedy_unshared  # noqa: E402
-from measures import NLL, diversity  # noqa: E402
+from measures import summarise  # noqa: E402
 from prompts import Encoded  # noqa: E402
 
 NEWLINE = 5
@@ -89,8 +89,13 @@ def test_knob_change_needs_reset():
     assert greedy_unshared(r, xs[0], 4) == r.evaluate(xs[:1], 4)[1][0]
 
 
-def test_nll_is_token_weighted_and_diversity_closed_form():
-    assert NLL([[3.0, 1], [1.0, 3]], [None, None]) == pytest.approx(1.0)
-    d = diversity(["a b c", "a b c", "x y"])
-    assert d["distinct"] == pytest.approx(2 / 3) and d["top_share"] == pytest.approx(2 / 3)
-    assert d["distinct2"] == pytest.approx(3 / 5)  # bigrams: ab bc ab bc xy
+def test_summary_is_token_weighted_with_diversity_and_paired_deltas():
+    refs = ["a b c", "a b d", "x y"]
+    base = {"preds": ["a b c", "a b c", "x y"], "nll": [[3.0, 1], [1.0, 3], [2.0, 2]]}
+    other = {"preds": ["a b c", "a b d", "x y"], "nll": [[1.0, 1], [1.0, 3], [2.0, 2]]}
+    b, o = summarise(base, None, refs), summarise(other, base, refs)
+    assert b["nll"] == pytest.approx(1.0) and o["nll"] == pytest.approx(4 / 6)  # Σ nll / Σ tokens
+    assert b["distinct"] == pytest.approx(2 / 3) and b["top_share"] == pytest.approx(2 / 3)
+    assert b["distinct_2"] == pytest.approx(3 / 5)  # bigrams: ab bc ab bc xy
+    assert o["delta_nll"] == pytest.approx(4 / 6 - 1.0) and o["delta_rougeL"] > 0
+    assert o["ci_nll"][0] <= o["delta_nll"] <= o["ci_nll"][1]

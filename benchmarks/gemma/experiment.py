@@ -331,7 +331,8 @@ def main(argv: list[str] | None = None) -> None:
                 study = run_search(
                     obj, {"decoder"}, n_trials=args.trials, storage=storage, direction="minimize",
                     study_name=f"nv-{d}-{prompt}-{key}", slices=[len(dev[d]) // 2, len(dev[d])], seed=args.seed + i,
-                    progress=False, space=SPACE,
+                    progress=False, space=SPACE, objective_info={"metric": "nll", "dev": f"{d}[:{len(dev[d])}]",
+                                                                  "demonstrations": prompt},
                 )  # fmt: skip
                 knobs = best_knobs(study)
                 nvib.configure(model, nvib.NVConfig(**knobs))

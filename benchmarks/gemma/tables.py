@@ -60,7 +60,7 @@ def render(rows: dict, details: dict, meta: dict) -> str:
             same = " (= NV tuned)" if domain == "debian" and system == "NV + target demos" else same
             lines.append(
                 f"| {system}{same} | {e['rougeL']:.2f}{_delta(e, 'rougeL', 2)} | {e['nll']:.3f}{_delta(e, 'nll', 3)} "
-                f"| {e['distinct']:.2f} | {e['top_share']:.2f} | {e['distinct2']:.2f} |"
+                f"| {e['distinct']:.2f} | {e['top_share']:.2f} | {e['distinct_2']:.2f} |"
             )
         lines.append("")
     lines += [
