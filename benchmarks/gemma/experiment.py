@@ -63,7 +63,7 @@ REGULARISED = {"alpha_tau_d": 0.0, "stdev_tau_d": 0.3}  # the sharing check's NV
 # Key-space τ_α is centred on an average in-domain token and counted in units ς ≥ 1 (spec §11): τ_α = 0 gives the
 # prior an average token's weight, -3 gives it e^{3ς} ≥ 20 tokens' worth (all the attention where ς ≈ 50), +3 at
 # most e^-3 of a token. The equivalence point (10) is tried first and widens the range to it (nvib.search).
-SPACE = SearchSpace(alpha_tau=(-3.0, 3.0), stdev_tau=(0.0, 0.5))
+ALPHA_RANGE, STDEV_RANGE = (-3.0, 3.0), (0.0, 0.5)
 PROTOCOL = {"dev": 64, "trials": 20, "test": 300}
 QUICK = {"dev": 12, "trials": 5, "test": 32, "prior_examples": 12}
 
@@ -178,6 +178,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prior-examples", type=int, default=64, help="in-domain prompts for the empirical prior")
     parser.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=DOMAINS)
     parser.add_argument("--max-input-tokens", type=int, default=128)
+    parser.add_argument(
+        "--stdev-range", type=float, nargs=2, default=STDEV_RANGE, metavar=("LOW", "HIGH"),
+        help="stdev_tau_d search range (the pre-registered default; another range is a post-hoc variant)",
+    )  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument(
         "--batch", type=int, default=32, help="examples per forward (decoding reads the LM head once a step)"
@@ -197,7 +201,10 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     budget = {k: getattr(args, k) for k in ("dev", "test", "trials", "seed", "prior_examples", "max_input_tokens",
                                                "max_new_tokens")}  # fmt: skip
+    if tuple(args.stdev_range) != STDEV_RANGE:  # in the key only when changed: earlier runs keep their key
+        budget["stdev_range"] = list(args.stdev_range)
     key = hashlib.sha256(json.dumps(budget, sort_keys=True).encode()).hexdigest()[:12]
+    space = SearchSpace(alpha_tau=ALPHA_RANGE, stdev_tau=tuple(args.stdev_range))
     state, t_start = State(args.out / "state.json", key), time.time()
     storage = f"sqlite:///{args.out / 'studies.db'}"
     log = lambda *a: print(f"[{time.time() - t_start:7.0f}s]", *a, flush=True)  # noqa: E731
@@ -331,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
                 study = run_search(
                     obj, {"decoder"}, n_trials=args.trials, storage=storage, direction="minimize",
                     study_name=f"nv-{d}-{prompt}-{key}", slices=[len(dev[d]) // 2, len(dev[d])], seed=args.seed + i,
-                    progress=False, space=SPACE, objective_info={"metric": "nll", "dev": f"{d}[:{len(dev[d])}]",
+                    progress=False, space=space, objective_info={"metric": "nll", "dev": f"{d}[:{len(dev[d])}]",
                                                                   "demonstrations": prompt},
                 )  # fmt: skip
                 knobs = best_knobs(study)

@@ -37,7 +37,9 @@ def render(rows: dict, details: dict, meta: dict) -> str:
         f"{', REDUCED BUDGET: not the protocol sizes' if meta['quick'] else ''}): a fixed 3-shot prompt of Debian "
         f'descriptions → synopsis is the in-domain "training"; inputs cut to {b["max_input_tokens"]} tokens; '
         f"greedy, ≤ {b['max_new_tokens']} new tokens, stopped at the newline. Knobs tuned per domain on its dev pairs "
-        f"({b['trials']} Optuna trials per tuned system, objective = mean target NLL), scored on its test pairs. "
+        f"({b['trials']} Optuna trials per tuned system, objective = mean target NLL; τα in [-3, 3] and the identity "
+        f"point 10, τσ in {b.get('stdev_range', [0.0, 0.5])}"
+        f"{' (post-hoc range)' if 'stdev_range' in b else ''}), scored on its test pairs. "
         "ROUGE-L F1 ×100, NLL in nats per target token (lower is better); Δ = system − unconverted with the 95% "
         "paired bootstrap interval (1000 resamples). distinct = distinct predictions / n, top = share of the most "
         f"frequent prediction, d2 = distinct-2. Wall time {meta['seconds'] / 60:.1f} min with {meta['threads']} "
