@@ -1,0 +1,404 @@
+"""Gemma 3 270M few-shot out-of-domain benchmark (issue 10, part 2).
+
+    python benchmarks/gemma/experiment.py --quick      # reduced budget, labelled as such (writes runs/gemma-quick)
+    python benchmarks/gemma/experiment.py              # protocol budget (writes runs/gemma, benchmarks/RESULTS.md)
+
+Protocol (fixed before any number was seen):
+- "Trained" in domain = a fixed 3-shot prompt of Debian descriptions → synopsis (demonstrations drawn with
+  --seed from the Debian train split among 15–40-word descriptions). Inputs are cut to --max-input-tokens.
+- The empirical prior is estimated on in-domain prompts as they are used: the Debian demonstrations, a Debian
+  train input and its target, teacher-forced (--prior-examples prompts, none of them a demonstration).
+- Per target domain (debian = in domain; docstrings, wikipara = out of domain) and per system, the knobs
+  are tuned on the first --dev pairs of the domain's dev split with --trials Optuna trials (TPE, sampler seed
+  --seed + domain index, median pruning on half the dev set), objective = mean target-token NLL under teacher
+  forcing; then the first --test pairs of the test split are scored: ROUGE-L of greedy outputs (≤ 24 new
+  tokens, stopped at the newline), target NLL, diversity; 95% paired bootstrap intervals against unconverted.
+- Systems: unconverted; NV tuned (alpha_tau_d, stdev_tau_d); attention temperature (one knob, same budget);
+  target-domain demonstrations instead of Debian ones (3 from the domain's train split, drawn as the Debian
+  ones; no tuning); NV tuned on top of target-domain demonstrations.
+  For debian the two target-demonstration systems are the unconverted and NV-tuned ones and are not rerun.
+- `wiki` (whole articles) is left out: 29 dev / 58 test pairs are below the protocol's sizes, it has no train
+  split for demonstrations, and its 200-word documents do not fit three to a prompt; `wikipara` (the same
+  articles, one pair per paragraph, 500 dev / 1000 test) is the Wikipedia domain.
+- The demonstrations' KV cache is computed once per prompt and knob setting and copied for every batch; a check
+  at start-up requires the shared and unshared NLL to agree to 1e-4 nats/token and greedy outputs to be identical,
+  for the stock model and for NV at a regularised setting, and the NV model at the equivalence knobs to give the
+  stock NLL.
+
+Every finished step is stored in OUT/state.json (keyed by the budget) and the Optuna studies in OUT/studies.db,
+so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import torch
+
+import nvib
+from nvib.search import SearchSpace, best_knobs, run_search
+
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
+from engine import PrefixRunner, Scored, check_sharing, stop_tokens  # noqa: E402
+from gemma3_model import load_gemma3  # noqa: E402
+from measures import NLL, summarise  # noqa: E402
+from prompts import Encoded, PromptBuilder, pick_demos, read_pairs  # noqa: E402
+from tables import render  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+DOMAINS = ("debian", "docstrings", "wikipara")
+IN_DOMAIN = "debian"
+SYSTEMS = ("unconverted", "NV tuned", "temperature", "target demos", "NV + target demos")
+TEMPERATURE = (0.5, 2.0)
+REGULARISED = {"alpha_tau_d": 0.0, "stdev_tau_d": 0.3}  # the sharing check's NV setting
+# Key-space τ_α is centred on an average in-domain token and counted in units ς ≥ 1 (spec §11): τ_α = 0 gives the
+# prior an average token's weight, -3 gives it e^{3ς} ≥ 20 tokens' worth (all the attention where ς ≈ 50), +3 at
+# most e^-3 of a token. The equivalence point (10) is tried first and widens the range to it (nvib.search).
+ALPHA_RANGE, STDEV_RANGE = (-3.0, 3.0), (0.0, 0.5)
+PROTOCOL = {"dev": 64, "trials": 20, "test": 300}
+QUICK = {"dev": 12, "trials": 5, "test": 32, "prior_examples": 12}
+
+
+class State:
+    """Results of finished steps, persisted after each one (resume after an interruption), with the wall and
+    process CPU seconds each step took when it ran (CPU seconds / threads estimates the time on idle cores)."""
+
+    def __init__(self, path: Path, key: str):
+        self.path, self.key = path, key
+        every = json.loads(path.read_text()) if path.exists() else {}
+        self.data = every.get(key, {})
+        self.cost: dict[str, dict] = self.data.setdefault("_cost", {})
+
+    def get(self, name: str, compute: Callable[[], dict], phase: str) -> dict:
+        if name not in self.data:
+            start, cpu = time.perf_counter(), time.process_time()
+            self.data[name] = compute()
+            self.cost[name] = {"phase": phase, "wall": time.perf_counter() - start, "cpu": time.process_time() - cpu}
+            every = json.loads(self.path.read_text()) if self.path.exists() else {}
+            every[self.key] = self.data
+            self.path.write_text(json.dumps(every))
+        return self.data[name]
+
+    def phases(self) -> dict[str, dict[str, float]]:
+        """phase -> summed wall and CPU seconds of its steps."""
+        out: dict[str, dict[str, float]] = {}
+        for c in self.cost.values():
+            acc = out.setdefault(c["phase"], {"wall": 0.0, "cpu": 0.0})
+            acc["wall"] += c["wall"]
+            acc["cpu"] += c["cpu"]
+        return out
+
+
+def set_temperature(model, temperature: float, original: dict[str, float]) -> None:
+    """Divide every attention score by `temperature` (the attention modules' `scaling`)."""
+    for name, module in model.named_modules():
+        if name in original:
+            module.scaling = original[name] / temperature
+
+
+class DevNLL:
+    """Search objective: mean target NLL (nats/token) of the first n dev items at a setting; cached per item."""
+
+    def __init__(self, runner: PrefixRunner, items: list[Encoded], apply: Callable[[dict], None], batch: int):
+        self.runner, self.items, self.apply, self.batch = runner, items, apply, batch
+        self.cache: dict[tuple, dict[int, Scored]] = {}
+        self.current: tuple | None = None
+        self.calls = 0
+
+    def __call__(self, knobs: dict[str, float], n: int) -> float:
+        key = tuple(sorted((k, float(v)) for k, v in knobs.items()))
+        done = self.cache.setdefault(key, {})
+        missing = [i for i in range(n) if i not in done]
+        if missing:
+            if key != self.current:
+                self.apply(dict(knobs))
+                self.runner.reset()
+                self.current = key
+            done.update(zip(missing, self.runner.nll([self.items[i] for i in missing], self.batch), strict=True))
+            self.calls += 1
+        return NLL([[done[i].nll, done[i].n] for i in range(n)], [None] * n)
+
+
+def tune_temperature(objective: DevNLL, n_trials: int, slices: list[int], storage: str, name: str, seed: int):
+    """One-knob study with the NV search's sampler, pruner and slices (the same budget)."""
+    study = optuna.create_study(
+        study_name=name, storage=storage, direction="minimize", load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0),
+    )  # fmt: skip
+    if not study.trials:
+        study.enqueue_trial({"temperature": 1.0})
+
+    def trial_fn(trial: optuna.Trial) -> float:
+        knobs = {"temperature": trial.suggest_float("temperature", *TEMPERATURE)}
+        value = float("nan")
+        for i, n in enumerate(slices):
+            value = objective(knobs, n)
+            trial.report(value, step=n)
+            if i < len(slices) - 1 and trial.should_prune():
+                raise optuna.TrialPruned()
+        return value
+
+    done = [t for t in study.trials if t.state.is_finished()]
+    if n_trials > len(done):
+        study.optimize(trial_fn, n_trials=n_trials - len(done))
+    return study
+
+
+def study_summary(study: optuna.Study) -> dict:
+    trials = [t for t in study.trials if t.state.is_finished()]
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    return {
+        "n_trials": len(trials),
+        "n_pruned": len(trials) - len(complete),
+        "best_value": study.best_value,
+        "first_value": complete[0].value if complete else None,  # the enqueued identity point
+        "trial_seconds": [t.duration.total_seconds() for t in trials if t.duration],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=f"reduced budget {QUICK} (labelled quick)")
+    parser.add_argument("--data", type=Path, default=ROOT / "benchmarks" / "data" / "build")
+    parser.add_argument("--out", type=Path, help="output folder (default runs/gemma, runs/gemma-quick with --quick)")
+    parser.add_argument("--trials", type=int, default=PROTOCOL["trials"], help="Optuna trials per tuned system")
+    parser.add_argument("--dev", type=int, default=PROTOCOL["dev"], help="dev pairs per domain")
+    parser.add_argument("--test", type=int, default=PROTOCOL["test"], help="test pairs per domain")
+    parser.add_argument("--seed", type=int, default=0, help="demonstrations and sampler seed")
+    parser.add_argument("--prior-examples", type=int, default=64, help="in-domain prompts for the empirical prior")
+    parser.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=DOMAINS)
+    parser.add_argument("--max-input-tokens", type=int, default=128)
+    parser.add_argument(
+        "--stdev-range", type=float, nargs=2, default=STDEV_RANGE, metavar=("LOW", "HIGH"),
+        help="stdev_tau_d search range (the pre-registered default; another range is a post-hoc variant)",
+    )  # fmt: skip
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument(
+        "--batch", type=int, default=32, help="examples per forward (decoding reads the LM head once a step)"
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--results", type=Path, help="markdown to update (default: benchmarks/RESULTS.md)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+    args.out = args.out or ROOT / "runs" / ("gemma-quick" if args.quick else "gemma")
+    args.results = args.results or (args.out / "RESULTS.md" if args.quick else ROOT / "benchmarks" / "RESULTS.md")
+    if not (args.data / "manifest.json").is_file():
+        sys.exit(f"no benchmark data at {args.data}: build it (benchmarks/data/README.md) or pass --data")
+    torch.set_num_threads(args.threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    args.out.mkdir(parents=True, exist_ok=True)
+    budget = {k: getattr(args, k) for k in ("dev", "test", "trials", "seed", "prior_examples", "max_input_tokens",
+                                               "max_new_tokens")}  # fmt: skip
+    if tuple(args.stdev_range) != STDEV_RANGE:  # in the key only when changed: earlier runs keep their key
+        budget["stdev_range"] = list(args.stdev_range)
+    key = hashlib.sha256(json.dumps(budget, sort_keys=True).encode()).hexdigest()[:12]
+    space = SearchSpace(alpha_tau=ALPHA_RANGE, stdev_tau=tuple(args.stdev_range))
+    state, t_start = State(args.out / "state.json", key), time.time()
+    storage = f"sqlite:///{args.out / 'studies.db'}"
+    log = lambda *a: print(f"[{time.time() - t_start:7.0f}s]", *a, flush=True)  # noqa: E731
+
+    model, tokenizer = load_gemma3()
+    load_seconds, load_cpu = time.time() - t_start, time.process_time()
+    builder = PromptBuilder(tokenizer, args.max_input_tokens)
+    train = {d: args.data / d / "train.jsonl" for d in DOMAINS}
+    demos = {IN_DOMAIN: pick_demos(read_pairs(train[IN_DOMAIN], 20000), 3, args.seed)}
+    dev, test = {}, {}
+    for d in args.domains:
+        if d != IN_DOMAIN:
+            demos[d] = pick_demos(read_pairs(train[d], 20000), 3, args.seed)
+        dev[d] = read_pairs(args.data / d / "dev.jsonl", args.dev)
+        test[d] = read_pairs(args.data / d / "test.jsonl", args.test)
+    prefixes = {d: builder.prefix(ds) for d, ds in demos.items()}
+    encoded = {d: ([builder.encode(p) for p in dev[d]], [builder.encode(p) for p in test[d]]) for d in args.domains}
+    # Rows are padded between the suffix and what follows; the sliding window counts cache slots, so the longest
+    # padded row must stay inside it for the shared and unshared forms to see the same keys.
+    window = getattr(model.config, "sliding_window", None) or 10**9
+    for d, (dv, ts) in encoded.items():
+        for prompt in {IN_DOMAIN, d}:
+            longest = len(prefixes[prompt]) + max(len(e.suffix) for e in dv + ts)
+            longest += max(args.max_new_tokens, *(len(e.target) for e in dv + ts))
+            if longest > window:
+                sys.exit(f"{d} prompts with {prompt} demonstrations reach {longest} tokens, beyond the sliding "
+                         f"window ({window}): lower --max-input-tokens")  # fmt: skip
+    log("prefix tokens:", {d: len(p) for d, p in prefixes.items()}, "budget:", budget)
+
+    scalings = {n: m.scaling for n, m in model.named_modules() if hasattr(m, "scaling") and hasattr(m, "k_proj")}
+    stop = stop_tokens(tokenizer, model.config.vocab_size)
+    runners = {d: PrefixRunner(model, tokenizer, p, stop) for d, p in prefixes.items()}
+
+    def test_eval(domain: str, prompt: str) -> dict:
+        runners[prompt].reset()
+        scored, preds = runners[prompt].evaluate(encoded[domain][1], args.max_new_tokens, args.batch)
+        return {"nll": [[s.nll, s.n] for s in scored], "preds": preds}
+
+    # ---- stock model: unconverted, temperature, target demonstrations
+    check_items = encoded[IN_DOMAIN][0][:2] + encoded[args.domains[-1]][0][:1]
+
+    def stock_check() -> dict:
+        result = check_sharing(runners[IN_DOMAIN], check_items, max_new_tokens=args.max_new_tokens)
+        return {**result, "nll": [[s.nll, s.n] for s in runners[IN_DOMAIN].nll(check_items)]}
+
+    checks = {"stock": state.get("check stock", stock_check, "check")}
+    log("sharing check (stock):", checks["stock"])
+
+    # ---- NV: prior on in-domain prompts, conversion, checks, tuning
+    def prior_batches():
+        used = {p.id for p in demos[IN_DOMAIN]}
+        pairs = [p for p in read_pairs(train[IN_DOMAIN], args.prior_examples + 3) if p.id not in used]
+        pairs = pairs[: args.prior_examples]
+        for j in range(0, len(pairs), 4):
+            rows = [prefixes[IN_DOMAIN] + (e := builder.encode(p)).suffix + e.target for p in pairs[j : j + 4]]
+            width = max(map(len, rows))
+            ids = torch.full((len(rows), width), runners[IN_DOMAIN].pad)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, row in enumerate(rows):
+                ids[r, : len(row)], mask[r, : len(row)] = torch.tensor(row), 1
+            # logits only at one position: the 262k-vocabulary head is not what the prior needs
+            yield {"input_ids": ids, "attention_mask": mask, "logits_to_keep": torch.tensor([0])}
+
+    prior_path = args.out / f"prior-{key}.safetensors"
+
+    def estimate() -> dict:
+        with torch.inference_mode():
+            data = f"debian 3-shot prompts x{args.prior_examples}"
+            prior = nvib.EmpiricalPrior.estimate(model, prior_batches(), data=data, progress=False)
+        prior.save(prior_path)
+        return {"tokens": prior.metadata["tokens"]}
+
+    def nv_checks() -> dict:
+        """NV at the identity knobs gives the stock NLL; sharing holds at a regularised setting."""
+        runners[IN_DOMAIN].reset()
+        at_identity = runners[IN_DOMAIN].nll(check_items)
+        stock = checks["stock"]["nll"]
+        gap = max(abs(a.nll - b[0]) / a.n for a, b in zip(at_identity, stock, strict=True))
+        nvib.configure(model, nvib.NVConfig(**REGULARISED))
+        runners[IN_DOMAIN].reset()
+        try:
+            shared = check_sharing(runners[IN_DOMAIN], check_items, max_new_tokens=args.max_new_tokens)
+        finally:
+            nvib.configure(model, nvib.NVConfig())
+        return {"identity_nll_gap": gap, "regularised": {"knobs": REGULARISED, **shared}}
+
+    def to_stock() -> None:
+        if nvib.is_converted(model):
+            nvib.unload(model)
+
+    def to_nv() -> None:
+        """Estimate the prior (on the stock model) once, convert, and run the NV checks once."""
+        if nvib.is_converted(model):
+            return
+        state.get("prior", estimate, "prior")
+        nvib.convert(model, prior=nvib.EmpiricalPrior.load(prior_path))
+        if "nv" not in checks:
+            checks["nv"] = state.get("check nv", nv_checks, "check")
+            log("sharing check (NV):", checks["nv"])
+
+    def stock_systems(i: int, d: str) -> None:
+        state.get(f"{d}/unconverted", lambda d=d: test_eval(d, IN_DOMAIN), "test")
+        log(d, "unconverted done")
+
+        def temperature(d=d, i=i) -> dict:
+            apply = lambda k: set_temperature(model, k["temperature"], scalings)  # noqa: E731
+            obj = DevNLL(runners[IN_DOMAIN], encoded[d][0], apply, args.batch)
+            study = tune_temperature(obj, args.trials, [len(dev[d]) // 2, len(dev[d])], storage,
+                                     f"temp-{d}-{key}", args.seed + i)  # fmt: skip
+            t = study.best_params["temperature"]
+            set_temperature(model, t, scalings)
+            try:
+                result = {"temperature": t, "search": study_summary(study), **test_eval(d, IN_DOMAIN)}
+            finally:
+                set_temperature(model, 1.0, scalings)
+            return result
+
+        state.get(f"{d}/temperature", temperature, "temperature")
+        if d != IN_DOMAIN:
+            state.get(f"{d}/target demos", lambda d=d: test_eval(d, d), "test")
+        log(d, "stock systems done")
+
+    def nv_systems(i: int, d: str) -> None:
+        for system, prompt in (("NV tuned", IN_DOMAIN), ("NV + target demos", d)):
+            if system == "NV + target demos" and d == IN_DOMAIN:
+                continue
+
+            def tune(d=d, i=i, prompt=prompt, system=system) -> dict:
+                obj = DevNLL(runners[prompt], encoded[d][0], lambda k: nvib.configure(model, nvib.NVConfig(**k)),
+                             args.batch)  # fmt: skip
+                study = run_search(
+                    obj, {"decoder"}, n_trials=args.trials, storage=storage, direction="minimize",
+                    study_name=f"nv-{d}-{prompt}-{key}", slices=[len(dev[d]) // 2, len(dev[d])], seed=args.seed + i,
+                    progress=False, space=space, objective_info={"metric": "nll", "dev": f"{d}[:{len(dev[d])}]",
+                                                                  "demonstrations": prompt},
+                )  # fmt: skip
+                knobs = best_knobs(study)
+                nvib.configure(model, nvib.NVConfig(**knobs))
+                with nvib.record_prior_mass(model) as mass:
+                    result = test_eval(d, prompt)
+                nvib.configure(model, nvib.NVConfig())
+                return {"knobs": knobs, "prior_mass": dict(mass), "search": study_summary(study), **result}
+
+            state.get(f"{d}/{system}", tune, "nv")
+            log(d, system, "done")
+
+    # domain by domain, so that a run cut short has whole rows
+    for i, d in enumerate(args.domains):
+        to_stock()
+        stock_systems(i, d)
+        to_nv()
+        nv_systems(i, d)
+    to_stock()
+
+    # ---- report
+    rows, details = {}, {}
+    for d in args.domains:
+        refs = [p.summary for p in test[d]]
+        got = {s: state.data[f"{d}/{s}"] for s in SYSTEMS if f"{d}/{s}" in state.data}
+        if d == IN_DOMAIN:
+            got["target demos"], got["NV + target demos"] = got["unconverted"], got["NV tuned"]
+        rows[d] = {s: summarise(v, None if s == "unconverted" else got["unconverted"], refs) for s, v in got.items()}
+        details[d] = {
+            "n_dev": len(dev[d]), "n_test": len(test[d]), "temperature": got["temperature"]["temperature"],
+            "nv_knobs": got["NV tuned"]["knobs"], "nv_prior_mass": got["NV tuned"]["prior_mass"],
+            "nv_target_knobs": got["NV + target demos"]["knobs"],
+            "nv_target_prior_mass": got["NV + target demos"]["prior_mass"],
+            "search": {s: got[s]["search"] for s in ("NV tuned", "temperature", "NV + target demos")},
+            "demos": [p.id for p in demos[d if d in demos else IN_DOMAIN]],
+        }  # fmt: skip
+        (args.out / "predictions").mkdir(exist_ok=True)
+        (args.out / "predictions" / f"{d}.json").write_text(
+            json.dumps({"refs": refs, **{s: v["preds"] for s, v in got.items()}}, indent=1)
+        )
+    elapsed = time.time() - t_start
+    phases = {"load": {"wall": load_seconds, "cpu": load_cpu}, **state.phases()}
+    meta = {
+        "budget": budget, "quick": args.quick, "domains": args.domains,
+        "seconds": sum(p["wall"] for p in phases.values()),
+        "cpu_seconds": sum(p["cpu"] for p in phases.values()),
+        "phases": phases,
+        "this_process_seconds": elapsed, "checks": checks, "load_average": os.getloadavg(),
+        "threads": args.threads, "machine": platform.processor() or platform.machine(),
+    }  # fmt: skip
+    (args.out / "results.json").write_text(json.dumps({"rows": rows, "details": details, "meta": meta}, indent=2))
+
+    table = render(rows, details, meta)
+    (args.out / "results.md").write_text(table)
+    print(table)
+    from attention_speed import update_section  # benchmarks/attention_speed.py
+
+    update_section(args.results, "gemma", table)
+    log(f"results: {args.out / 'results.json'}, {args.out / 'results.md'}, section 'gemma' of {args.results}")
+
+
+if __name__ == "__main__":
+    main()
