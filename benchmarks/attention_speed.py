@@ -2,8 +2,8 @@
 
     python benchmarks/attention_speed.py [--reps 7] [--threads 2] [--models bart-base gemma3-270m] [--out ...]
 
-Workloads: (a) teacher-forced forward, batch 8, source 256 (half the rows padded from 200), target 64 (encoder-decoder
-models only); (b) greedy generation, batch 4, source 256, 64 new tokens ("generate"); (c) greedy generation, batch 4,
+Workloads: (a) teacher-forced forward, batch 8, source 256 (half the rows padded from 200), target 64 (decoder-only
+models: batch 4, prompt 256 + target 64, logits of the target positions); (b) greedy generation, batch 4, source 256, 64 new tokens ("generate"); (c) greedy generation, batch 4,
 source 128, 24 new tokens ("short generate": the per-step overhead). Variants: stock, NV at the equivalence setting,
 NV at a regularised setting (the fast form of spec §6 for z-space models, the key-space form of §10 for rotary
 decoder-only ones), and NV with per-token variances (W_σ ≠ 0: the general form of §4; z-space models only).
@@ -76,7 +76,7 @@ MODELS = {
         note="bart-base-sized BartForConditionalGeneration, random weights",
     ),
     "gemma3-270m": ModelRow(
-        _gemma, 200000, ("generate", "short generate"), ("nv-equivalence", "nv-regularised"), _gemma_available,
+        _gemma, 200000, WORKLOADS, ("nv-equivalence", "nv-regularised"), _gemma_available,
         note="Gemma 3 270M, real weights (key space, spec §10)",
     ),
 }  # fmt: skip
@@ -118,8 +118,12 @@ def _runners(model, row: ModelRow) -> dict[str, Callable[[], None]]:
 
         return run
 
+    if model.config.is_encoder_decoder:
+        forward = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=target)
+    else:  # batch 4, a 256-token prompt and its 64-token target, logits of the target positions only
+        forward = dict(input_ids=torch.cat([ids[:4], target[:4]], 1), logits_to_keep=64)
     return {
-        "forward": lambda: model(input_ids=ids, attention_mask=mask, decoder_input_ids=target),
+        "forward": lambda: model(**forward),
         "generate": generate(256, 64),
         "short generate": generate(128, 24),
     }
