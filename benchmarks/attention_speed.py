@@ -4,7 +4,8 @@
 
 Workloads: (a) teacher-forced forward, batch 8, source 256 (half the rows padded from 200), target 64 (decoder-only
 models: batch 4, prompt 256 + target 64, logits of the target positions); (b) greedy generation, batch 4,
-source 256, 64 new tokens ("generate"); (c) greedy generation, batch 4, source 128, 24 new tokens ("short generate": the per-step overhead). Variants: stock, NV at the equivalence setting,
+source 256, 64 new tokens ("generate"); (c) greedy generation, batch 4, source 128, 24 new tokens ("short
+generate": the per-step overhead). Variants: stock, NV at the equivalence setting,
 NV at a regularised setting (the fast form of spec §6 for z-space models, the key-space form of §10 for rotary
 decoder-only ones), and NV with per-token variances (W_σ ≠ 0: the general form of §4; z-space models only).
 
