@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+import transformers
 from torch import nn
 
 from nvib.config import NVConfig
@@ -71,8 +72,13 @@ def _row_chunks(sizes: Sequence[int], budget: int) -> list[slice]:
     return out
 
 
+# a boolean [B, L] `logits_to_keep` works in transformers 5.24 (tested) but not in 5.15 (IndexError in the model);
+# older releases take the dense path: full logits in row chunks of at most `max_logits` elements
+BOOLEAN_LOGITS_TO_KEEP = tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (5, 24)
+
+
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    return BOOLEAN_LOGITS_TO_KEEP and "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def _scatter_nll(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
