@@ -15,6 +15,8 @@ ratios (each NV run over the stock run next to it), so a noisy, shared machine s
 Memory: one fresh process per (model, variant) builds (and converts) the model, resets the kernel's peak-RSS mark
 (`/proc/self/clear_refs`), runs every workload once and reads the peak (`VmHWM`): weights plus the workload's
 peak, without the other variant's allocations in the same heap.
+`--flops` instead counts the multiply-adds of one run per workload (stock and NV): the arithmetic NV adds, the
+floor under any wall-clock ratio, unaffected by the machine's load.
 """
 
 from __future__ import annotations
@@ -153,6 +155,36 @@ def measure_time(name: str, variant: str, reps: int, threads: int, works: list[s
     return result
 
 
+def count_flops(name: str, variant: str, works: list[str]) -> dict:
+    """Multiply-add FLOPs of one run of each workload, stock and NV (torch's FlopCounterMode; its registry lacks the
+    CPU flash kernel, so it is registered here with the standard SDPA count): the arithmetic NV adds, which no
+    noise on a shared machine changes."""
+    import torch
+    from torch.utils import flop_counter
+
+    cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if cpu_flash not in flop_counter.flop_registry:
+        flop_counter.register_flop_formula(cpu_flash)(
+            lambda query, key, value, *a, out_shape=None, **k: flop_counter.sdpa_flop_count(
+                query, key, value
+            )  # the formula receives shapes
+        )
+    torch.manual_seed(0)
+    row = MODELS[name]
+    stock = row.build()
+    runs = {"stock": _runners(stock, row), "nv": _runners(_convert(copy.deepcopy(stock), variant), row)}
+    result = {}
+    with torch.inference_mode():
+        for work in works:
+            result[work] = {}
+            for side, run in runs.items():
+                run[work]()  # fold the fast-form weights outside the count
+                with flop_counter.FlopCounterMode(display=False) as counter:
+                    run[work]()
+                result[work][side] = counter.get_total_flops()
+    return result
+
+
 def _peak_rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM"):
@@ -212,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, help="a subset (default: each model's own)")
     parser.add_argument("--variants", nargs="+", help="a subset of each model's NV variants (default: all)")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    parser.add_argument("--flops", action="store_true", help="only count FLOPs, NV/stock per workload (print)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)  # mode, model, variant
     args = parser.parse_args(argv)
     if args.child:
@@ -219,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
         works = args.workloads
         if mode == "time":
             print(json.dumps(measure_time(name, variant, args.reps, args.threads, works)))
+        elif mode == "flops":
+            print(json.dumps(count_flops(name, variant, works)))
         else:
             print(json.dumps(measure_memory(name, variant, args.threads, works)))
         return
@@ -229,6 +264,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name}: not available here, skipped", flush=True)
             continue
         variants = [v for v in row.variants if not args.variants or v in args.variants]
+        if args.flops:
+            for variant in variants:
+                counted = _child(args, "flops", name, variant)
+                ratios = {w: round(c["nv"] / c["stock"], 4) for w, c in counted.items()}
+                print(f"{name} {variant} FLOPs NV/stock: {ratios}  ({json.dumps(counted)})", flush=True)
+            continue
         memory = {v: _child(args, "memory", name, v) for v in ("stock", *variants)}
         print(name, "memory", memory, flush=True)
         timed = {}
@@ -237,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
             print(name, variant, json.dumps(timed[variant]), flush=True)
         tables.append(_table(name, row, timed, memory, _workloads(args, row)))
         print(tables[-1], flush=True)
+    if args.flops:
+        return  # counts are printed, not written
     import torch
 
     header = (
