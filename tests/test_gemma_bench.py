@@ -99,3 +99,26 @@ def test_summary_is_token_weighted_with_diversity_and_paired_deltas():
     assert b["distinct_2"] == pytest.approx(3 / 5)  # bigrams: ab bc ab bc xy
     assert o["delta_nll"] == pytest.approx(4 / 6 - 1.0) and o["delta_rougeL"] > 0
     assert o["ci_nll"][0] <= o["delta_nll"] <= o["ci_nll"][1]
+
+
+def test_post_hoc_range_reuses_only_the_steps_that_do_not_depend_on_it(tmp_path):
+    from experiment import NV_RANGE_FREE, State
+
+    base = State(tmp_path / "state.json", "base")
+    for name in ("check stock", "prior", "check nv", "wiki/unconverted", "wiki/temperature", "wiki/target demos",
+                 "wiki/NV tuned", "wiki/NV + target demos"):  # fmt: skip
+        base.get(name, lambda name=name: {"from": name}, "test")
+    post = State(tmp_path / "state.json", "post")
+    post.get("wiki/temperature", lambda: {"from": "post"}, "test")  # its own result wins
+    post.inherit("base", NV_RANGE_FREE)
+    assert post.data["wiki/temperature"] == {"from": "post"}
+    assert {n for n in post.data if not n.startswith("_")} == {
+        "check stock",
+        "prior",
+        "check nv",
+        "wiki/unconverted",
+        "wiki/temperature",
+        "wiki/target demos",
+    }
+    assert post.get("wiki/NV tuned", lambda: {"from": "post"}, "nv") == {"from": "post"}
+    assert set(post.cost) >= {"prior", "wiki/unconverted", "wiki/NV tuned"}

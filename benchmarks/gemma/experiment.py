@@ -65,7 +65,10 @@ REGULARISED = {"alpha_tau_d": 0.0, "stdev_tau_d": 0.3}  # the sharing check's NV
 # most e^-3 of a token. The equivalence point (10) is tried first and widens the range to it (nvib.search).
 ALPHA_RANGE, STDEV_RANGE = (-3.0, 3.0), (0.0, 0.5)
 PROTOCOL = {"dev": 64, "trials": 20, "test": 300}
-QUICK = {"dev": 12, "trials": 5, "test": 32, "prior_examples": 12}
+#: Steps a post-hoc `--stdev-range` run shares with the default-range run (stock systems, prior, checks).
+NV_RANGE_FREE = lambda name: not name.endswith(("/NV tuned", "/NV + target demos"))  # noqa: E731
+
+QUICK = {"dev": 12, "trials": 5, "test": 24, "prior_examples": 12}  # about 10 min on 2 idle cores
 
 
 class State:
@@ -87,6 +90,17 @@ class State:
             every[self.key] = self.data
             self.path.write_text(json.dumps(every))
         return self.data[name]
+
+    def inherit(self, key: str, names: Callable[[str], bool]) -> None:
+        """Copy the finished steps `names` accepts (and their cost) from the run stored under `key`, where
+        this run has none of its own."""
+        every = json.loads(self.path.read_text()) if self.path.exists() else {}
+        other = every.get(key, {})
+        for name, value in other.items():
+            if not name.startswith("_") and names(name) and name not in self.data:
+                self.data[name] = value
+                if name in other.get("_cost", {}):
+                    self.cost[name] = other["_cost"][name]
 
     def phases(self) -> dict[str, dict[str, float]]:
         """phase -> summed wall and CPU seconds of its steps."""
@@ -203,9 +217,12 @@ def main(argv: list[str] | None = None) -> None:
                                                "max_new_tokens")}  # fmt: skip
     if tuple(args.stdev_range) != STDEV_RANGE:  # in the key only when changed: earlier runs keep their key
         budget["stdev_range"] = list(args.stdev_range)
-    key = hashlib.sha256(json.dumps(budget, sort_keys=True).encode()).hexdigest()[:12]
+    digest = lambda b: hashlib.sha256(json.dumps(b, sort_keys=True).encode()).hexdigest()[:12]  # noqa: E731
+    key, base_key = digest(budget), digest({k: v for k, v in budget.items() if k != "stdev_range"})
     space = SearchSpace(alpha_tau=ALPHA_RANGE, stdev_tau=tuple(args.stdev_range))
     state, t_start = State(args.out / "state.json", key), time.time()
+    if key != base_key:  # steps that do not depend on the τσ range come from the default-range run
+        state.inherit(base_key, NV_RANGE_FREE)
     storage = f"sqlite:///{args.out / 'studies.db'}"
     log = lambda *a: print(f"[{time.time() - t_start:7.0f}s]", *a, flush=True)  # noqa: E731
 
@@ -268,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
             # logits only at one position: the 262k-vocabulary head is not what the prior needs
             yield {"input_ids": ids, "attention_mask": mask, "logits_to_keep": torch.tensor([0])}
 
-    prior_path = args.out / f"prior-{key}.safetensors"
+    prior_path = args.out / f"prior-{base_key}.safetensors"  # the τσ range does not change the prior
 
     def estimate() -> dict:
         with torch.inference_mode():
