@@ -15,7 +15,7 @@ ratios (each NV run over the stock run next to it), so a noisy, shared machine s
 Memory: one fresh process per (model, variant) builds (and converts) the model, resets the kernel's peak-RSS mark
 (`/proc/self/clear_refs`), runs every workload once and reads the peak (`VmHWM`): weights plus the workload's
 peak, without the other variant's allocations in the same heap.
-`--flops` instead counts the multiply-adds of one run per workload (stock and NV): the arithmetic NV adds, the
+`--flops` instead counts the FLOPs of one run per workload (stock and NV): the arithmetic NV adds, the
 floor under any wall-clock ratio, unaffected by the machine's load.
 """
 
@@ -156,19 +156,19 @@ def measure_time(name: str, variant: str, reps: int, threads: int, works: list[s
 
 
 def count_flops(name: str, variant: str, works: list[str]) -> dict:
-    """Multiply-add FLOPs of one run of each workload, stock and NV (torch's FlopCounterMode; its registry lacks the
-    CPU flash kernel, so it is registered here with the standard SDPA count): the arithmetic NV adds, which no
-    noise on a shared machine changes."""
+    """FLOPs (2 per multiply-add) of one run of each workload, stock and NV (torch's FlopCounterMode; its registry
+    lacks the CPU flash kernel, so it is registered here with the standard SDPA count): the arithmetic NV adds,
+    which no noise on a shared machine changes."""
     import torch
     from torch.utils import flop_counter
 
     cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     if cpu_flash not in flop_counter.flop_registry:
-        flop_counter.register_flop_formula(cpu_flash)(
-            lambda query, key, value, *a, out_shape=None, **k: flop_counter.sdpa_flop_count(
-                query, key, value
-            )  # the formula receives shapes
-        )
+
+        def sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:  # shapes, not tensors
+            return flop_counter.sdpa_flop_count(query, key, value)
+
+        flop_counter.register_flop_formula(cpu_flash)(sdpa_flops)
     torch.manual_seed(0)
     row = MODELS[name]
     stock = row.build()
