@@ -132,15 +132,21 @@ def _runners(model, row: ModelRow) -> dict[str, Callable[[], None]]:
     }
 
 
+def _stock_and_nv(name: str, variant: str) -> dict[str, dict[str, Callable[[], None]]]:
+    """The workloads of the stock model and of its NV copy, {"stock": runners, "nv": runners}."""
+    import torch
+
+    torch.manual_seed(0)
+    row = MODELS[name]
+    stock = row.build()
+    return {"stock": _runners(stock, row), "nv": _runners(_convert(copy.deepcopy(stock), variant), row)}
+
+
 def measure_time(name: str, variant: str, reps: int, threads: int, works: list[str]) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    row = MODELS[name]
-    stock = row.build()
-    nv = _convert(copy.deepcopy(stock), variant)
-    runs = {"stock": _runners(stock, row), "nv": _runners(nv, row)}
+    runs = _stock_and_nv(name, variant)
     result = {}
     with torch.inference_mode():
         for work in works:
@@ -169,10 +175,7 @@ def count_flops(name: str, variant: str, works: list[str]) -> dict:
             return flop_counter.sdpa_flop_count(query, key, value)
 
         flop_counter.register_flop_formula(cpu_flash)(sdpa_flops)
-    torch.manual_seed(0)
-    row = MODELS[name]
-    stock = row.build()
-    runs = {"stock": _runners(stock, row), "nv": _runners(_convert(copy.deepcopy(stock), variant), row)}
+    runs = _stock_and_nv(name, variant)
     result = {}
     with torch.inference_mode():
         for work in works:
@@ -264,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name}: not available here, skipped", flush=True)
             continue
         variants = [v for v in row.variants if not args.variants or v in args.variants]
-        if args.flops:
+        if args.flops:  # counts are printed, not written
             for variant in variants:
                 counted = _child(args, "flops", name, variant)
                 ratios = {w: round(c["nv"] / c["stock"], 4) for w, c in counted.items()}
@@ -279,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         tables.append(_table(name, row, timed, memory, _workloads(args, row)))
         print(tables[-1], flush=True)
     if args.flops:
-        return  # counts are printed, not written
+        return
     import torch
 
     header = (

@@ -102,7 +102,7 @@ def test_summary_is_token_weighted_with_diversity_and_paired_deltas():
 
 
 def test_post_hoc_range_reuses_only_the_steps_that_do_not_depend_on_it(tmp_path):
-    from experiment import NV_RANGE_FREE, State
+    from experiment import State, range_free
 
     base = State(tmp_path / "state.json", "base")
     for name in ("check stock", "prior", "check nv", "wiki/unconverted", "wiki/temperature", "wiki/target demos",
@@ -110,7 +110,7 @@ def test_post_hoc_range_reuses_only_the_steps_that_do_not_depend_on_it(tmp_path)
         base.get(name, lambda name=name: {"from": name}, "test")
     post = State(tmp_path / "state.json", "post")
     post.get("wiki/temperature", lambda: {"from": "post"}, "test")  # its own result wins
-    post.inherit("base", NV_RANGE_FREE)
+    post.inherit("base", range_free)
     assert post.data["wiki/temperature"] == {"from": "post"}
     assert {n for n in post.data if not n.startswith("_")} == {
         "check stock",

@@ -65,10 +65,13 @@ REGULARISED = {"alpha_tau_d": 0.0, "stdev_tau_d": 0.3}  # the sharing check's NV
 # most e^-3 of a token. The equivalence point (10) is tried first and widens the range to it (nvib.search).
 ALPHA_RANGE, STDEV_RANGE = (-3.0, 3.0), (0.0, 0.5)
 PROTOCOL = {"dev": 64, "trials": 20, "test": 300}
-#: Steps a post-hoc `--stdev-range` run shares with the default-range run (stock systems, prior, checks).
-NV_RANGE_FREE = lambda name: not name.endswith(("/NV tuned", "/NV + target demos"))  # noqa: E731
-
 QUICK = {"dev": 12, "trials": 5, "test": 24, "prior_examples": 12}  # about 10 min on 2 idle cores
+
+
+def range_free(step: str) -> bool:
+    """Whether a step's result does not depend on the τσ range (stock systems, prior, checks): a post-hoc
+    `--stdev-range` run takes those from the default-range run."""
+    return not step.endswith(("/NV tuned", "/NV + target demos"))
 
 
 class State:
@@ -110,6 +113,11 @@ class State:
             acc["wall"] += c["wall"]
             acc["cpu"] += c["cpu"]
         return out
+
+
+def _digest(budget: dict) -> str:
+    """The state key of a budget."""
+    return hashlib.sha256(json.dumps(budget, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def set_temperature(model, temperature: float, original: dict[str, float]) -> None:
@@ -217,12 +225,11 @@ def main(argv: list[str] | None = None) -> None:
                                                "max_new_tokens")}  # fmt: skip
     if tuple(args.stdev_range) != STDEV_RANGE:  # in the key only when changed: earlier runs keep their key
         budget["stdev_range"] = list(args.stdev_range)
-    digest = lambda b: hashlib.sha256(json.dumps(b, sort_keys=True).encode()).hexdigest()[:12]  # noqa: E731
-    key, base_key = digest(budget), digest({k: v for k, v in budget.items() if k != "stdev_range"})
+    key, base_key = _digest(budget), _digest({k: v for k, v in budget.items() if k != "stdev_range"})
     space = SearchSpace(alpha_tau=ALPHA_RANGE, stdev_tau=tuple(args.stdev_range))
     state, t_start = State(args.out / "state.json", key), time.time()
     if key != base_key:  # steps that do not depend on the τσ range come from the default-range run
-        state.inherit(base_key, NV_RANGE_FREE)
+        state.inherit(base_key, range_free)
     storage = f"sqlite:///{args.out / 'studies.db'}"
     log = lambda *a: print(f"[{time.time() - t_start:7.0f}s]", *a, flush=True)  # noqa: E731
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import nvib
+from nvib.keyspace import KeySpaceLayer, _token_bias
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
 from gemma3_model import load_gemma3  # noqa: E402
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
             for p in read_pairs(args.data / "debian" / "dev.jsonl", args.examples)]  # fmt: skip
 
     keys: dict[int, list[torch.Tensor]] = {}
-    scores: dict[int, list[torch.Tensor]] = {}
+    queries: dict[int, list[torch.Tensor]] = {}
     hooks = []
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
             keys.setdefault(i, []).append(out[0].transpose(0, 1))  # [N, G, E] (k_norm acts on [B, G, N, E])
 
         def keep_q(_m, _inp, out, i=i):
-            scores.setdefault(i, []).append(out[0].transpose(0, 1))
+            queries.setdefault(i, []).append(out[0].transpose(0, 1))
 
         hooks += [attn.k_norm.register_forward_hook(keep), attn.q_norm.register_forward_hook(keep_q)]
     with torch.inference_mode():
@@ -67,24 +68,28 @@ def main(argv: list[str] | None = None) -> None:
         h.remove()
 
     nvib.convert(model, prior=nvib.EmpiricalPrior.load(prior_path))
-    layers = [m for m in model.modules() if isinstance(m, nvib.keyspace.KeySpaceLayer)]
+    layers = [m for m in model.modules() if isinstance(m, KeySpaceLayer)]
     E = layers[0].head_dim
     table = {}
     stock = []
     for i in range(len(layers)):
         attn = model.model.layers[i].self_attn
-        for k, q in zip(keys[i], scores[i], strict=True):  # k [N, G, E], q [N, H, E]; unrotated (spread only)
+        for k, q in zip(keys[i], queries[i], strict=True):  # k [N, G, E], q [N, H, E]; unrotated (spread only)
             s = torch.einsum("nhe,mhe->hnm", q, k.repeat_interleave(q.shape[1] // k.shape[1], 1)) * attn.scaling
             stock.append(float(s[:, :, 1:].std(-1).median()))
     for tau in STDEVS:
+        nvib.configure(model, nvib.NVConfig(stdev_tau_d=tau))
         spread, per_layer = [], []
         for i, layer in enumerate(layers):
-            var = layer.prior_var.double() * tau**2
-            w = 0.5 * (1 / layer.noise - 1 / (var + layer.noise))  # [G, E]
-            for k in keys[i]:
-                c = (k.double() ** 2 * w).sum(-1)[1:]  # [N-1, G], BOS left out
-                spread.append(c.std(0))
-            per_layer.append(round(float(torch.stack(spread[-len(keys[i]) :]).max()), 3))
+            with torch.no_grad():
+                weight = layer.terms()["key_weight"]  # [G, E], the factor NV attention uses (None: no variance)
+            # c_n per token [G, N-1] (BOS left out), then its spread over the tokens: [G] per sequence
+            spreads = torch.stack(
+                [torch.zeros(k.shape[1], dtype=torch.float64) if weight is None
+                 else _token_bias(k.transpose(0, 1)[None, :, 1:], weight)[0].std(-1) for k in keys[i]]
+            )  # fmt: skip
+            spread.append(spreads.flatten())
+            per_layer.append(round(float(spreads.max()), 3))
         spread = torch.cat(spread)
         table[tau] = {"median": float(spread.median()), "max": float(spread.max()), "max_per_layer": per_layer}
         print(f"stdev_tau {tau:<6g} spread of c_n over tokens (nats): median {table[tau]['median']:.3g}, "
