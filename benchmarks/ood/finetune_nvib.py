@@ -2,7 +2,7 @@
 
     python benchmarks/ood/finetune_nvib.py [--steps 600] [--lambdas 0 1e-3] [--seeds 0 1 2] [--kl-clip separate]
                                            [--variances shared per-token] [--stdev-taus 0] [--test 400]
-    python benchmarks/ood/finetune_nvib.py --from-base --steps 150 --lambdas 0 0.001 0.01 0.1 --select-lambda
+    python benchmarks/ood/finetune_nvib.py --from-base --steps 100 --lambdas 0 0.01 0.1 --select-lambda
     (the second line is issue 13's run)
 
 Each run starts from the same warm start as `finetune_base.py` (BERT2BERT from all-MiniLM-L6-v2; the new
@@ -134,10 +134,7 @@ def run_one(args, recipe: dict, train: list, variance: str, stdev_tau: float, la
             model = tf.EncoderDecoderModel.from_pretrained(path, local_files_only=True).eval()
         else:
             model = finetune_base.build_model(recipe["decoder_layers"]).eval()
-        prior_data = batches(
-            train[: args.prior_examples], tokenizer, 32, recipe["max_source_len"], recipe["max_target_len"], "seq2seq"
-        )  # fmt: skip
-        prior = nvib.EmpiricalPrior.estimate(model, prior_data, data=f"debian train[:{args.prior_examples}]")
+        prior = base_prior(model, tokenizer, train[: args.prior_examples], recipe, args)
         knobs = nvib.NVConfig(stdev_tau_e=stdev_tau, stdev_tau_c=stdev_tau, stdev_tau_d=stdev_tau)
         finetune(
             model, train, tokenizer, output_dir=out, nv_config=knobs, prior=prior, lambda_g=lam, lambda_d=lam,
@@ -181,6 +178,19 @@ def run_one(args, recipe: dict, train: list, variance: str, stdev_tau: float, la
     result["eval_seconds"] = time.time() - t0
     scores_file.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def base_prior(model, tokenizer, examples: list, recipe: dict, args) -> nvib.EmpiricalPrior:
+    """The empirical prior of `model` on `examples`; with --from-base estimated once and kept under --models
+    (every run starts from the same base model), from the warm start per run (its new weights differ by seed)."""
+    path = args.models / f"prior-base{finetune_base.RECIPE['steps']}-p{len(examples)}.safetensors"
+    if args.from_base and path.exists():
+        return nvib.EmpiricalPrior.load(path)
+    data = batches(examples, tokenizer, 32, recipe["max_source_len"], recipe["max_target_len"], "seq2seq")
+    prior = nvib.EmpiricalPrior.estimate(model, data, data=f"{len(examples)} debian training pairs")
+    if args.from_base:
+        prior.save(path)
+    return prior
 
 
 def mean_nll(outputs: list) -> float:
