@@ -249,8 +249,8 @@ def write_table(args: argparse.Namespace, recipe: dict) -> None:
         run = rows[0]["run"]
         cells = []
         for domain in args.domains:
-            for name, scale, digits in (("rougeL", 100, 2), ("nll", 1, 3)):
-                values = [r["scores"][domain][name] * scale for r in rows if domain in r["scores"]]
+            for name, digits in (("rougeL", 2), ("nll", 3)):
+                values = [r["scores"][domain][name] for r in rows if domain in r["scores"]]
                 cells.append(spread(values, digits))
         lines.append(
             f"| {run['variance']} | {run['stdev_tau']:g} | {run['kl_clip']} | {run['lambda']:g} | "
