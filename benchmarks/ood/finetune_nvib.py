@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     base = finetune_base.RECIPE
     args.steps = args.steps or (200 if args.from_base else base["steps"])
     recipe = {**base, "steps": args.steps}
+    tokenizer = tf.AutoTokenizer.from_pretrained(finetune_base.MINILM)
     train = load_examples(args.data / "debian" / "train.jsonl")
     random.Random(base["seed"]).shuffle(train)  # the base model's data order
     first = base["steps"] * base["batch_size"] if args.from_base else 0  # continue on unseen examples
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.select_lambda:
         seeds, rest = args.seeds[:1], args.seeds[1:]
     results = {
-        (v, st, lam, seed): run_one(args, recipe, train, v, st, lam, seed)
+        (v, st, lam, seed): run_one(args, recipe, tokenizer, train, v, st, lam, seed)
         for v, st in settings for lam in lambdas for seed in seeds
     }  # fmt: skip
     if args.select_lambda:
@@ -103,8 +104,18 @@ def main(argv: list[str] | None = None) -> None:
             print(f"chosen λ for {v} τ_σ={st:g}: {chosen}", flush=True)
             for lam in (0.0, chosen):
                 for seed in rest:
-                    run_one(args, recipe, train, v, st, lam, seed)
+                    run_one(args, recipe, tokenizer, train, v, st, lam, seed)
     write_table(args, recipe)
+
+
+def start_label(args: argparse.Namespace) -> str:
+    """Where the runs start: "base1200" (the cached base model, --from-base) or "warm" (the warm start)."""
+    return f"base{finetune_base.RECIPE['steps']}" if args.from_base else "warm"
+
+
+def setting(result: dict) -> tuple:
+    """A scored run's table row key: its SETTING values."""
+    return tuple(result["run"].get(k) or 0 for k in SETTING)
 
 
 def choose_lambda(dev_nll: dict[float, dict[str, float]]) -> float:
@@ -117,14 +128,13 @@ def choose_lambda(dev_nll: dict[float, dict[str, float]]) -> float:
     return min(ood, key=ood.get)
 
 
-def run_one(args, recipe: dict, train: list, variance: str, stdev_tau: float, lam: float, seed: int) -> dict:
+def run_one(args, recipe: dict, tokenizer, train: list, variance: str, stdev_tau: float, lam: float, seed: int) -> dict:
     """Fine-tune one setting and seed (unless its model is cached), score it on dev (NLL) and test; its scores."""
-    start = f"base{finetune_base.RECIPE['steps']}" if args.from_base else "warm"
+    start = start_label(args)
     name = f"nvib-l{lam:g}-s{args.steps}-{args.kl_clip}" + ("-ptv" if variance == "per-token" else "")
     name += (f"-st{stdev_tau:g}" if stdev_tau else "") + (f"-nvlr{args.nv_lr:g}" if args.nv_lr else "")
     name = (f"{start}-" if args.from_base else "") + name
     out = args.models / f"{name}-p{args.prior_examples}-seed{seed}"
-    tokenizer = tf.AutoTokenizer.from_pretrained(finetune_base.MINILM)
     if not (out / "nv_config.json").exists():
         torch.manual_seed(seed)
         if args.from_base:
@@ -169,11 +179,12 @@ def run_one(args, recipe: dict, train: list, variance: str, stdev_tau: float, la
     t0 = time.time()
     for domain in args.domains:
         dev = load_examples(args.data / domain / "dev.jsonl")[:DEV_EXAMPLES]
-        result["dev_nll"][domain] = mean_nll(evaluator.outputs(dev, f"{domain} dev {out.name}", generate=False))
+        dev_outputs = evaluator.outputs(dev, f"{domain} dev {out.name}", generate=False)
+        result["dev_nll"][domain] = metric("nll")(evaluator.metric_inputs(dev_outputs, "nll"), [])
         test = load_examples(args.data / domain / "test.jsonl")[: args.test]
         outputs = evaluator.outputs(test, f"{domain} {out.name}")  # greedy outputs and the references' NLL
-        entry = {"rougeL": metric("rougeL")([o.prediction for o in outputs], [e.target for e in test])}
-        result["scores"][domain] = {**entry, "nll": mean_nll(outputs)}
+        refs = [e.target for e in test]
+        result["scores"][domain] = {n: metric(n)(evaluator.metric_inputs(outputs, n), refs) for n in ("rougeL", "nll")}
         print(out.name, domain, result["scores"][domain], "dev NLL", result["dev_nll"][domain], flush=True)
     result["eval_seconds"] = time.time() - t0
     scores_file.write_text(json.dumps(result, indent=2) + "\n")
@@ -183,7 +194,7 @@ def run_one(args, recipe: dict, train: list, variance: str, stdev_tau: float, la
 def base_prior(model, tokenizer, examples: list, recipe: dict, args) -> nvib.EmpiricalPrior:
     """The empirical prior of `model` on `examples`; with --from-base estimated once and kept under --models
     (every run starts from the same base model), from the warm start per run (its new weights differ by seed)."""
-    path = args.models / f"prior-base{finetune_base.RECIPE['steps']}-p{len(examples)}.safetensors"
+    path = args.models / f"prior-{start_label(args)}-p{len(examples)}.safetensors"
     if args.from_base and path.exists():
         return nvib.EmpiricalPrior.load(path)
     data = batches(examples, tokenizer, 32, recipe["max_source_len"], recipe["max_target_len"], "seq2seq")
@@ -193,15 +204,10 @@ def base_prior(model, tokenizer, examples: list, recipe: dict, args) -> nvib.Emp
     return prior
 
 
-def mean_nll(outputs: list) -> float:
-    """Mean NLL per reference token."""
-    return sum(o.nll for o in outputs) / sum(o.nll_tokens for o in outputs)
-
-
 def write_table(args: argparse.Namespace, recipe: dict) -> None:
     """The `finetune` section of RESULTS.md (`finetune from base` with --from-base) from every scored run under
     --models of the same start, steps, test size and prior (earlier invocations too)."""
-    start = f"base{finetune_base.RECIPE['steps']}" if args.from_base else "warm"
+    start = start_label(args)
     results = [json.loads(f.read_text()) for f in args.models.glob(f"*/{SCORES}")]
     results = [
         r
@@ -211,7 +217,7 @@ def write_table(args: argparse.Namespace, recipe: dict) -> None:
     ]  # fmt: skip
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        groups.setdefault(tuple(r["run"].get(k) or 0 for k in SETTING), []).append(r)
+        groups.setdefault(setting(r), []).append(r)
     if args.from_base:
         begin = (
             f"continued fine-tuning of the {start[4:]}-step base model of the `ood` section for {recipe['steps']} "
@@ -269,7 +275,7 @@ def write_table(args: argparse.Namespace, recipe: dict) -> None:
             "| variance | τ_σ | λ | " + " | ".join(args.domains) + " |",
             "|---" * (len(args.domains) + 3) + "|",
         ]
-        for r in sorted(chosen, key=lambda r: tuple(r["run"].get(k) or 0 for k in SETTING)):
+        for r in sorted(chosen, key=setting):
             run = r["run"]
             dev = " | ".join(f"{r['dev_nll'][d]:.3f}" if d in r["dev_nll"] else "" for d in args.domains)
             lines.append(f"| {run['variance']} | {run['stdev_tau']:g} | {run['lambda']:g} | {dev} |")
