@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -11,12 +12,22 @@ import transformers as tf
 
 import nvib
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks" / "gemma"))
+GEMMA = Path(__file__).parents[1] / "benchmarks" / "gemma"
+sys.path.insert(0, str(GEMMA))
 from engine import PrefixRunner, check_sharing, greedy_unshared  # noqa: E402
 from measures import summarise  # noqa: E402
 from prompts import Encoded  # noqa: E402
 
 NEWLINE = 5
+
+
+def gemma_experiment():
+    """benchmarks/gemma/experiment.py under its own name: benchmarks/ood has an `experiment` module too."""
+    if (module := sys.modules.get("gemma_experiment")) is None:
+        spec = importlib.util.spec_from_file_location("gemma_experiment", GEMMA / "experiment.py")
+        module = sys.modules["gemma_experiment"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return module
 
 
 class StubTokenizer:
@@ -102,7 +113,8 @@ def test_summary_is_token_weighted_with_diversity_and_paired_deltas():
 
 
 def test_post_hoc_range_reuses_only_the_steps_that_do_not_depend_on_it(tmp_path):
-    from experiment import State, range_free
+    experiment = gemma_experiment()
+    State, range_free = experiment.State, experiment.range_free
 
     base = State(tmp_path / "state.json", "base")
     for name in ("check stock", "prior", "check nv", "wiki/unconverted", "wiki/temperature", "wiki/target demos",
