@@ -48,7 +48,8 @@ from attention_speed import update_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SCORES = "ood_scores.json"  # per fine-tuned model directory: its test scores (the table reads them all)
-SETTING = ("start", "variance", "stdev_tau", "nv_lr", "kl_clip", "lambda")  # a table row: everything but the seed
+SETTING = ("start", "variance", "stdev_tau", "nv_lr", "kl_clip", "kl_terms", "lambda")  # a row: all but the seed
+KL_TERMS = {"both": "G+D", "gaussian": "G"}  # --kl-terms: λ weighs KL_G and KL_D, or KL_G only (λ_D = 0)
 DEV_EXAMPLES = 200  # dev examples per domain for choosing λ (wiki has 29)
 IN_DOMAIN_SLACK = 0.02  # nats/token of in-domain dev NLL a chosen λ may lose against λ = 0
 
@@ -70,6 +71,10 @@ def main(argv: list[str] | None = None) -> None:
         "and that λ on the other seeds",
     )  # fmt: skip
     parser.add_argument("--kl-clip", choices=["separate", "joint"], default="separate")
+    parser.add_argument(
+        "--kl-terms", choices=list(KL_TERMS), default="both",
+        help="which KL terms λ weighs: both (λ_G = λ_D = λ) or gaussian only (λ_D = 0, a diagnostic)",
+    )  # fmt: skip
     parser.add_argument("--variances", nargs="+", choices=["shared", "per-token"], default=["shared"])
     parser.add_argument("--stdev-taus", type=float, nargs="+", default=[0.0], help="initial τ_σ, every kind")
     parser.add_argument("--nv-lr", type=float, help="learning rate of the NV parameters (default: the recipe's)")
@@ -115,7 +120,7 @@ def start_label(args: argparse.Namespace) -> str:
 
 def setting(result: dict) -> tuple:
     """A scored run's table row key: its SETTING values."""
-    return tuple(result["run"].get(k) or 0 for k in SETTING)
+    return tuple(result["run"].get(k) or ("both" if k == "kl_terms" else 0) for k in SETTING)
 
 
 def choose_lambda(dev_nll: dict[float, dict[str, float]]) -> float:
@@ -131,7 +136,9 @@ def choose_lambda(dev_nll: dict[float, dict[str, float]]) -> float:
 def run_one(args, recipe: dict, tokenizer, train: list, variance: str, stdev_tau: float, lam: float, seed: int) -> dict:
     """Fine-tune one setting and seed (unless its model is cached), score it on dev (NLL) and test; its scores."""
     start = start_label(args)
+    kl_terms = args.kl_terms if lam else "both"  # λ = 0 is the same run either way
     name = f"nvib-l{lam:g}-s{args.steps}-{args.kl_clip}" + ("-ptv" if variance == "per-token" else "")
+    name += "-klG" if kl_terms == "gaussian" else ""
     name += (f"-st{stdev_tau:g}" if stdev_tau else "") + (f"-nvlr{args.nv_lr:g}" if args.nv_lr else "")
     name = (f"{start}-" if args.from_base else "") + name
     out = args.models / f"{name}-p{args.prior_examples}-seed{seed}"
@@ -147,7 +154,8 @@ def run_one(args, recipe: dict, tokenizer, train: list, variance: str, stdev_tau
         prior = base_prior(model, tokenizer, train[: args.prior_examples], recipe, args)
         knobs = nvib.NVConfig(stdev_tau_e=stdev_tau, stdev_tau_c=stdev_tau, stdev_tau_d=stdev_tau)
         finetune(
-            model, train, tokenizer, output_dir=out, nv_config=knobs, prior=prior, lambda_g=lam, lambda_d=lam,
+            model, train, tokenizer, output_dir=out, nv_config=knobs, prior=prior, lambda_g=lam,
+            lambda_d=lam if kl_terms == "both" else 0.0,
             schedule=LambdaSchedule("linear", steps=max(1, recipe["steps"] // 5)), max_steps=recipe["steps"],
             batch_size=recipe["batch_size"], lr=recipe["lr"], warmup_steps=recipe["warmup"], weight_decay=0.01,
             seed=seed, max_source_len=recipe["max_source_len"], max_target_len=recipe["max_target_len"],
@@ -163,8 +171,8 @@ def run_one(args, recipe: dict, tokenizer, train: list, variance: str, stdev_tau
     result = {
         "run": {
             "start": start, "variance": variance, "stdev_tau": stdev_tau, "lambda": lam, "steps": args.steps,
-            "nv_lr": args.nv_lr, "kl_clip": args.kl_clip, "seed": seed, "prior_examples": args.prior_examples,
-            "kl_floor": nvib.kl.PRIOR_VARIANCE_FLOOR,
+            "nv_lr": args.nv_lr, "kl_clip": args.kl_clip, "kl_terms": kl_terms, "seed": seed,
+            "prior_examples": args.prior_examples, "kl_floor": nvib.kl.PRIOR_VARIANCE_FLOOR,
         },
         "test": args.test,
         "train_runtime": next(e["train_runtime"] for e in reversed(log) if "train_runtime" in e),
@@ -235,7 +243,8 @@ def write_table(args: argparse.Namespace, recipe: dict) -> None:
         f"Fine-tuning with the NVIB regularisers (`python benchmarks/ood/finetune_nvib.py "
         f"{'--from-base ' if args.from_base else ''}--steps {args.steps} --test {args.test} --prior-examples "
         f"{args.prior_examples}`): {begin} through `nvib.finetune` (NV attention sampling, "
-        "spec §8, KL_G with the prior-variance floor) with λ_G = λ_D = λ (linear warm-up over the first fifth), "
+        "spec §8, KL_G with the prior-variance floor) with λ_G = λ_D = λ (KL: G+D) or λ_G = λ, λ_D = 0 (KL: G) "
+        "(linear warm-up over the first fifth), "
         "from the identity initialisation with the empirical prior (estimated on the first "
         f"{args.prior_examples} training pairs) and the initial τ_σ shown (τ_α = 10); clip: `kl_clip` (task "
         "and KL gradients clipped to 1.0 separately, or their sum jointly); variance: one per site (fast form at "
@@ -245,10 +254,10 @@ def write_table(args: argparse.Namespace, recipe: dict) -> None:
         f"NLL (nats per target token, teacher-forced) on the first {args.test} test examples of each domain "
         "(debian is in domain). Train: minutes per run.",
         "",
-        "| variance | τ_σ | clip | λ | seeds | "
+        "| variance | τ_σ | clip | KL | λ | seeds | "
         + " | ".join(f"{d} ROUGE-L | {d} NLL" for d in args.domains)
         + " | final task loss | train |",
-        "|---" * (2 * len(args.domains) + 7) + "|",
+        "|---" * (2 * len(args.domains) + 8) + "|",
     ]
     for key in sorted(groups):
         rows = groups[key]
@@ -259,7 +268,8 @@ def write_table(args: argparse.Namespace, recipe: dict) -> None:
                 values = [r["scores"][domain][name] for r in rows if domain in r["scores"]]
                 cells.append(spread(values, digits))
         lines.append(
-            f"| {run['variance']} | {run['stdev_tau']:g} | {run['kl_clip']} | {run['lambda']:g} | "
+            f"| {run['variance']} | {run['stdev_tau']:g} | {run['kl_clip']} | {KL_TERMS[run.get('kl_terms', 'both')]} "
+            f"| {run['lambda']:g} | "
             f"{','.join(str(r['run']['seed']) for r in sorted(rows, key=lambda r: r['run']['seed']))} | "
             f"{' | '.join(cells)} | {spread([r['final_task_loss'] for r in rows], 3)} | "
             f"{statistics.mean(r['train_runtime'] for r in rows) / 60:.1f} |"
@@ -272,13 +282,14 @@ def write_table(args: argparse.Namespace, recipe: dict) -> None:
             f"`--select-lambda` reads: the λ > 0 of lowest mean out-of-domain dev NLL among those within "
             f"{IN_DOMAIN_SLACK} nats/token of λ = 0 in domain.",
             "",
-            "| variance | τ_σ | λ | " + " | ".join(args.domains) + " |",
-            "|---" * (len(args.domains) + 3) + "|",
+            "| variance | τ_σ | KL | λ | " + " | ".join(args.domains) + " |",
+            "|---" * (len(args.domains) + 4) + "|",
         ]
         for r in sorted(chosen, key=setting):
             run = r["run"]
             dev = " | ".join(f"{r['dev_nll'][d]:.3f}" if d in r["dev_nll"] else "" for d in args.domains)
-            lines.append(f"| {run['variance']} | {run['stdev_tau']:g} | {run['lambda']:g} | {dev} |")
+            terms = KL_TERMS[run.get("kl_terms", "both")]
+            lines.append(f"| {run['variance']} | {run['stdev_tau']:g} | {terms} | {run['lambda']:g} | {dev} |")
     name = "finetune from base" if args.from_base else "finetune"
     update_section(args.results, name, "\n".join(lines) + "\n")
 
