@@ -206,7 +206,13 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument(
-        "--batch", type=int, default=32, help="examples per forward (decoding reads the LM head once a step)"
+        "--batch",
+        type=int,
+        default=32,
+        help="test examples per generation batch (each decoding step reads the LM head once)",
+    )
+    parser.add_argument(
+        "--nll-batch", type=int, default=8, help="dev examples per teacher-forced forward (small batches pad less)"
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results", type=Path, help="markdown to update (default: benchmarks/RESULTS.md)")
@@ -335,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
 
         def temperature(d=d, i=i) -> dict:
             apply = lambda k: set_temperature(model, k["temperature"], scalings)  # noqa: E731
-            obj = DevNLL(runners[IN_DOMAIN], encoded[d][0], apply, args.batch)
+            obj = DevNLL(runners[IN_DOMAIN], encoded[d][0], apply, args.nll_batch)
             study = tune_temperature(obj, args.trials, [len(dev[d]) // 2, len(dev[d])], storage,
                                      f"temp-{d}-{key}", args.seed + i)  # fmt: skip
             t = study.best_params["temperature"]
@@ -358,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
 
             def tune(d=d, i=i, prompt=prompt, system=system) -> dict:
                 obj = DevNLL(runners[prompt], encoded[d][0], lambda k: nvib.configure(model, nvib.NVConfig(**k)),
-                             args.batch)  # fmt: skip
+                             args.nll_batch)  # fmt: skip
                 study = run_search(
                     obj, {"decoder"}, n_trials=args.trials, storage=storage, direction="minimize",
                     study_name=f"nv-{d}-{prompt}-{key}", slices=[len(dev[d]) // 2, len(dev[d])], seed=args.seed + i,
