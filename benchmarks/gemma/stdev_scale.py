@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import nvib
-from nvib.keyspace import KeySpaceLayer, _token_bias
+from nvib.keyspace import KeySpaceLayer, token_bias
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
 from gemma3_model import load_gemma3  # noqa: E402
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
             # c_n per token [G, N-1] (BOS left out), then its spread over the tokens: [G] per sequence
             spreads = torch.stack(
                 [torch.zeros(k.shape[1], dtype=torch.float64) if weight is None
-                 else _token_bias(k.transpose(0, 1)[None, :, 1:], weight)[0].std(-1) for k in keys[i]]
+                 else token_bias(k.transpose(0, 1)[None, :, 1:], weight)[0].std(-1) for k in keys[i]]
             )  # fmt: skip
             spread.append(spreads.flatten())
             per_layer.append(round(float(spreads.max()), 3))

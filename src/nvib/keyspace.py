@@ -221,14 +221,14 @@ def nv_key_attention(
     if w["key_weight"] is None:
         bias = F.pad(prior_c[:, :1] if w["same_c"] else prior_c, (0, N))  # [B, 1 or G, 1+N]
     else:
-        c = _token_bias(key[:, :, 1:], w["key_weight"])
+        c = token_bias(key[:, :, 1:], w["key_weight"])
         bias = torch.cat([prior_c, c], -1)
     mask = _bias_mask(allowed, bias, Q, query.dtype)
     return _attend(query, key, value, mask, slot, dropout, softcap).transpose(1, 2), None
 
 
-def _token_bias(key: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """c_n = ½ Σ_p k̂²_np (1/√E − 1/β_p) of keys [B, G, N, E] (`weight` [G, E] holds the factor): [B, G, N]."""
+def token_bias(key: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Spec §10: c_n = ½ Σ_p k̂²_np (1/√E − 1/β_p) of keys [B, G, N, E] (`weight` [G, E] holds the factor): [B, G, N]."""
     return (key.to(weight.dtype).square() * weight[:, None, :]).sum(-1)
 
 
@@ -256,7 +256,7 @@ def _attend_split(query, key, value, allowed, w: dict) -> torch.Tensor:
     low = torch.finfo(query.dtype).min  # finite: a query that sees no token gets a_m0 = 1 (the prior alone)
     bias = None
     if w["key_weight"] is not None:
-        c = _token_bias(key, w["key_weight"])
+        c = token_bias(key, w["key_weight"])
         bias = c.clamp(-C_LIMIT, C_LIMIT).to(query.dtype)[:, :, None, :]
     if allowed is not None:
         bias = torch.where(allowed, query.new_zeros(()) if bias is None else bias, low)
