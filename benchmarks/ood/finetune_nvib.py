@@ -120,7 +120,7 @@ def start_label(args: argparse.Namespace) -> str:
 
 def setting(result: dict) -> tuple:
     """A scored run's table row key: its SETTING values."""
-    return tuple(result["run"].get(k) or ("both" if k == "kl_terms" else 0) for k in SETTING)
+    return tuple(result["run"].get(k) or 0 for k in SETTING)
 
 
 def choose_lambda(dev_nll: dict[float, dict[str, float]]) -> float:
@@ -225,6 +225,7 @@ def write_table(args: argparse.Namespace, recipe: dict) -> None:
     ]  # fmt: skip
     groups: dict[tuple, list[dict]] = {}
     for r in results:
+        r["run"].setdefault("kl_terms", "both")  # runs scored before --kl-terms weighed both terms
         groups.setdefault(setting(r), []).append(r)
     if args.from_base:
         begin = (
@@ -268,7 +269,7 @@ def write_table(args: argparse.Namespace, recipe: dict) -> None:
                 values = [r["scores"][domain][name] for r in rows if domain in r["scores"]]
                 cells.append(spread(values, digits))
         lines.append(
-            f"| {run['variance']} | {run['stdev_tau']:g} | {run['kl_clip']} | {KL_TERMS[run.get('kl_terms', 'both')]} "
+            f"| {run['variance']} | {run['stdev_tau']:g} | {run['kl_clip']} | {KL_TERMS[run['kl_terms']]} "
             f"| {run['lambda']:g} | "
             f"{','.join(str(r['run']['seed']) for r in sorted(rows, key=lambda r: r['run']['seed']))} | "
             f"{' | '.join(cells)} | {spread([r['final_task_loss'] for r in rows], 3)} | "
@@ -288,8 +289,10 @@ def write_table(args: argparse.Namespace, recipe: dict) -> None:
         for r in sorted(chosen, key=setting):
             run = r["run"]
             dev = " | ".join(f"{r['dev_nll'][d]:.3f}" if d in r["dev_nll"] else "" for d in args.domains)
-            terms = KL_TERMS[run.get("kl_terms", "both")]
-            lines.append(f"| {run['variance']} | {run['stdev_tau']:g} | {terms} | {run['lambda']:g} | {dev} |")
+            lines.append(
+                f"| {run['variance']} | {run['stdev_tau']:g} | {KL_TERMS[run['kl_terms']]} | {run['lambda']:g} "
+                f"| {dev} |"
+            )
     name = "finetune from base" if args.from_base else "finetune"
     update_section(args.results, name, "\n".join(lines) + "\n")
 
