@@ -96,6 +96,33 @@ def test_fast_form_equals_reference(site, split, monkeypatch):
             assert (out[b] - ref).abs().max() <= 1e-10
 
 
+def test_split_bias_made_once_per_forward_and_never_from_a_refilled_mask(monkeypatch):
+    """The split path turns the mask `_nv_mask` made for a forward into its additive bias once, not in every layer;
+    a caller's own mask tensor, refilled in place between calls (in inference mode no version is counted), is read
+    again each call."""
+    g = torch.Generator().manual_seed(0)
+    _, nv = pair(TINY[0])
+    nvib.configure(nv, REGULARISED)
+    module = next(s.module for s in nv.__dict__["_nv_sites"] if s.name == "encoder.0")
+    x = torch.randn(2, 7, 32, generator=g)
+    buffer = torch.ones(2, 1, 7, 7, dtype=torch.bool)
+    calls = []
+    key_mask = nvib.attention._key_mask
+    monkeypatch.setattr(nvib.attention, "_key_mask", lambda *a: calls.append(1) or key_mask(*a))
+    with torch.inference_mode():
+        ids = torch.randint(4, 90, (2, 9), generator=g)
+        mask = torch.ones(2, 9, dtype=torch.long)
+        mask[1, 6:] = 0
+        nv(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :5])
+        assert 0 < len(calls) <= 3 < len(nv.__dict__["_nv_sites"])  # encoder, decoder and cross masks
+        first = module(x, attention_mask=buffer)[0]
+        buffer[1, ..., 4:] = False
+        refilled = module(x, attention_mask=buffer)[0]
+        fresh = module(x, attention_mask=buffer.clone())[0]
+    assert torch.equal(refilled, fresh)
+    assert not torch.allclose(first[1], refilled[1])
+
+
 @pytest.mark.parametrize("chunk", [None, 1], ids=["heads-at-once", "head-by-head"])
 @pytest.mark.parametrize("site", ["encoder.0", "decoder.1", "cross"])
 def test_general_form_equals_reference(site, chunk, monkeypatch):

@@ -26,6 +26,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -41,6 +42,8 @@ C_LIMIT = 1e4  # |c_n| bound so the bias channel stays finite in float16 (e^-1e4
 SPLIT_PRIOR = True
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _SPLIT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+# masks made by `_nv_mask` (new in every forward, never updated in place) -> (what the bias was made for, bias)
+_SPLIT_BIAS = WeakIdKeyDictionary()
 GENERAL_CHUNK = 1 << 22  # elements of the general form's per-head-group temporaries (16 MB in float32)
 
 
@@ -59,6 +62,7 @@ class Slot:
     folded: dict | None = None
     folded_key: tuple | None = None
     last: dict | None = None  # the weights of the current call
+    checked: bool = False  # `last` was validated by this module call's query projection (`begin_call`)
     prior_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # training: this forward's sampled prior k, v
     mass_log: list | None = None  # record_prior_mass: (Σ a_m0, number of queries) per call
     # cross-attention: (weakref to the cached key, folded, key with prior, value with prior); dropped with the key
@@ -104,6 +108,18 @@ class Slot:
         self.last = folded
         return folded
 
+    def begin_call(self) -> None:
+        """Validate the folded weights once per module call. The query projection starts every call (self- and
+        cross-attention, cached or not); the key/value projections and the attention of that call then use `last`.
+        """
+        if not self.layer.training:
+            self.fold()
+            self.checked = True
+
+    def call_weights(self) -> dict:
+        """The folded weights for this call: `last` when the call's query projection validated them."""
+        return self.last if self.checked else self.fold()
+
     def _build(self) -> dict:
         """Small per-site/per-module tensors; the pretrained weights are used as they are."""
         (_, _), (wk, bk), (wv, bv) = self.qkv_weights()
@@ -140,6 +156,8 @@ class Slot:
             c_quad=t.c_quad.to(f) if bool(t.c_quad.abs().max() > 1e-6 * self.layer.alpha_w2.abs().max()) else None,
             prior_k=prior_k.to(dtype),
             prior_v=prior_v.to(dtype),
+            prior_k_col=(prior_k * self.scaling).to(dtype)[:, :, None],  # s_m0 = q_m · this, [H, E+1, 1]
+            prior_v_e=prior_v[:, :-1].to(dtype),
             # [Gᵀ | (G_0 − G)ᵀ] per head, [H, E, 2E] (or [H, E, E] without G), applied as one batched q @ ·
             g_both=(d_t if g is None else torch.cat([g_t, d_t], 2)).to(dtype),
             has_g=g is not None,
@@ -155,7 +173,11 @@ class Slot:
 
     def _linear(self, which: str, x: torch.Tensor) -> torch.Tensor:
         """The pretrained projection, [..., H, E]."""
-        w, b = self.qkv_weights()["qkv".index(which)]
+        if self.fused:
+            w, b = self.qkv_weights()["qkv".index(which)]
+        else:
+            p = self.proj["qkv".index(which)]
+            w, b = p.weight, p.bias
         return F.linear(x, w, b).view(*x.shape[:-1], self.heads, self.head_dim)
 
     def _with_channel(
@@ -192,10 +214,11 @@ class Slot:
 
     def _project1(self, which: str, x: torch.Tensor) -> torch.Tensor:
         if which == "q":
+            self.begin_call()
             return self._with_channel(self._linear("q", x), 1.0 / self.scaling)
         if self.layer.training:
             return self._project_train(which, x)
-        w = self.fold()
+        w = self.call_weights()
         if w["general"]:
             t = self.layer.token_terms(x)
             first, second = self.split_ratio(t.ratio)
@@ -243,7 +266,7 @@ class Slot:
         if self.layer.training:
             prior_k, prior_v = self.prior_kv
         else:
-            w = self.fold()
+            w = self.last
             memo = self.with_prior
             if memo is not None and memo[0]() is key and memo[1] is w:
                 return memo[2], memo[3]
@@ -259,18 +282,39 @@ class Slot:
     ) -> torch.Tensor:
         """Fast-form attention over the prior and the tokens, without concatenating them: q/k/v [B, H, *, E+1]
         (tokens only), `bias` the tokens' additive mask/bias [., ., Q, N] (finite), `prior_bias` the prior's or None.
+        Returns the corrected head outputs [B, Q, H, E].
 
-        With l_m = log Σ_n≥1 exp(s_mn) from the kernel, the prior's weight is a_m0 = sigmoid(s_m0 − l_m) and the
-        output (1 − a_m0)·(token output) + a_m0·ṽ_0 is exactly softmax over n = 0..N (spec §6). Returns [B, H, Q, E+1].
+        With l_m = log Σ_n≥1 exp(s_mn) from the kernel, the prior's weight is a_m0 = sigmoid(s_m0 − l_m) and
+        (1 − a_m0)·(token output) + a_m0·ṽ_0 is exactly softmax over n = 0..N (spec §6); the query correction
+        follows. Everything after the kernel works on its output in place, in the [B, Q, H, ·] layout the kernel
+        writes, so the only new [B, Q, H, E]-sized tensors are G q (one batched product) and the result.
         """
-        w = self.fold()
+        w = self.last
         out, lse = _FLASH_CPU(query, key, value, attn_mask=bias, scale=self.scaling)
-        prior_k, prior_v = w["prior_k"], w["prior_v"]  # [H, E+1]
-        s0 = (query @ prior_k[:, :, None]).squeeze(-1) * self.scaling  # [B, H, Q]
+        B, H, Q, E1 = query.shape
+        q = query.transpose(1, 2).reshape(B * Q, H, E1).transpose(0, 1)  # [H, B·Q, E+1], a view
+        lse = lse.transpose(0, 1)  # [H, B, Q]
         if prior_bias is not None:
-            s0 = s0 + prior_bias.squeeze(-1)
-        a0 = torch.sigmoid(s0.to(lse.dtype) - lse).to(out.dtype)
-        return torch.lerp(out, prior_v[:, None, :], a0[..., None])
+            lse = lse - prior_bias.squeeze(-1).expand(B, H, Q).transpose(0, 1)
+        a0 = (torch.bmm(q, w["prior_k_col"]).view(H, B, Q).to(lse.dtype) - lse).sigmoid_()
+        a0 = a0.to(out.dtype).permute(1, 2, 0)[..., None]  # [B, Q, H, 1]
+        if self.mass_log is not None:
+            self.mass_log.append((float(a0.float().sum()), a0.numel()))
+        o = out.transpose(1, 2)[..., :-1]  # [B, Q, H, E]
+        if torch.is_grad_enabled():
+            o = o.clone()
+        o.lerp_(w["prior_v_e"], a0)
+        return self._add_correction(o, a0, q[..., :-1])
+
+    def _add_correction(self, o: torch.Tensor, a0: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """o + (1 − a_m0)·G q + a_m0·G_0 q (spec §6): o, a0 [B, Q, H, E or 1] (o overwritten), q [H, B·Q, E]."""
+        w = self.last  # what prepend_prior / attend_split used in this same call (rebuilt with gradients too)
+        B, Q, H, E = o.shape
+        r = torch.bmm(q, w["g_both"]).transpose(0, 1).view(B, Q, H, -1)  # [G q | (G_0 − G) q] or (G_0 q)
+        if w["has_g"]:
+            o.add_(r[..., :E])
+            r = r[..., E:]
+        return torch.addcmul(o, a0, r)
 
     def general_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask) -> torch.Tensor:
         """Spec §4 with per-token variances: q/k/v [B, H, *, width] (prior at n = 0) -> [B, Q, H, E].
@@ -280,7 +324,7 @@ class Slot:
         products as single batched matrix products, sized so that the [B, heads, Q, P] temporaries stay near
         `GENERAL_CHUNK` elements (all heads at once when decoding one token).
         """
-        w = self.fold()
+        w = self.last
         E, E1 = self.head_dim, self.head_dim + 1
         f = torch.promote_types(query.dtype, torch.float32)
         scores = query[..., :E1].to(f) @ key[..., :E1].to(f).transpose(-1, -2) * self.scaling
@@ -305,24 +349,17 @@ class Slot:
         return o.to(query.dtype)
 
     def correct(self, out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """Add (1 − a_m0)·G q + a_m0·G_0 q (spec §6) to the attention output [B, H, Q, E+1] → [B, Q, H, E].
-
-        Works in the [B, Q, H, ·] layout the projections and SDPA's CPU kernels already use, so the module's
-        final reshape is a view; G q and (G_0 − G) q come from one batched product over the heads.
-        """
+        """The attention output over prior and tokens [B, H, Q, E+1] (a_m0 in the last channel) → the corrected
+        head outputs [B, Q, H, E] (spec §6)."""
         out = out.transpose(1, 2)
         o, a0 = out[..., :-1], out[..., -1:]
         if self.mass_log is not None:
             self.mass_log.append((float(a0.float().sum()), a0.numel()))
         if self.layer.training:
             return o
-        w = self.last  # what prepend_prior / attend_split used in this same call (rebuilt with gradients too)
         B, Q, H, E = o.shape
         q = query.transpose(1, 2)[..., :-1].reshape(B * Q, H, E).transpose(0, 1)  # [H, B·Q, E]
-        r = torch.bmm(q, w["g_both"]).transpose(0, 1).view(B, Q, H, -1)  # [B, Q, H, E or 2E]
-        if not w["has_g"]:
-            return torch.addcmul(o, a0, r)
-        return torch.addcmul(o + r[..., :E], a0, r[..., E:])
+        return self._add_correction(o.clone() if torch.is_grad_enabled() else o, a0, q)
 
 
 def _state(tensors: tuple) -> tuple:
@@ -339,6 +376,32 @@ def _key_mask(mask: torch.Tensor | None, batch: int, q_len: int, n_tokens: int, 
     if mask.dtype == torch.bool:
         return mask
     return mask > torch.finfo(mask.dtype).min / 2
+
+
+def _split_bias(mask, position_bias, query: torch.Tensor, n_tokens: int, is_causal: bool):
+    """The tokens' additive bias [., ., Q, N] for the split kernel call (finite, so that a query that sees no token
+    gets a_m0 = 1) and the prior's ([., ., Q, 1] or None). The model hands every layer the mask `_nv_mask` made for
+    this forward, so the bias made from it is kept with it rather than rebuilt in each layer; a mask from anywhere
+    else (a user's 4D mask may be a buffer refilled in place) is converted each time."""
+    B, _, Q, _ = query.shape
+    made_for = (n_tokens, Q, query.dtype)
+    ours = mask is not None and position_bias is None and mask in _SPLIT_BIAS
+    if ours and (_SPLIT_BIAS[mask] or (None,))[0] == made_for:
+        return _SPLIT_BIAS[mask][1], None
+    keys = mask if mask is None or mask.shape[-1] <= n_tokens else mask[..., -n_tokens:]
+    allowed = _key_mask(keys, B, Q, n_tokens, is_causal, query.device)
+    bias = prior_bias = None
+    low = torch.finfo(query.dtype).min
+    if position_bias is not None:
+        position_bias = position_bias.to(query.dtype)
+        bias = position_bias[..., -n_tokens:]
+        prior_bias = position_bias[..., :1] if position_bias.shape[-1] == n_tokens + 1 else None
+        bias = bias if allowed is None else torch.where(allowed, bias, low)
+    elif allowed is not None:
+        bias = torch.where(allowed, query.new_zeros(()), low)
+    if ours:
+        _SPLIT_BIAS[mask] = (made_for, bias)
+    return bias, prior_bias
 
 
 def nv_attention_forward(
@@ -359,6 +422,9 @@ def nv_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
             position_bias=position_bias, **kwargs,
         )  # fmt: skip
+    if not slot.layer.training:  # the folded weights of this call (`last`), validated once per call
+        slot.call_weights()
+        slot.checked = False
     B, _, Q, _ = query.shape
     if (
         SPLIT_PRIOR
@@ -368,20 +434,9 @@ def nv_attention_forward(
         and query.dtype in _SPLIT_DTYPES
         and _FLASH_CPU is not None
     ):
-        n_tokens = key.shape[2]
-        if attention_mask is not None and attention_mask.shape[-1] > n_tokens:
-            attention_mask = attention_mask[..., -n_tokens:]
-        allowed = _key_mask(attention_mask, B, Q, n_tokens, bool(getattr(module, "is_causal", False)), query.device)
-        bias = prior_bias = None
-        low = torch.finfo(query.dtype).min  # finite: a query that sees no token gets a_m0 = 1 (the prior)
-        if position_bias is not None:
-            position_bias = position_bias.to(query.dtype)
-            bias = position_bias[..., -n_tokens:]
-            prior_bias = position_bias[..., :1] if position_bias.shape[-1] == n_tokens + 1 else None
-            bias = bias if allowed is None else torch.where(allowed, bias, low)
-        elif allowed is not None:
-            bias = torch.where(allowed, query.new_zeros(()), low)
-        return slot.correct(slot.attend_split(query, key, value, bias, prior_bias), query), None
+        causal = bool(getattr(module, "is_causal", False))
+        bias, prior_bias = _split_bias(attention_mask, position_bias, query, key.shape[2], causal)
+        return slot.attend_split(query, key, value, bias, prior_bias), None
     key, value = slot.prepend_prior(key, value)
     if slot.spare and slot.layer.training:  # sampling (spec §8) needs no ratios
         query, key, value = (t[..., : slot.head_dim + 1] for t in (query, key, value))
@@ -408,7 +463,10 @@ def nv_attention_forward(
 
 def _nv_mask(*args, **kwargs):
     kwargs["allow_is_causal_skip"] = False
-    return sdpa_mask(*args, **kwargs)
+    mask = sdpa_mask(*args, **kwargs)
+    if mask is not None:
+        _SPLIT_BIAS[mask] = None  # ours: `_split_bias` may keep the bias it makes from it
+    return mask
 
 
 def register() -> None:
