@@ -120,6 +120,11 @@ class Slot:
         """The folded weights for this call: `last` when the call's query projection validated them."""
         return self.last if self.checked else self.fold()
 
+    def end_call(self) -> None:
+        """Leave this call's folded weights in `last` for its attention, and let the next call validate again."""
+        self.call_weights()
+        self.checked = False
+
     def _build(self) -> dict:
         """Small per-site/per-module tensors; the pretrained weights are used as they are."""
         (_, _), (wk, bk), (wv, bv) = self.qkv_weights()
@@ -422,9 +427,8 @@ def nv_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
             position_bias=position_bias, **kwargs,
         )  # fmt: skip
-    if not slot.layer.training:  # the folded weights of this call (`last`), validated once per call
-        slot.call_weights()
-        slot.checked = False
+    if not slot.layer.training:
+        slot.end_call()
     B, _, Q, _ = query.shape
     if (
         SPLIT_PRIOR
