@@ -38,7 +38,8 @@ ATTN_NAME = "nvib"
 C_LIMIT = 1e4  # |c_n| bound so the bias channel stays finite in float16 (e^-1e4 is already 0)
 # Evaluation on CPU attends to the tokens with the fused kernel that also returns the log-sum-exp of the scores, and
 # merges the prior component afterwards (`Slot.attend_split`): no per-call copy of the keys and values with the prior
-# prepended. False (or another device, training, per-token variances) prepends the prior instead; tests compare both.
+# prepended. False (or another device, training, per-token variances, or gradients: the kernel's backward ignores the
+# log-sum-exp's gradient, through which a_m0 depends on q and k) prepends the prior instead; tests compare both.
 SPLIT_PRIOR = True
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _SPLIT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -306,8 +307,6 @@ class Slot:
         if self.mass_log is not None:
             self.mass_log.append((float(a0.float().sum()), a0.numel()))
         o = out.transpose(1, 2)[..., :-1]  # [B, Q, H, E]
-        if torch.is_grad_enabled():
-            o = o.clone()
         o.lerp_(w["prior_v_e"], a0)
         return self._add_correction(o, a0, q[..., :-1])
 
@@ -432,6 +431,7 @@ def nv_attention_forward(
     B, _, Q, _ = query.shape
     if (
         SPLIT_PRIOR
+        and not torch.is_grad_enabled()
         and not slot.spare
         and not slot.layer.training
         and query.device.type == "cpu"

@@ -213,7 +213,7 @@ def nv_key_attention(
     G, E = key.shape[1], key.shape[3]
     if w["query_scale"] is not None:
         query = query * w["query_scale"][:, None, :]
-    if _can_split(query, softcap, slot, dropout) and not w["prior_c"].requires_grad:  # kernel: no mask gradient
+    if _can_split(query, softcap, slot, dropout):
         return _attend_split(query, key, value, allowed, w).transpose(1, 2), None
     key = torch.cat([w["prior_key"][None, :, None, :].expand(B, G, 1, E), key], 2)
     value = torch.cat([w["prior_value"][None, :, None, :].expand(B, G, 1, E), value], 2)
@@ -233,9 +233,11 @@ def token_bias(key: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _can_split(query: torch.Tensor, softcap, slot: KeySlot, dropout: float) -> bool:
-    """Whether the prior can be merged after a fused tokens-only pass (CPU, no soft cap, nothing recorded)."""
+    """Whether the prior can be merged after a fused tokens-only pass (CPU, no soft cap, nothing recorded, no
+    gradients: the kernel's backward ignores the log-sum-exp's gradient, and a_m0 depends on it)."""
     return (
         attention.SPLIT_PRIOR
+        and not torch.is_grad_enabled()
         and attention._FLASH_CPU is not None
         and query.device.type == "cpu"
         and query.dtype in attention._SPLIT_DTYPES
