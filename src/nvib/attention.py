@@ -382,6 +382,18 @@ def _key_mask(mask: torch.Tensor | None, batch: int, q_len: int, n_tokens: int, 
     return mask > torch.finfo(mask.dtype).min / 2
 
 
+def can_split(query: torch.Tensor) -> bool:
+    """Whether the prior may be merged after the fused CPU kernel's tokens-only pass (`SPLIT_PRIOR`): on CPU, in a
+    dtype the kernel takes, and without gradients (its backward ignores the log-sum-exp's gradient)."""
+    return (
+        SPLIT_PRIOR
+        and _FLASH_CPU is not None
+        and not torch.is_grad_enabled()
+        and query.device.type == "cpu"
+        and query.dtype in _SPLIT_DTYPES
+    )
+
+
 def _split_bias(mask, position_bias, query: torch.Tensor, n_tokens: int, is_causal: bool):
     """The tokens' additive bias [., ., Q, N] for the split kernel call (finite, so that a query that sees no token
     gets a_m0 = 1) and the prior's ([., ., Q, 1] or None). The model hands every layer the mask `_nv_mask` made for
@@ -390,8 +402,9 @@ def _split_bias(mask, position_bias, query: torch.Tensor, n_tokens: int, is_caus
     B, _, Q, _ = query.shape
     made_for = (n_tokens, Q, query.dtype)
     ours = mask is not None and position_bias is None and mask in _SPLIT_BIAS
-    if ours and (_SPLIT_BIAS[mask] or (None,))[0] == made_for:
-        return _SPLIT_BIAS[mask][1], None
+    kept = _SPLIT_BIAS[mask] if ours else None
+    if kept is not None and kept[0] == made_for:
+        return kept[1], None
     keys = mask if mask is None or mask.shape[-1] <= n_tokens else mask[..., -n_tokens:]
     allowed = _key_mask(keys, B, Q, n_tokens, is_causal, query.device)
     bias = prior_bias = None
@@ -429,15 +442,7 @@ def nv_attention_forward(
     if not slot.layer.training:
         slot.end_call()
     B, _, Q, _ = query.shape
-    if (
-        SPLIT_PRIOR
-        and not torch.is_grad_enabled()
-        and not slot.spare
-        and not slot.layer.training
-        and query.device.type == "cpu"
-        and query.dtype in _SPLIT_DTYPES
-        and _FLASH_CPU is not None
-    ):
+    if can_split(query) and not slot.spare and not slot.layer.training:
         causal = bool(getattr(module, "is_causal", False))
         bias, prior_bias = _split_bias(attention_mask, position_bias, query, key.shape[2], causal)
         return slot.attend_split(query, key, value, bias, prior_bias), None

@@ -233,18 +233,9 @@ def token_bias(key: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _can_split(query: torch.Tensor, softcap, slot: KeySlot, dropout: float) -> bool:
-    """Whether the prior can be merged after a fused tokens-only pass (CPU, no soft cap, nothing recorded, no
-    gradients: the kernel's backward ignores the log-sum-exp's gradient, and a_m0 depends on it)."""
-    return (
-        attention.SPLIT_PRIOR
-        and not torch.is_grad_enabled()
-        and attention._FLASH_CPU is not None
-        and query.device.type == "cpu"
-        and query.dtype in attention._SPLIT_DTYPES
-        and softcap is None
-        and slot.mass_log is None
-        and not dropout
-    )
+    """Whether the prior can be merged after a fused tokens-only pass (`attention.can_split`, no soft cap, nothing
+    recorded)."""
+    return attention.can_split(query) and softcap is None and slot.mass_log is None and not dropout
 
 
 def _attend_split(query, key, value, allowed, w: dict) -> torch.Tensor:
