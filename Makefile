@@ -57,4 +57,4 @@ bench: $(STAMP)  ## speed and memory of NV attention vs stock attention; cost of
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/prior_speed.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports

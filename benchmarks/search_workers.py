@@ -29,8 +29,8 @@ from attention_speed import update_section
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from postgres import create_database, missing, postgres_server  # noqa: E402
 
-from nvib.run import Run  # noqa: E402
-from nvib.settings import RunConfig  # noqa: E402
+from nvib.workflow.run import Run  # noqa: E402
+from nvib.workflow.settings import RunConfig  # noqa: E402
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 

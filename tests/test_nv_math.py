@@ -12,9 +12,10 @@ from cases import ROTARY, TINY
 from test_equivalence import REGULARISED, pair
 
 import nvib
-import nvib.attention
-from nvib.kl import kl_dirichlet, kl_gaussian
-from nvib.layer import sample_log_gamma
+import nvib.core.attention
+import nvib.core.masks
+from nvib.core.kl import kl_dirichlet, kl_gaussian
+from nvib.core.layer import sample_log_gamma
 
 
 def reference_attention(x, z, allowed, module, layer, per_token_var=None):
@@ -69,7 +70,7 @@ def randomise(layer, generator):
 @pytest.mark.parametrize("site", ["encoder.0", "decoder.1", "cross"])
 def test_fast_form_equals_reference(site, split, monkeypatch):
     """Both ways of attending to the prior (merged by log-sum-exp, or prepended to the keys) are spec §4."""
-    monkeypatch.setattr(nvib.attention, "SPLIT_PRIOR", split)
+    monkeypatch.setattr(nvib.core.masks, "SPLIT_PRIOR", split)
     g = torch.Generator().manual_seed(0)
     _, nv = pair(TINY[0], torch.float64)
     layer = nvib.nv_layers(nv)[site]
@@ -97,7 +98,7 @@ def test_fast_form_equals_reference(site, split, monkeypatch):
 
 
 def test_split_bias_made_once_per_forward_and_never_from_a_refilled_mask(monkeypatch):
-    """The split path turns the mask `_nv_mask` made for a forward into its additive bias once, not in every layer;
+    """The split path turns the mask `nv_mask` made for a forward into its additive bias once, not in every layer;
     a caller's own mask tensor, refilled in place between calls (in inference mode no version is counted), is read
     again each call."""
     g = torch.Generator().manual_seed(0)
@@ -107,8 +108,8 @@ def test_split_bias_made_once_per_forward_and_never_from_a_refilled_mask(monkeyp
     x = torch.randn(2, 7, 32, generator=g)
     buffer = torch.ones(2, 1, 7, 7, dtype=torch.bool)
     calls = []
-    key_mask = nvib.attention._key_mask
-    monkeypatch.setattr(nvib.attention, "_key_mask", lambda *a: calls.append(1) or key_mask(*a))
+    key_mask = nvib.core.masks.key_mask
+    monkeypatch.setattr(nvib.core.masks, "key_mask", lambda *a: calls.append(1) or key_mask(*a))
     with torch.inference_mode():
         ids = torch.randint(4, 90, (2, 9), generator=g)
         mask = torch.ones(2, 9, dtype=torch.long)
@@ -138,7 +139,7 @@ def test_eval_mode_gradients(case, monkeypatch):
         return nv(**inputs).logits.pow(2).mean()
 
     def gradient(param: torch.Tensor, split: bool) -> torch.Tensor:
-        monkeypatch.setattr(nvib.attention, "SPLIT_PRIOR", split)
+        monkeypatch.setattr(nvib.core.masks, "SPLIT_PRIOR", split)
         nv.zero_grad()
         loss().backward()
         return param.grad.clone()
@@ -151,9 +152,11 @@ def test_eval_mode_gradients(case, monkeypatch):
     for layer in nvib.nv_layers(nv).values():
         layer.requires_grad_(True)
     for param in (next(iter(nvib.nv_layers(nv).values())).logvar_bias, weight):
-        grad = float(gradient(param, True).view(-1)[0])
+        full = gradient(param, True).view(-1)
+        i = int(full.abs().argmax())  # the best-conditioned entry: tiny gradients drown in the loss's round-off
+        grad = float(full[i])
         with torch.no_grad():
-            entry = param.view(-1)[:1]
+            entry = param.view(-1)[i : i + 1]
             entry += 1e-6
             up = float(loss())
             entry -= 2e-6
@@ -168,7 +171,7 @@ def test_general_form_equals_reference(site, chunk, monkeypatch):
     """Per-token variances (W_σ ≠ 0): the module output is spec §4 computed literally (heads in one group or one
     at a time, as for long inputs)."""
     if chunk is not None:
-        monkeypatch.setattr(nvib.attention, "GENERAL_CHUNK", chunk)
+        monkeypatch.setattr(nvib.core.attention, "GENERAL_CHUNK", chunk)
     g = torch.Generator().manual_seed(3)
     torch.manual_seed(0)
     nv = nvib.convert(TINY[0].build().eval().double(), per_token_variance=True)

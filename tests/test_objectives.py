@@ -1,4 +1,4 @@
-"""nvib.objectives: the teacher-forced target NLL against a direct computation from full logits, padding and
+"""nvib.workflow.objectives: the teacher-forced target NLL against a direct computation from full logits, padding and
 chunking invariance, targets only; the dev objective's likelihood path and its diversity guard."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import torch
 import transformers as tf
 from cases import MINILM
 
-import nvib.objectives
-from nvib.data import Example, batches
-from nvib.evaluate import Evaluator, Output
-from nvib.metrics import diversity
-from nvib.objectives import DevObjective, TrialResult, examples_nll, target_nll
+import nvib.workflow.objectives
+from nvib.workflow.data import Example, batches
+from nvib.workflow.evaluate import Evaluator, Output
+from nvib.workflow.metrics import diversity
+from nvib.workflow.objectives import DevObjective, TrialResult, examples_nll, target_nll
 
 EXAMPLES = [
     Example("the quick brown fox jumps over the lazy dog", "a fox jumps"),
@@ -109,7 +109,8 @@ def test_target_nll_matches_full_logits(name: str, tokenizer) -> None:
 
 @torch.inference_mode()
 @pytest.mark.skipif(
-    not nvib.objectives.BOOLEAN_LOGITS_TO_KEEP, reason="this transformers release has no boolean logits_to_keep"
+    not nvib.workflow.objectives.BOOLEAN_LOGITS_TO_KEEP,
+    reason="this transformers release has no boolean logits_to_keep",
 )
 def test_causal_lm_head_sees_target_positions_only(tokenizer) -> None:
     model = _causal("gemma3", tokenizer.vocab_size)
@@ -172,7 +173,7 @@ def fake(monkeypatch):
     def configure(model, config):
         evaluator.alpha = config.alpha_tau_e
 
-    monkeypatch.setattr("nvib.objectives.configure", configure)
+    monkeypatch.setattr("nvib.workflow.objectives.configure", configure)
     return evaluator
 
 

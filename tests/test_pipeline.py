@@ -1,4 +1,4 @@
-"""Run config schema, model loading, the run; nvib.evaluate: the cached search objective, the lm task, the demo."""
+"""Run config schema, model loading, the run; nvib.workflow.evaluate: the cached objective, the lm task, the demo."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import transformers
 from runs import DEMO_DATA, run_config, save_tiny_gguf, save_tiny_model, write_config
 
 import nvib
-from nvib.data import load_examples
-from nvib.evaluate import DevObjective, Evaluator, GenerationArgs
-from nvib.models import load_model
-from nvib.run import Run
-from nvib.settings import ConfigError, ModelSection, RunConfig, config_schema, describe_schema, resolve_path
+from nvib.workflow.data import load_examples
+from nvib.workflow.evaluate import DevObjective, Evaluator, GenerationArgs
+from nvib.workflow.models import load_model
+from nvib.workflow.run import Run
+from nvib.workflow.settings import ConfigError, ModelSection, RunConfig, config_schema, describe_schema, resolve_path
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from cases import REAL_WEIGHTS, TINY
 from test_equivalence import output, pair
 
 import nvib
-from nvib.architectures import find_sites
+from nvib.core.architectures import find_sites
 
 
 def batches(case, n=4, seed=0):

@@ -1,4 +1,4 @@
-"""Tests for nvib.report."""
+"""Tests for nvib.workflow.report."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import optuna
 import torch
 
-from nvib.metrics import BootstrapResult
-from nvib.report import plot_differences, plot_knobs, plot_search_history, write_report
-from nvib.search import run_search
+from nvib.workflow.metrics import BootstrapResult
+from nvib.workflow.report import plot_differences, plot_knobs, plot_search_history, write_report
+from nvib.workflow.search import run_search
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -133,7 +133,7 @@ def test_plots_skip_study_without_complete_trials(tmp_path: Path) -> None:
 
 
 def test_rejected_trials_and_differences_plot(tmp_path: Path) -> None:
-    from nvib.objectives import TrialResult
+    from nvib.workflow.objectives import TrialResult
 
     def objective(knobs: dict[str, float], n: int) -> TrialResult:
         reject = "less diverse than the reference: distinct 0.100 < 0.5 × 1.000" if knobs["alpha_tau_e"] < 0 else None

@@ -1,4 +1,4 @@
-"""Tests for nvib.search."""
+"""Tests for nvib.workflow.search."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from nvib.objectives import TrialResult
-from nvib.search import (
+from nvib.workflow.objectives import TrialResult
+from nvib.workflow.search import (
     KNOBS,
     ObjectiveMismatchError,
     SearchSpace,

@@ -18,21 +18,21 @@ from runs import run_config, save_tiny_model, write_config
 from typer.testing import CliRunner
 
 from nvib.cli import app
-from nvib.run import Run
-from nvib.search import equivalence_point
-from nvib.settings import RunConfig
+from nvib.workflow.run import Run
+from nvib.workflow.search import equivalence_point
+from nvib.workflow.settings import RunConfig
 
 KINDS = {"encoder", "cross", "decoder"}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 # A worker that hangs inside its first evaluation (after writing MARKER), to be killed there.
 HANGING_WORKER = """
 import pathlib, sys, time
-import nvib.evaluate
+import nvib.workflow.evaluate
 marker = pathlib.Path(sys.argv[1])
 def hang(self, knobs, n):
     marker.write_text("evaluating")
     time.sleep(3600)
-nvib.evaluate.DevObjective.__call__ = hang
+nvib.workflow.evaluate.DevObjective.__call__ = hang
 from nvib.cli import app
 app(sys.argv[2:], prog_name="nvib")
 """

@@ -45,7 +45,7 @@ import optuna
 import torch
 
 import nvib
-from nvib.search import SearchSpace, best_knobs, run_search
+from nvib.workflow.search import SearchSpace, best_knobs, run_search
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
 from engine import PrefixRunner, Scored, check_sharing, stop_tokens  # noqa: E402
@@ -62,7 +62,7 @@ TEMPERATURE = (0.5, 2.0)
 REGULARISED = {"alpha_tau_d": 0.0, "stdev_tau_d": 0.3}  # the sharing check's NV setting
 # Key-space τ_α is centred on an average in-domain token and counted in units ς ≥ 1 (spec §11): τ_α = 0 gives the
 # prior an average token's weight, -3 gives it e^{3ς} ≥ 20 tokens' worth (all the attention where ς ≈ 50), +3 at
-# most e^-3 of a token. The equivalence point (10) is tried first and widens the range to it (nvib.search).
+# most e^-3 of a token. The equivalence point (10) is tried first and widens the range to it (nvib.workflow.search).
 ALPHA_RANGE, STDEV_RANGE = (-3.0, 3.0), (0.0, 0.5)
 PROTOCOL = {"dev": 64, "trials": 20, "test": 300}
 QUICK = {"dev": 8, "trials": 5, "test": 16, "prior_examples": 12}  # ≤ 10 min on 2 cores, first GGUF load included

@@ -1,13 +1,13 @@
 """What the Gemma benchmark reports per system: ROUGE-L, target NLL, output diversity, Δ with intervals.
 
-Target NLL is `nvib.metrics.NLL`: token-weighted, Σ summed NLL / Σ target tokens over per-example (nll, n) rows,
-so that the paired bootstrap resamples examples. Diversity is `nvib.metrics.diversity` (issue 10): distinct
-predictions / n, the share of the most frequent prediction, distinct-2 (distinct word bigrams / bigrams).
+Target NLL is `nvib.workflow.metrics.NLL`: token-weighted, Σ summed NLL / Σ target tokens over per-example (nll, n)
+rows, so that the paired bootstrap resamples examples. Diversity is `nvib.workflow.metrics.diversity` (issue 10):
+distinct predictions / n, the share of the most frequent prediction, distinct-2 (distinct word bigrams / bigrams).
 """
 
 from __future__ import annotations
 
-from nvib.metrics import NLL, diversity, get_metric, paired_bootstrap
+from nvib.workflow.metrics import NLL, diversity, get_metric, paired_bootstrap
 
 __all__ = ["NLL", "summarise"]
 

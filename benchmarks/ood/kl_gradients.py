@@ -26,9 +26,9 @@ import torch
 import transformers as tf
 
 import nvib
-import nvib.kl
-from nvib.data import batches, load_examples
-from nvib.finetune import Collator, prepare_model, tokenise
+import nvib.core.kl
+from nvib.workflow.data import batches, load_examples
+from nvib.workflow.train import Collator, prepare_model, tokenise
 
 sys.path[:0] = [str(Path(__file__).parent)]
 import finetune_base  # noqa: E402
@@ -47,7 +47,7 @@ def run(args, floor: float, clip: str, prior, feats) -> list[dict]:
     optimizer = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / recipe["warmup"]))
     collate, rows, layers = Collator(pad_id=0), [], nvib.nv_layers(model)
-    nvib.kl.PRIOR_VARIANCE_FLOOR = floor  # kl_gaussian's default, read at call time
+    nvib.core.kl.PRIOR_VARIANCE_FLOOR = floor  # kl_gaussian's default, read at call time
     for step in range(args.steps):
         batch = collate(feats[step * recipe["batch_size"] : (step + 1) * recipe["batch_size"]])
         task = model(**batch).loss

@@ -1,8 +1,8 @@
 """nvib: the Nonparametric Variational reinterpretation of pretrained transformers."""
 
-from nvib.architectures import SUPPORTED, UnsupportedModelError
-from nvib.config import NVConfig
-from nvib.convert import (
+from nvib.core.architectures import SUPPORTED, UnsupportedModelError
+from nvib.core.config import NVConfig
+from nvib.core.convert import (
     configure,
     convert,
     enable_per_token_variance,
@@ -12,9 +12,9 @@ from nvib.convert import (
     nv_layers,
     unload,
 )
-from nvib.diagnostics import record_prior_mass
-from nvib.io import load, save
-from nvib.prior import EmpiricalPrior, PriorMismatchError
+from nvib.core.diagnostics import record_prior_mass
+from nvib.core.io import load, save
+from nvib.core.prior import EmpiricalPrior, PriorMismatchError
 
 __all__ = [
     "SUPPORTED",

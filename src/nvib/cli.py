@@ -1,4 +1,4 @@
-"""The ``nvib`` command line: prior, prior-merge, search, evaluate, run and demo.
+"""The ``nvib`` command line: prior, prior-merge, search, evaluate, run, demo and finetune.
 
 Errors a user can fix (bad paths, malformed data or config, mismatched priors) are printed as one red
 line with the fix, exit code 2, no traceback. Ctrl-C exits with 130; rerunning resumes.
@@ -13,14 +13,21 @@ import warnings
 from pathlib import Path
 from typing import Annotated
 
+import optuna
+import transformers as tf
 import typer
 from rich.console import Console
 from rich.text import Text
 
-from nvib.models import load_model
-from nvib.prior import EmpiricalPrior
-from nvib.run import Run, estimate_prior, parse_shard
-from nvib.settings import ModelSection, RunConfig, config_schema, describe_schema
+from nvib.core.config import NVConfig
+from nvib.core.io import NV_CONFIG, load
+from nvib.core.prior import EmpiricalPrior
+from nvib.workflow.data import load_examples
+from nvib.workflow.distributed import gather_to_rank0, launcher_rank
+from nvib.workflow.models import load_model
+from nvib.workflow.run import Run, describe_data, estimate_prior, parse_shard
+from nvib.workflow.settings import ModelSection, RunConfig, config_schema, describe_schema
+from nvib.workflow.train import KL_CLIPS, START_STDEV_TAU, LambdaSchedule, finetune
 
 app = typer.Typer(
     name="nvib",
@@ -40,18 +47,21 @@ def _console() -> Console:
     return Console(stderr=True, soft_wrap=True)
 
 
-def friendly_errors(fn):
-    """Turn the errors a user can fix into one red line and exit code 2."""
+def friendly_errors(fn=None, *, interrupted: str | None = None, also: tuple[type[Exception], ...] = ()):
+    """Turn the errors a user can fix into one red line and exit code 2; Ctrl-C prints how to resume (or
+    `interrupted`) and exits 130. `also`: more exception types a command's user can fix."""
+    if fn is None:
+        return functools.partial(friendly_errors, interrupted=interrupted, also=also)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except KeyboardInterrupt as err:
-            message = str(err) or "interrupted"
-            _console().print(Text(f"{message}. Rerun the same command to resume.", style="yellow"))
+            message = interrupted or f"{str(err) or 'interrupted'}. Rerun the same command to resume."
+            _console().print(Text(message, style="yellow"))
             raise typer.Exit(EXIT_INTERRUPTED) from None
-        except (ValueError, OSError) as err:  # DataError, ConfigError, PriorMismatchError are ValueErrors
+        except (ValueError, OSError, *also) as err:  # DataError, ConfigError, PriorMismatchError are ValueErrors
             message = " ".join(str(err).split()) or type(err).__name__
             _console().print(Text(f"error: {message}", style="bold red"))
             raise typer.Exit(EXIT_USER_ERROR) from None
@@ -67,12 +77,9 @@ def main(
 ) -> None:
     """Nonparametric Variational (NV) regularisation of pretrained transformers."""
     if not verbose:
-        import optuna
-        import transformers
-
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # a Ctrl-C would log a failed trial with a traceback
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
+        tf.logging.set_verbosity_error()
+        tf.logging.disable_progress_bar()
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
 
 
@@ -164,10 +171,6 @@ def prior_cmd(
     Under a multi-process launcher (`accelerate launch --num_processes N -m nvib prior ...`, or `torchrun`)
     each process estimates the batches of its rank and rank 0 writes the merged prior (exact).
     """
-    from nvib.data import load_examples
-    from nvib.distributed import gather_to_rank0, launcher_rank
-    from nvib.run import describe_data
-
     shard_spec = parse_shard(shard)
     rank, world = launcher_rank()
     if world > 1:
@@ -252,8 +255,6 @@ def evaluate_cmd(
     progress: ProgressOpt = True,
 ) -> None:
     """Evaluate the unconverted, NV-equivalence and NV-tuned model on every test set; write the report."""
-    from nvib.config import NVConfig
-
     run = _run(RunConfig.load(config), run_dir, None, progress, prior)
     if knobs is not None and not knobs.is_file():
         raise FileNotFoundError(f"no knobs file at {knobs}. Fix: pass the nv_config.json written by `nvib search`")
@@ -300,13 +301,191 @@ def demo_cmd(run_dir: RunDirOpt = None, n_trials: TrialsOpt = None, progress: Pr
     _console().print(f"done: {run.dir}")
 
 
-def _register_finetune() -> None:
-    from nvib.finetune import finetune_cli  # a heavier import (the HF Trainer): only where the CLI runs
+def _load_for_finetuning(path: Path, kind: str, seed: int):
+    """(model, tokenizer, already_nv) from a local HF model directory or an NV model directory."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"no model directory at {path}. Fix: pass a local Hugging Face model directory")
+    if (path / NV_CONFIG).is_file():
+        model = load(path)
+        tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return model, tokenizer, True
+    model, tokenizer = load_model(ModelSection(str(path), kind=kind, seed=seed))
+    return model, tokenizer, False
 
-    app.command("finetune")(finetune_cli)
 
+@app.command("finetune")
+@friendly_errors(
+    interrupted="interrupted. Rerun the same command to resume from the last checkpoint.", also=(TypeError,)
+)
+def finetune_cmd(
+    model: Annotated[
+        Path,
+        typer.Argument(
+            show_default=False,
+            help="Local Hugging Face model directory (seq2seq, causal LM, or an encoder with --kind "
+            "bert2bert), or an NV model directory written by nvib.save / an earlier `nvib finetune`.",
+        ),
+    ],
+    train: Annotated[
+        Path, typer.Argument(show_default=False, help="Training data: .jsonl/.csv/.tsv or a save_to_disk directory.")
+    ],
+    output_dir: Annotated[
+        Path,
+        typer.Option("--output-dir", "-o", help="Where the fine-tuned NV model, its tokenizer and checkpoints go."),
+    ],
+    source_column: Annotated[
+        str | None, typer.Option(help="Source column (default: document/summary, source/target or text).")
+    ] = None,
+    target_column: Annotated[str | None, typer.Option(help="Target column.")] = None,
+    split: Annotated[str | None, typer.Option(help="Split of a save_to_disk DatasetDict.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use only the first LIMIT training examples.", min=1)] = None,
+    kind: Annotated[
+        str, typer.Option(help="Model kind: auto, seq2seq, causal_lm or bert2bert (warm-start from an encoder).")
+    ] = "auto",
+    prior: Annotated[
+        Path | None,
+        typer.Option(
+            help="Empirical prior (.safetensors from `nvib prior`) for the conversion; default: the unit prior."
+        ),
+    ] = None,
+    knobs: Annotated[
+        Path | None,
+        typer.Option(
+            help="NVConfig JSON (e.g. nv_config.json of `nvib search`) to initialise the NV layers with; "
+            "default: the equivalence setting (step 0 is the pretrained model)."
+        ),
+    ] = None,
+    lambda_g: Annotated[float, typer.Option("--lambda-g", help="Weight λ_G of the Gaussian KL.", min=0)] = 1e-3,
+    lambda_d: Annotated[float, typer.Option("--lambda-d", help="Weight λ_D of the Dirichlet KL.", min=0)] = 1e-3,
+    schedule: Annotated[
+        str,
+        typer.Option(
+            help="λ schedule: constant; linear (warm-up from 0 over --schedule-steps); cyclic "
+            "(annealing with period --schedule-steps, rising over its first half)."
+        ),
+    ] = "constant",
+    schedule_steps: Annotated[int, typer.Option(help="Warm-up length or cyclic period, in steps.", min=0)] = 0,
+    train_nv: Annotated[
+        bool, typer.Option("--train-nv/--freeze-nv", help="Train the NV layers' parameters, or keep them fixed.")
+    ] = True,
+    train_pretrained: Annotated[
+        bool,
+        typer.Option(
+            "--train-pretrained/--freeze-pretrained", help="Train the pretrained weights, or keep them fixed."
+        ),
+    ] = True,
+    per_token_variance: Annotated[
+        bool | None,
+        typer.Option(
+            "--per-token-variance/--shared-variance",
+            help="Learn a variance per token (W_σ; evaluation then uses the slower general form), or keep one "
+            "shared variance per site (the fast form). Default: per token when the starting knobs give the "
+            "tokens a variance (some stdev_tau > 0, see --knobs); from stdev_tau = 0 training cannot grow it.",
+            show_default=False,
+        ),
+    ] = None,
+    start_stdev_tau: Annotated[
+        float,
+        typer.Option(
+            help="With --per-token-variance: the starting τ_σ of the site kinds whose knobs give the tokens no "
+            "variance (σ² = τ_σ²·s0²; the task gradient reaches W_σ scaled by σ).",
+            min=0,
+        ),
+    ] = START_STDEV_TAU,
+    kl_clip: Annotated[
+        str,
+        typer.Option(
+            help="Gradient clipping: separate (the task and the KL gradients are clipped to --max-grad-norm each, "
+            "so the KL terms cannot shrink the task update) or joint (the whole loss's gradient, one clip)."
+        ),
+    ] = "separate",
+    max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm (0: none).", min=0)] = 1.0,
+    max_steps: Annotated[int, typer.Option(help="Optimisation steps.", min=1)] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Examples per batch.", min=1)] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Batches accumulated per optimisation step.", min=1)] = 1,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW), > 0.", min=0)] = 5e-5,
+    nv_lr: Annotated[
+        float | None,
+        typer.Option(
+            help="Peak learning rate of the NV layers' parameters (default: --lr). Their log-variances start "
+            "far from where they matter, so they may need a larger one.",
+            min=0,
+        ),
+    ] = None,
+    lr_scheduler: Annotated[str, typer.Option(help="Learning-rate schedule: linear, constant, cosine, ...")] = "linear",
+    warmup_steps: Annotated[int, typer.Option(help="Learning-rate warm-up steps.", min=0)] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed (data order, sampling, bert2bert warm start).")] = 0,
+    max_source_len: Annotated[int, typer.Option(help="Truncate sources to this many tokens.", min=1)] = 512,
+    max_target_len: Annotated[int, typer.Option(help="Truncate targets to this many tokens.", min=1)] = 128,
+    logging_steps: Annotated[int, typer.Option(help="Log loss, KL terms and λ every this many steps.", min=1)] = 50,
+    save_steps: Annotated[int, typer.Option(help="Write a checkpoint every this many steps.", min=1)] = 500,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume/--no-resume", help="Continue from the last checkpoint in OUTPUT_DIR/checkpoints."),
+    ] = True,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar with ETA.")] = True,
+) -> None:
+    """Fine-tune with the NVIB regularisers: loss = task + λ_G·ΣKL_G + λ_D·ΣKL_D; save the NV model.
 
-_register_finetune()
+    A plain model is first converted with the identity initialisation (with --prior and --knobs if given), so
+    step 0 is the pretrained model. OUTPUT_DIR receives the NV model (load it with nvib.load) and its
+    tokenizer, finetune_args.json and finetune_log.json (loss, task loss, KL terms per site kind, λ values).
+    Checkpoints go to OUTPUT_DIR/checkpoints every --save-steps steps: rerunning the same command after an
+    interruption resumes from the last one (--no-resume deletes them and starts over).
+    """
+    if schedule not in ("constant", "linear", "cyclic"):
+        raise ValueError(f"--schedule must be constant, linear or cyclic, got {schedule!r}")
+    if kl_clip not in KL_CLIPS:
+        raise ValueError(f"--kl-clip must be separate or joint, got {kl_clip!r}")
+    lambda_schedule = LambdaSchedule(schedule, schedule_steps)  # type: ignore[arg-type]
+    if not (train_nv or train_pretrained):
+        raise ValueError("nothing to train: --freeze-nv and --freeze-pretrained together freeze everything")
+    if not lr > 0:
+        raise ValueError(f"--lr must be > 0, got {lr}")
+    if knobs is not None and not knobs.is_file():
+        raise FileNotFoundError(f"no knobs file at {knobs}. Fix: pass an NVConfig JSON such as nv_config.json")
+    if prior is not None and not prior.is_file():
+        raise FileNotFoundError(f"no prior file at {prior}. Fix: estimate one with `nvib prior`")
+    examples = load_examples(train, source_column, target_column, split=split, limit=limit)
+    loaded, tokenizer, already_nv = _load_for_finetuning(model, kind, seed)
+    if already_nv and prior is not None:
+        raise ValueError(f"{model} is already an NV model with its own prior. Fix: drop --prior")
+    nv_config = NVConfig.load(knobs) if knobs is not None else None
+    finetune(
+        loaded,
+        examples,
+        tokenizer,
+        output_dir=output_dir,
+        nv_config=nv_config,
+        prior=prior,
+        lambda_g=lambda_g,
+        lambda_d=lambda_d,
+        schedule=lambda_schedule,
+        train_nv=train_nv,
+        train_pretrained=train_pretrained,
+        per_token_variance=per_token_variance,
+        start_stdev_tau=start_stdev_tau,
+        kl_clip=kl_clip,
+        max_grad_norm=max_grad_norm,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
+        lr=lr,
+        nv_lr=nv_lr,
+        lr_scheduler=lr_scheduler,
+        warmup_steps=warmup_steps,
+        seed=seed,
+        max_source_len=max_source_len,
+        max_target_len=max_target_len,
+        logging_steps=logging_steps,
+        save_steps=save_steps,
+        resume=resume,
+        progress=progress,
+    )
+    _console().print(f"fine-tuned NV model ({len(examples)} examples) -> {output_dir}")
+
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,1 @@
+"""The NV core: what `import nvib` is for (spec §1–12)."""

@@ -1,0 +1,469 @@
+"""NV attention inside transformers' attention modules (spec §6, §8, §9).
+
+The module's own code keeps running. Its q/k/v projections are replaced (instance `forward`) by ones
+that emit, per head, E+1 channels: the transformed query/key/value of the fast form plus one
+channel carrying the per-key score bias c_n (keys), a constant 1/s (queries) and the prior
+indicator (values, so the output reads the prior's attention weight a_m0). The module's head size
+attribute is set to E+1 so its reshapes and its KV cache carry those channels unchanged. The
+registered attention function "nvib" then prepends the prior component and calls
+`scaled_dot_product_attention`. The prior never enters the cache (the self-attention cache length
+drives positions); for cross-attention, whose cached keys do not change between decoding steps,
+the keys and values with the prior prepended are kept until the cache hands over new ones.
+
+Layers with per-token variances (after fine-tuning) need the general form (spec §4): the scores are
+still standard attention over per-token k̃_n and c_n, but the output gains W_v[(Σ_n a_mn σ²_n/β_n) ⊙ W_kᵀq_m].
+The per-token ratios σ²_n/β_n (size P) ride in `spare` extra channels per head of the keys and values
+(half in each), so they live in the ordinary KV cache and follow its beam reordering.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface
+
+from nvib.core.architectures import Site
+from nvib.core.layer import NVIBLayer
+from nvib.core.masks import FLASH_CPU, can_split, key_mask, nv_mask, split_bias
+
+ATTN_NAME = "nvib"
+C_LIMIT = 1e4  # |c_n| bound so the bias channel stays finite in float16 (e^-1e4 is already 0)
+GENERAL_CHUNK = 1 << 22  # elements of the general form's per-head-group temporaries (16 MB in float32)
+
+
+@dataclasses.dataclass(eq=False)
+class Slot:
+    """What one converted attention module needs: its site's layer and its cached fast-form weights."""
+
+    layer: NVIBLayer
+    kind: str
+    heads: int
+    head_dim: int  # E of the pretrained module
+    scaling: float
+    proj: tuple[nn.Module, ...]  # (q, k, v) or (fused,)
+    fused: bool
+    spare: int = 0  # extra channels per head carrying σ²_n/β_n (general form only)
+    folded: dict | None = None
+    folded_key: tuple | None = None
+    last: dict | None = None  # the weights of the current call
+    checked: bool = False  # `last` was validated by this module call's query projection (`begin_call`)
+    prior_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # training: this forward's sampled prior k, v
+    mass_log: list | None = None  # record_prior_mass: (Σ a_m0, number of queries) per call
+    # cross-attention: (weakref to the cached key, folded, key with prior, value with prior); dropped with the key
+    with_prior: tuple | None = None
+
+    @property
+    def width(self) -> int:
+        """Channels per head the projections emit: E, the bias/indicator channel, the spare channels."""
+        return self.head_dim + 1 + self.spare
+
+    # ---- pretrained projections as [out, in] weights ----------------------------------------
+
+    def qkv_weights(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        if not self.fused:
+            return [(p.weight, p.bias) for p in self.proj]
+        conv = self.proj[0]  # transformers Conv1D: weight [in, out]
+        P = self.heads * self.head_dim
+        return [
+            (
+                conv.weight[:, i * P : (i + 1) * P].t(),
+                None if conv.bias is None else conv.bias[i * P : (i + 1) * P],
+            )
+            for i in range(3)
+        ]
+
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor the folded weights depend on (read from the modules each time: `.to()` replaces buffers)."""
+        layer = self.layer
+        own = (t for p in self.proj for t in (p.weight, p.bias) if t is not None)
+        return (*own, *layer._parameters.values(), *layer._buffers.values())
+
+    def fold(self) -> dict:
+        """Fast-form weights (spec §6), rebuilt only when a parameter (in-place update), dtype or device changed."""
+        ts = self._tensors()
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+        if not grad and self.folded is not None and _state(ts) == self.folded_key:
+            self.last = self.folded
+            return self.folded
+        with torch.set_grad_enabled(grad):
+            folded = self._build()
+        if not grad:
+            self.folded, self.folded_key = folded, _state(ts)
+        self.last = folded
+        return folded
+
+    def begin_call(self) -> None:
+        """Validate the folded weights once per module call. The query projection starts every call (self- and
+        cross-attention, cached or not); the key/value projections and the attention of that call then use `last`.
+        """
+        if not self.layer.training:
+            self.fold()
+            self.checked = True
+
+    def call_weights(self) -> dict:
+        """The folded weights for this call: `last` when the call's query projection validated them."""
+        return self.last if self.checked else self.fold()
+
+    def end_call(self) -> None:
+        """Leave this call's folded weights in `last` for its attention, and let the next call validate again."""
+        self.call_weights()
+        self.checked = False
+
+    def _build(self) -> dict:
+        """Small per-site/per-module tensors; the pretrained weights are used as they are."""
+        (_, _), (wk, bk), (wv, bv) = self.qkv_weights()
+        dtype, H, E = wk.dtype, self.heads, self.head_dim
+        t = self.layer.fast_terms()  # float64
+        f = torch.promote_types(dtype, torch.float32)
+        wk64, wv64 = wk.to(torch.float64), wv.to(torch.float64)
+        bk64 = torch.zeros(H * E, dtype=torch.float64, device=wk.device) if bk is None else bk.to(torch.float64)
+        bv64 = torch.zeros(H * E, dtype=torch.float64, device=wk.device) if bv is None else bv.to(torch.float64)
+        prior_k = torch.cat([(wk64 @ t.prior_point + bk64).view(H, E), t.prior_c.expand(H, 1)], 1)
+        prior_v = torch.cat([(wv64 @ t.prior_point + bv64).view(H, E), torch.ones_like(prior_k[:, :1])], 1)
+        wk_h, wv_h = wk64.view(H, E, -1), wv64.view(H, E, -1)
+        if self.spare:  # general form: the prior's σ²/β rides in the spare channels like the tokens'
+            first, second = self.split_ratio(t.prior_ratio)
+            return dict(
+                general=True,
+                prior_k=torch.cat([prior_k, first], 1).to(dtype),
+                prior_v=torch.cat([prior_v, second], 1).to(dtype),
+                wk_h=wk.view(H, E, -1).to(f),  # u = W_kᵀ q per head
+                wv_h=wv.view(H, E, -1).transpose(1, 2).to(f),
+            )
+        # G = W_v diag(σ²/β) W_kᵀ per head; the prior's G_0 enters weighted by a_m0, the tokens' by 1 − a_m0.
+        g0 = (wv_h * t.prior_ratio) @ wk_h.transpose(1, 2)
+        g = (wv_h * t.ratio) @ wk_h.transpose(1, 2) if bool(t.ratio.max() > 1e-9) else None
+        key_scale, key_shift = t.key_scale.to(dtype), t.key_shift.to(dtype)
+        g_t, d_t = (None if g is None else g.transpose(1, 2).to(dtype)), (g0 if g is None else g0 - g).transpose(1, 2)
+        return dict(
+            general=False,
+            # k̃ = W_k(key_scale ⊙ z + key_shift) + b_k: transform z, not the weights (spec §6 with W_μ = τ_μ I)
+            scale=None if bool((key_scale == 1).all()) else key_scale,
+            shift=None if bool((key_shift == 0).all()) else key_shift,
+            c_lin=t.c_lin.to(f) if bool(t.c_lin.abs().max() > 0) else None,
+            # w_2 − τ_μ²/(2β) is 0 at τ_σ = 0 but for float round-off of w_2: then skip the z⊙z pass
+            c_quad=t.c_quad.to(f) if bool(t.c_quad.abs().max() > 1e-6 * self.layer.alpha_w2.abs().max()) else None,
+            prior_k=prior_k.to(dtype),
+            prior_v=prior_v.to(dtype),
+            prior_k_col=(prior_k * self.scaling).to(dtype)[:, :, None],  # s_m0 = q_m · this, [H, E+1, 1]
+            prior_v_e=prior_v[:, :-1].to(dtype),
+            # [Gᵀ | (G_0 − G)ᵀ] per head, [H, E, 2E] (or [H, E, E] without G), applied as one batched q @ ·
+            g_both=(d_t if g is None else torch.cat([g_t, d_t], 2)).to(dtype),
+            has_g=g is not None,
+        )
+
+    # ---- projections ------------------------------------------------------------------------
+
+    def project(self, which: str, x: torch.Tensor) -> torch.Tensor:
+        """Replacement forward of the q, k or v projection (or "qkv" for a fused one): [B, N, H(E+1)]."""
+        if self.fused:
+            return torch.cat([self._project1(w, x) for w in "qkv"], dim=-1)
+        return self._project1(which, x)
+
+    def _linear(self, which: str, x: torch.Tensor) -> torch.Tensor:
+        """The pretrained projection, [..., H, E]."""
+        if self.fused:
+            w, b = self.qkv_weights()["qkv".index(which)]
+        else:
+            p = self.proj["qkv".index(which)]
+            w, b = p.weight, p.bias
+        return F.linear(x, w, b).view(*x.shape[:-1], self.heads, self.head_dim)
+
+    def _with_channel(
+        self, out: torch.Tensor, extra: torch.Tensor | float, spare: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[..., H, E] plus one channel per head ([...] or a constant) and the spare channels
+        ([..., H, spare], zeros when None) -> [..., H·width]."""
+        if not self.spare:  # one padded copy instead of building the channel and concatenating
+            if isinstance(extra, float):
+                return F.pad(out, (0, 1), value=extra).flatten(-2)
+            res = F.pad(out, (0, 1))
+            res.select(-1, self.head_dim).copy_(extra.clamp(-C_LIMIT, C_LIMIT)[..., None])
+            return res.flatten(-2)
+        if isinstance(extra, float):
+            channel = out.new_full((*out.shape[:-1], 1), extra)
+        else:
+            channel = extra.clamp(-C_LIMIT, C_LIMIT).to(out.dtype)[..., None, None].expand(*out.shape[:-1], 1)
+        parts = [out, channel]
+        if self.spare:
+            parts.append(out.new_zeros((*out.shape[:-1], self.spare)) if spare is None else spare.to(out.dtype))
+        return torch.cat(parts, -1).flatten(-2)
+
+    def split_ratio(self, ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """σ²/β [..., P] -> the key's and the value's spare channels, [..., H, spare] each."""
+        padded = F.pad(ratio, (0, 2 * self.heads * self.spare - ratio.shape[-1]))
+        padded = padded.view(*ratio.shape[:-1], self.heads, 2 * self.spare)
+        return padded[..., : self.spare], padded[..., self.spare :]
+
+    def gather_ratio(self, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Inverse of `split_ratio` on keys and values [B, H, N, width]: σ²/β [B, N, P]."""
+        E1 = self.head_dim + 1
+        both = torch.cat([key[..., E1:], value[..., E1:]], -1)  # [B, H, N, 2·spare]
+        return both.transpose(1, 2).flatten(2)[..., : self.layer.dim]
+
+    def _project1(self, which: str, x: torch.Tensor) -> torch.Tensor:
+        if which == "q":
+            self.begin_call()
+            return self._with_channel(self._linear("q", x), 1.0 / self.scaling)
+        if self.layer.training:
+            return self._project_train(which, x)
+        w = self.call_weights()
+        if w["general"]:
+            t = self.layer.token_terms(x)
+            first, second = self.split_ratio(t.ratio)
+            z = t.point.to(x.dtype)
+            if which == "v":
+                return self._with_channel(self._linear("v", z), 0.0, second)
+            return self._with_channel(self._linear("k", z), t.c, first)
+        z = x if w["scale"] is None else x * w["scale"]
+        z = z if w["shift"] is None else z + w["shift"]
+        if which == "v":
+            return self._with_channel(self._linear("v", z), 0.0)
+        x32, c = x.to(torch.promote_types(x.dtype, torch.float32)), None
+        if w["c_lin"] is not None:
+            c = x32 @ w["c_lin"]
+        if w["c_quad"] is not None:
+            quad = (x32 * x32) @ w["c_quad"]
+            c = quad if c is None else c + quad
+        return self._with_channel(self._linear("k", z), 0.0 if c is None else c)
+
+    def _project_train(self, which: str, x: torch.Tensor) -> torch.Tensor:
+        """Spec §8: keys/values of a sampled z̃, with log γ − ‖z̃‖²/(2√E) as the key's bias channel."""
+        z_t, bias, prior_z, prior_bias = self.layer.sample(x)
+        if which == "k":
+            out, prior = (
+                self._with_channel(self._linear("k", z_t), bias),
+                self._with_channel(self._linear("k", prior_z), prior_bias),
+            )
+        else:
+            out, prior = (
+                self._with_channel(self._linear("v", z_t), 0.0),
+                self._with_channel(self._linear("v", prior_z), 1.0),
+            )
+        kv = list(self.prior_kv or (None, None))
+        kv["kv".index(which)] = prior.view(x.shape[0], self.heads, 1, -1)  # [B, H, 1, E+1]
+        self.prior_kv = tuple(kv)
+        return out
+
+    def _forget(self, _ref) -> None:
+        self.with_prior = None
+
+    # ---- attention --------------------------------------------------------------------------
+
+    def prepend_prior(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, H, N, E+1] with the prior component at n = 0."""
+        if self.layer.training:
+            prior_k, prior_v = self.prior_kv
+        else:
+            w = self.last
+            memo = self.with_prior
+            if memo is not None and memo[0]() is key and memo[1] is w:
+                return memo[2], memo[3]
+            B = key.shape[0]
+            prior_k, prior_v = (w[n].view(1, self.heads, 1, -1).expand(B, -1, -1, -1) for n in ("prior_k", "prior_v"))
+        out = torch.cat([prior_k, key], 2), torch.cat([prior_v, value], 2)
+        if self.kind == "cross" and not self.layer.training:
+            self.with_prior = (weakref.ref(key, self._forget), w, *out)
+        return out
+
+    def attend_split(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None, prior_bias
+    ) -> torch.Tensor:
+        """Fast-form attention over the prior and the tokens, without concatenating them: q/k/v [B, H, *, E+1]
+        (tokens only), `bias` the tokens' additive mask/bias [., ., Q, N] (finite), `prior_bias` the prior's or None.
+        Returns the corrected head outputs [B, Q, H, E].
+
+        With l_m = log Σ_n≥1 exp(s_mn) from the kernel, the prior's weight is a_m0 = sigmoid(s_m0 − l_m) and
+        (1 − a_m0)·(token output) + a_m0·ṽ_0 is exactly softmax over n = 0..N (spec §6); the query correction
+        follows. Everything after the kernel works on its output in place, in the [B, Q, H, ·] layout the kernel
+        writes, so the only new [B, Q, H, E]-sized tensors are G q (one batched product) and the result.
+        """
+        w = self.last
+        out, lse = FLASH_CPU(query, key, value, attn_mask=bias, scale=self.scaling)
+        B, H, Q, E1 = query.shape
+        q = query.transpose(1, 2).reshape(B * Q, H, E1).transpose(0, 1)  # [H, B·Q, E+1], a view
+        lse = lse.transpose(0, 1)  # [H, B, Q]
+        if prior_bias is not None:
+            lse = lse - prior_bias.squeeze(-1).expand(B, H, Q).transpose(0, 1)
+        a0 = (torch.bmm(q, w["prior_k_col"]).view(H, B, Q).to(lse.dtype) - lse).sigmoid_()
+        a0 = a0.to(out.dtype).permute(1, 2, 0)[..., None]  # [B, Q, H, 1]
+        if self.mass_log is not None:
+            self.mass_log.append((float(a0.float().sum()), a0.numel()))
+        o = out.transpose(1, 2)[..., :-1]  # [B, Q, H, E]
+        o.lerp_(w["prior_v_e"], a0)
+        return self._add_correction(o, a0, q[..., :-1])
+
+    def _add_correction(self, o: torch.Tensor, a0: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """o + (1 − a_m0)·G q + a_m0·G_0 q (spec §6): o, a0 [B, Q, H, E or 1] (o overwritten), q [H, B·Q, E]."""
+        w = self.last  # what prepend_prior / attend_split used in this same call (rebuilt with gradients too)
+        B, Q, H, E = o.shape
+        r = torch.bmm(q, w["g_both"]).transpose(0, 1).view(B, Q, H, -1)  # [G q | (G_0 − G) q] or (G_0 q)
+        if w["has_g"]:
+            o.add_(r[..., :E])
+            r = r[..., E:]
+        return torch.addcmul(o, a0, r)
+
+    def general_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask) -> torch.Tensor:
+        """Spec §4 with per-token variances: q/k/v [B, H, *, width] (prior at n = 0) -> [B, Q, H, E].
+
+        Costs eager attention plus B·H·Q·(N+1)·P multiply-adds for Σ_n a_mn σ²_n/β_n and 2·B·H·Q·E·P for the lift
+        u = W_kᵀq and the projection back: the lifting the fast form avoids. Heads go in groups, each group's
+        products as single batched matrix products, sized so that the [B, heads, Q, P] temporaries stay near
+        `GENERAL_CHUNK` elements (all heads at once when decoding one token).
+        """
+        w = self.last
+        E, E1 = self.head_dim, self.head_dim + 1
+        f = torch.promote_types(query.dtype, torch.float32)
+        scores = query[..., :E1].to(f) @ key[..., :E1].to(f).transpose(-1, -2) * self.scaling
+        if mask is not None:
+            scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask.to(f)
+        a = scores.softmax(-1)  # [B, H, Q, N+1]
+        out = a @ value[..., :E1].to(f)
+        if self.mass_log is not None:
+            self.mass_log.append((float(out[..., E].sum()), out[..., E].numel()))
+        ratio, q = self.gather_ratio(key, value).to(f), query[..., :E].to(f)  # [B, N+1, P], [B, H, Q, E]
+        B, H, Q, N1 = a.shape
+        P = ratio.shape[-1]
+        o = out[..., :E].transpose(1, 2).contiguous()  # [B, Q, H, E]
+        step = max(1, min(H, GENERAL_CHUNK // (B * Q * P)))
+        for h0 in range(0, H, step):
+            hs = slice(h0, min(H, h0 + step))
+            n = hs.stop - hs.start
+            weights = (a[:, hs].reshape(B, n * Q, N1) @ ratio).view(B, n, Q, P)  # Σ_n a_mn σ²_n/β_n
+            u = torch.bmm(q[:, hs].transpose(0, 1).reshape(n, B * Q, E), w["wk_h"][hs])  # W_kᵀ q, [n, B·Q, P]
+            u.view(n, B, Q, P).mul_(weights.transpose(0, 1))
+            o[:, :, hs] += torch.bmm(u, w["wv_h"][hs]).view(n, B, Q, E).permute(1, 2, 0, 3)
+        return o.to(query.dtype)
+
+    def correct(self, out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """The attention output over prior and tokens [B, H, Q, E+1] (a_m0 in the last channel) → the corrected
+        head outputs [B, Q, H, E] (spec §6)."""
+        out = out.transpose(1, 2)
+        o, a0 = out[..., :-1], out[..., -1:]
+        if self.mass_log is not None:
+            self.mass_log.append((float(a0.float().sum()), a0.numel()))
+        if self.layer.training:
+            return o
+        B, Q, H, E = o.shape
+        q = query.transpose(1, 2)[..., :-1].reshape(B * Q, H, E).transpose(0, 1)  # [H, B·Q, E]
+        return self._add_correction(o.clone() if torch.is_grad_enabled() else o, a0, q)
+
+
+def _state(tensors: tuple) -> tuple:
+    """What identifies the values of `tensors`: in-place updates bump `_version`, `.to()` moves the data."""
+    return tuple((0 if t.is_inference() else t._version, t.data_ptr(), t.dtype) for t in tensors if t is not None)
+
+
+def nv_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    position_bias: torch.Tensor | None = None,
+    **kwargs,
+):
+    """NV attention: q/k/v [B, H, *, E+1] from `Slot.project`; returns ([B, Q, H, E], None)."""
+    slot: Slot | None = getattr(module, "_nv_slot", None)
+    if slot is None:  # a model that shares its config with a converted one stays stock
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+            position_bias=position_bias, **kwargs,
+        )  # fmt: skip
+    if not slot.layer.training:
+        slot.end_call()
+    B, _, Q, _ = query.shape
+    if can_split(query) and not slot.spare and not slot.layer.training:
+        causal = bool(getattr(module, "is_causal", False))
+        bias, prior_bias = split_bias(attention_mask, position_bias, query, key.shape[2], causal)
+        return slot.attend_split(query, key, value, bias, prior_bias), None
+    key, value = slot.prepend_prior(key, value)
+    if slot.spare and slot.layer.training:  # sampling (spec §8) needs no ratios
+        query, key, value = (t[..., : slot.head_dim + 1] for t in (query, key, value))
+    n_tokens = key.shape[2] - 1
+    if attention_mask is not None and attention_mask.shape[-1] > n_tokens:
+        attention_mask = attention_mask[..., -n_tokens:]  # some models size masks by the cache incl. prior
+    allowed = key_mask(attention_mask, B, Q, n_tokens, bool(getattr(module, "is_causal", False)), query.device)
+    if slot.layer.training:
+        slot.layer.compute_kl(None if allowed is None else allowed[:, 0].any(1).expand(B, -1))
+    mask = None
+    if allowed is not None:
+        mask = F.pad(allowed, (1, 0), value=True)
+    if position_bias is not None:
+        bias = position_bias if position_bias.shape[-1] == n_tokens + 1 else F.pad(position_bias, (1, 0))
+        bias = bias.to(query.dtype)
+        mask = bias if mask is None else torch.where(mask, bias, torch.finfo(query.dtype).min)
+    if slot.spare and not slot.layer.training:
+        return slot.general_attention(query, key, value, mask), None
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=slot.scaling
+    )
+    return slot.correct(out, query), None
+
+
+def register() -> None:
+    """Make "nvib" selectable by `model.set_attn_implementation` (spec §9)."""
+    AttentionInterface.register(ATTN_NAME, nv_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, nv_mask)
+
+
+def mpnet_forward(self, hidden_states, attention_mask=None, position_bias=None, output_attentions=False, **kw):
+    """MPNetSelfAttention does not use the attention interface; this forward routes it through NV attention."""
+    slot: Slot = self._nv_slot
+    shape = (*hidden_states.shape[:-1], -1, slot.width)
+    q, k, v = (p(hidden_states).view(shape).transpose(1, 2) for p in (self.q, self.k, self.v))
+    out, _ = nv_attention_forward(
+        self,
+        q,
+        k,
+        v,
+        attention_mask,
+        dropout=self.dropout.p,
+        scaling=slot.scaling,
+        position_bias=position_bias,
+    )
+    return (self.o(out.reshape(*hidden_states.shape[:-1], -1)),)
+
+
+def install(site: Site, layer: NVIBLayer) -> Slot:
+    """Route one attention module through NV attention; `uninstall` reverts it."""
+    module, arch = site.module, site.arch
+    E = getattr(module, arch.head_dim_attr)
+    scaling = float(getattr(module, "scaling", E**-0.5))
+    fused = arch.fused_qkv is not None
+    proj = (getattr(module, arch.fused_qkv),) if fused else tuple(getattr(module, n) for n in (arch.q, arch.k, arch.v))
+    heads = proj[0].weight.shape[0 if not fused else 1] // (E * (3 if fused else 1))
+    spare = math.ceil(layer.dim / (2 * heads)) if layer.per_token_variance else 0
+    slot = Slot(layer, site.kind, heads, E, scaling, proj, fused, spare)
+    object.__setattr__(module, "_nv_slot", slot)
+    setattr(module, arch.head_dim_attr, slot.width)
+    if fused:
+        module.split_size = heads * slot.width
+        proj[0].forward = functools.partial(slot.project, "qkv")
+    else:
+        for which, p in zip("qkv", proj, strict=True):
+            p.forward = functools.partial(slot.project, which)
+    if not arch.uses_attention_interface:
+        module.forward = functools.partial(mpnet_forward, module)
+    return slot
+
+
+def uninstall(site: Site) -> None:
+    module, arch = site.module, site.arch
+    slot: Slot = module.__dict__.pop("_nv_slot")
+    setattr(module, arch.head_dim_attr, slot.head_dim)
+    if slot.fused:
+        module.split_size = slot.heads * slot.head_dim
+    for p in slot.proj:
+        p.__dict__.pop("forward", None)
+    module.__dict__.pop("forward", None)

@@ -1,0 +1,95 @@
+"""`NVConfig`: the regularisation knobs of an NV model (spec §3)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+KINDS = ("encoder", "cross", "decoder")
+SUFFIX = {"encoder": "e", "cross": "c", "decoder": "d"}  # site kind -> knob suffix
+KNOBS = tuple(f"{p}_{s}" for p in ("alpha_tau", "stdev_tau") for s in SUFFIX.values())  # the six searched knobs
+
+#: Knob prefix -> (low, high, whether low itself is allowed): ranges inside which every term of spec §3-6
+#: stays finite in float32 and bfloat16 (tests/test_bad_input.py::test_knob_bounds_keep_outputs_finite).
+BOUNDS: dict[str, tuple[float, float, bool]] = {
+    "alpha_tau": (-1e3, 1e3, True),
+    "stdev_tau": (0.0, 1e2, True),
+    "mu_tau": (0.0, 10.0, False),
+    "alpha_scale_min": (0.0, 1e3, True),
+}
+
+
+def bounds(name: str) -> tuple[float, float, bool] | None:
+    """(low, high, low allowed) of a knob such as ``alpha_tau_c`` or ``mu_tau``; None if it has no bounds."""
+    return BOUNDS.get(name, BOUNDS.get(name.rsplit("_", 1)[0]))
+
+
+@dataclasses.dataclass(frozen=True)
+class NVConfig:
+    """Knobs per site kind (e = encoder self-attention, c = cross-attention, d = decoder self-attention).
+
+    The defaults are the equivalence setting: the NV model computes what the pretrained model computes.
+    """
+
+    alpha_tau_e: float = 10.0
+    alpha_tau_c: float = 10.0
+    alpha_tau_d: float = 10.0
+    stdev_tau_e: float = 0.0
+    stdev_tau_c: float = 0.0
+    stdev_tau_d: float = 0.0
+    mu_tau: float = 1.0
+    # spec §11: b_α = τ_α·max(ς, alpha_scale_min) (+ δ_0 where centred); 0 gives the original code's τ_α·ς
+    alpha_scale_min: float = 1.0
+    # centre τ_α on an average in-domain token (spec §11); key-space sites (spec §10) are always centred
+    centre_alpha: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.centre_alpha, bool):
+            raise ValueError(f"NVConfig.centre_alpha must be True or False, got {self.centre_alpha!r}")
+        for field in dataclasses.fields(self):
+            if field.name == "centre_alpha":
+                continue
+            value = getattr(self, field.name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"NVConfig.{field.name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"NVConfig.{field.name} must be finite, got {value}; pass a real number")
+            if (bound := bounds(field.name)) is not None:
+                low, high, closed = bound
+                if not (low <= value if closed else low < value) or value > high:
+                    raise ValueError(
+                        f"NVConfig.{field.name} must be in {'[' if closed else '('}{low:g}, {high:g}], got {value:g}"
+                        f"{'; it is a width in prior standard deviations' if field.name.startswith('stdev') else ''}"
+                    )
+
+    def alpha_tau(self, kind: str) -> float:
+        return getattr(self, f"alpha_tau_{SUFFIX[kind]}")
+
+    def stdev_tau(self, kind: str) -> float:
+        return getattr(self, f"stdev_tau_{SUFFIX[kind]}")
+
+    def replace(self, **changes: float) -> NVConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, float | bool]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> NVConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown NVConfig fields {unknown}; valid fields are {sorted(known)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> NVConfig:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); it should be written by NVConfig.save") from err

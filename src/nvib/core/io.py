@@ -1,0 +1,155 @@
+"""save / load an NV model as a HuggingFace directory plus the NV parts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import transformers
+from pydantic import BaseModel, ConfigDict, ValidationError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from nvib.core.config import NVConfig
+from nvib.core.convert import convert
+from nvib.core.layer import LAYERS, nv_layers
+from nvib.core.prior import EmpiricalPrior
+
+NV_CONFIG = "nv_config.json"
+NV_WEIGHTS = "nv_layers.safetensors"
+PRIOR = "prior.safetensors"
+
+
+def save(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
+    """Write the pretrained weights the usual HF way, plus nv_config.json, the NV layers and the prior."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    layers = nv_layers(model)
+    plain = {k: v for k, v in model.state_dict().items() if not k.startswith(LAYERS + ".")}
+    model.save_pretrained(out, state_dict=plain)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    nv_state = {k: v.contiguous() for k, v in model._modules[LAYERS].state_dict().items()}
+    save_file(nv_state, str(out / NV_WEIGHTS))
+    prior: EmpiricalPrior | None = model.__dict__.get("nv_prior")
+    if prior is not None:
+        prior.save(out / PRIOR)
+    info = {
+        "nv_config": model.nv_config.to_dict(),
+        "sites": sorted(layers),
+        "model_class": type(model).__name__,
+        "prior": PRIOR if prior is not None else None,
+        "per_token_variance": any(layer.per_token_variance for layer in layers.values()),
+    }
+    (out / NV_CONFIG).write_text(json.dumps(info, indent=2) + "\n")
+    return out
+
+
+class SavedInfo(BaseModel):
+    """The schema of ``nv_config.json``: what `save` writes and `load` accepts."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    nv_config: dict[str, Any]
+    model_class: str
+    sites: list[str]
+    prior: str | None = None
+    per_token_variance: bool = False
+
+
+def load(path: str | Path, **from_pretrained_kwargs) -> nn.Module:
+    """Rebuild an NV model saved by `save`, from local files only.
+
+    ``from_pretrained_kwargs`` go to the model class's ``from_pretrained`` as given (nothing is added: remote
+    code runs only if you pass ``trust_remote_code=True`` yourself). Every file read is inside ``path``.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory; pass the directory written by nvib.save")
+    if not (path / NV_CONFIG).is_file():
+        raise FileNotFoundError(
+            f"{path} has no {NV_CONFIG}: it is not an NV model directory (write one with nvib.save; "
+            "a plain HF model is converted with nvib.convert)"
+        )
+    info = _read_info(path / NV_CONFIG)
+    cls = _model_class(info.model_class, path / NV_CONFIG)
+    config = _knobs(info.nv_config, path / NV_CONFIG)
+    prior_path = _inside(path, info.prior, "prior") if info.prior else None
+    weights = _inside(path, NV_WEIGHTS, "NV layer weights")
+    from_pretrained_kwargs.setdefault("local_files_only", True)
+    model = cls.from_pretrained(path, **from_pretrained_kwargs)
+    prior = EmpiricalPrior.load(prior_path) if prior_path is not None else None
+    state = load_file(str(weights))
+    convert(model, config, prior=prior, per_token_variance=any(k.endswith(".logvar_weight") for k in state))
+    if sorted(nv_layers(model)) != sorted(info.sites):
+        raise ValueError(
+            f"{path / NV_CONFIG} lists sites {sorted(info.sites)} but the model has {sorted(nv_layers(model))}. "
+            "Fix: save the model again with nvib.save"
+        )
+    try:
+        model._modules[LAYERS].load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+        raise ValueError(
+            f"{weights} does not fit the model ({first}). Fix: save the model again with nvib.save"
+        ) from None
+    return model.eval()
+
+
+def _read_info(file: Path) -> SavedInfo:
+    try:
+        return SavedInfo.model_validate_json(file.read_bytes())
+    except ValidationError as err:
+        e = err.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in e["loc"])
+        what = f"key {where!r}: {e['msg']}" if where else e["msg"]
+        raise ValueError(
+            f"{file} is not a valid NV model description ({what}). "
+            "Fix: it is written by nvib.save; save the model again rather than editing it"
+        ) from None
+
+
+def _model_class(name: str, file: Path) -> type[transformers.PreTrainedModel]:
+    """A model class of transformers itself (never an Auto class, which could run remote code)."""
+    cls = getattr(transformers, name, None) if name.isidentifier() else None
+    concrete = isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
+    if not (concrete and isinstance(getattr(cls, "config_class", None), type)):  # not an abstract base
+        raise ValueError(
+            f"{file}: model_class {name!r} is not a transformers model class. "
+            "Fix: it must name a PreTrainedModel subclass of transformers, e.g. BartForConditionalGeneration"
+        )
+    return cls
+
+
+# NVConfig fields added after files were first written, with the values that reproduce what those files computed
+# (spec §11: before the floor, b_α = τ_α·ς, uncentred)
+ADDED_LATER = {"alpha_scale_min": 0.0, "centre_alpha": False}
+
+
+def _knobs(data: dict[str, Any], file: Path) -> NVConfig:
+    data = {**ADDED_LATER, **data}
+    missing = [f.name for f in dataclasses.fields(NVConfig) if f.name not in data]
+    if missing:
+        raise ValueError(
+            f"{file}: nv_config lacks the knobs {missing}; the saved weights were computed with values it does "
+            "not record. Fix: save the model again with nvib.save"
+        )
+    try:
+        return NVConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{file}: nv_config: {err}. Fix: save the model again with nvib.save") from None
+
+
+def _inside(root: Path, name: str, what: str) -> Path:
+    """``root / name``, refusing absolute paths and paths that leave ``root`` (also through symlinks)."""
+    file = root / name
+    if Path(name).is_absolute() or ".." in Path(name).parts or not file.resolve().is_relative_to(root.resolve()):
+        raise ValueError(
+            f"{root / NV_CONFIG}: the {what} path {name!r} leaves the model directory. "
+            "Fix: keep every file of an NV model inside its directory (nvib.save does)"
+        )
+    if not file.is_file():
+        raise FileNotFoundError(f"{root} lacks {name} ({what}). Fix: copy the whole directory written by nvib.save")
+    return file

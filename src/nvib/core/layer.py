@@ -1,0 +1,290 @@
+"""`NVIBLayer`: the parameters of one NV site and what they imply (spec §2, §3, §6, §8).
+
+The layer maps a key-side vector z (size P) to a Gaussian component (μ, σ²) and a log
+pseudo-count log α. It is parameterised so that its identity initialisation costs nothing:
+μ = mu_scale·z + mu_bias (W_μ = τ_μ·I), log σ² = logvar_bias (+ logvar_weight·z when the layer has
+per-token variances, W_σ = 0 at initialisation), and log α = alpha_w1·z + alpha_w2·(z⊙z) + alpha_bias.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import weakref
+
+import torch
+from torch import nn
+
+from nvib.core.kl import kl_dirichlet, kl_gaussian
+
+TINY_VARIANCE = 1e-12  # spec §3: b_σ = log((s_0 τ_σ)² + tiny)
+LOG_ALPHA_GAUSSIAN = 10.0  # above this log α, Gamma(α, 1) is sampled by its normal approximation
+LAYERS = "nvib_layers"  # the ModuleDict of NV layers on a converted model
+
+
+def is_converted(model: nn.Module) -> bool:
+    return LAYERS in model._modules
+
+
+def nv_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Site name ("encoder.0", ..., "cross") -> its NV layer (an `NVIBLayer` or a key-space layer)."""
+    if not is_converted(model):
+        raise ValueError("this model is not an NV model; call nvib.convert(model) first")
+    return {layer.site: layer for layer in model._modules[LAYERS].values()}
+
+
+def set_knobs(model: nn.Module, config) -> None:
+    """Re-initialise every NV layer of `model` from the knobs of an `NVConfig` (spec §3)."""
+    for layer in nv_layers(model).values():
+        layer.reset(
+            config.alpha_tau(layer.kind), config.stdev_tau(layer.kind), config.mu_tau, config.alpha_scale_min,
+            config.centre_alpha,
+        )  # fmt: skip
+
+
+@dataclasses.dataclass
+class FastTerms:
+    """Per-site vectors of the fast form (spec §6), all of size P unless noted.
+
+    For a token z: k̃ = W_k(key_scale ⊙ z + key_shift); c = c_lin·z + c_quad·(z⊙z) (token constant
+    removed: it is the same for every token and drops out of the softmax).
+    """
+
+    key_scale: torch.Tensor
+    key_shift: torch.Tensor
+    c_lin: torch.Tensor
+    c_quad: torch.Tensor
+    ratio: torch.Tensor  # σ²/β of the tokens
+    prior_point: torch.Tensor  # √E m_0/β_0
+    prior_ratio: torch.Tensor  # s_0²/β_0
+    prior_c: torch.Tensor  # scalar: c_0 minus the token constant
+
+
+@dataclasses.dataclass
+class TokenTerms:
+    """Per-token terms of the general form (spec §4) for key vectors z [B, N, P], float32 or wider.
+
+    k̃ = W_k(point), ṽ = W_v(point); c is c_n minus the token constant of `FastTerms`.
+    """
+
+    point: torch.Tensor  # √E μ/β [B, N, P]
+    ratio: torch.Tensor  # σ²/β [B, N, P]
+    c: torch.Tensor  # [B, N]
+
+
+class PriorWeight:
+    """How much weight the knobs leave the prior component (spec §11), for layers with prior_mean, prior_var,
+    logvar_bias (shared variances), alpha_bias and noise."""
+
+    def prior_offset(self) -> torch.Tensor:
+        """δ_0: the prior's score advantage over an average in-domain token at b_α = 0, float64 (per head)."""
+        beta = self.logvar_bias.detach().to(torch.float64).exp() + self.noise
+        return prior_offset(self.prior_mean, self.prior_var, beta, self.noise)
+
+    def prior_weight(self) -> float:
+        """e^(δ_0 − b_α): the prior's weight relative to an average in-domain token (largest over heads)."""
+        return float((self.prior_offset() - self.alpha_bias.detach().to(torch.float64)).max().clamp(max=700).exp())
+
+
+class NVIBLayer(PriorWeight, nn.Module):
+    """One NV site: P-dimensional NVIB parameters plus the site's prior statistics (buffers).
+
+    `noise` is the query noise variance √E (1/s for models scaling scores by s, spec §1).
+    """
+
+    def __init__(self, site: str, kind: str, dim: int, noise: float, per_token_variance: bool = False):
+        super().__init__()
+        self.site, self.kind, self.dim, self.noise = site, kind, dim, float(noise)
+        self.mu_scale = nn.Parameter(torch.ones(()))
+        self.mu_bias = nn.Parameter(torch.zeros(dim))
+        self.logvar_bias = nn.Parameter(torch.full((dim,), math.log(TINY_VARIANCE)))
+        self.register_parameter("logvar_weight", nn.Parameter(torch.zeros(dim, dim)) if per_token_variance else None)
+        self.alpha_w1 = nn.Parameter(torch.zeros(dim))
+        self.alpha_w2 = nn.Parameter(torch.full((dim,), 1 / (2 * self.noise)))
+        self.alpha_bias = nn.Parameter(torch.zeros(()))
+        self.register_buffer("prior_mean", torch.zeros(dim))
+        self.register_buffer("prior_var", torch.ones(dim))
+        self.register_buffer("prior_log_alpha", torch.zeros(()))
+        self.register_buffer("prior_scale", torch.ones(()))
+        self.kl_gaussian: torch.Tensor | None = None
+        self.kl_dirichlet: torch.Tensor | None = None
+        self._sample: tuple | None = None
+        self._terms: tuple | None = None  # (weakref to z, parameter versions, TokenTerms)
+        self._constants: tuple | None = None  # ((dtype, parameter versions), what token_terms needs)
+
+    @property
+    def per_token_variance(self) -> bool:
+        return self.logvar_weight is not None
+
+    def extra_repr(self) -> str:
+        extra = ", per_token_variance=True" if self.per_token_variance else ""
+        return f"site={self.site!r}, kind={self.kind!r}, dim={self.dim}, noise={self.noise:.4g}{extra}"
+
+    def enable_per_token_variance(self) -> None:
+        """Add W_σ (zero: the layer computes what it computed). The owning slots must be reinstalled."""
+        if self.logvar_weight is None:
+            self.logvar_weight = nn.Parameter(self.logvar_bias.new_zeros(self.dim, self.dim))
+
+    @torch.no_grad()
+    def set_prior(self, mean: torch.Tensor, var: torch.Tensor, log_alpha_mean, log_alpha_std, value_mean=None):
+        """m_0, s_0² [P], a_0, ς; `value_mean` is for key-space sites only (z-space values are linear in z)."""
+        self.prior_mean.copy_(mean)
+        self.prior_var.copy_(var)
+        self.prior_log_alpha.fill_(float(log_alpha_mean))
+        self.prior_scale.fill_(float(log_alpha_std))
+
+    @torch.no_grad()
+    def reset(
+        self, alpha_tau: float, stdev_tau: float, mu_tau: float = 1.0, alpha_scale_min: float = 1.0,
+        centre: bool = False,
+    ) -> None:  # fmt: skip
+        """Identity initialisation with knobs (spec §3), b_α = τ_α·max(ς, ς_min) (+ δ_0 if `centre`, §11)."""
+        m0 = self.prior_mean.to(self.mu_bias.dtype)
+        s0sq = self.prior_var.to(torch.float64)
+        self.mu_scale.fill_(mu_tau)
+        self.mu_bias.copy_((1 - mu_tau) * m0)
+        self.logvar_bias.copy_(torch.log(s0sq * stdev_tau**2 + TINY_VARIANCE))
+        if self.logvar_weight is not None:
+            self.logvar_weight.zero_()
+        self.alpha_w1.zero_()
+        self.alpha_w2.fill_(1 / (2 * self.noise))
+        bias = alpha_tau * max(float(self.prior_scale), alpha_scale_min)
+        self.alpha_bias.fill_(bias + (float(self.prior_offset()) if centre else 0.0))
+
+    # ---- evaluation (spec §4, §6) -------------------------------------------------------------
+
+    def fast_terms(self) -> FastTerms:
+        """The fast-form vectors in float64 (differentiable in the layer's parameters)."""
+        f = torch.float64
+        s, b = self.mu_scale.to(f), self.mu_bias.to(f)
+        var = self.logvar_bias.to(f).exp()
+        beta = var + self.noise
+        d = self.noise / beta
+        m0, s0sq = self.prior_mean.to(f), self.prior_var.to(f)
+        beta0 = s0sq + self.noise
+        token_const = self.alpha_bias.to(f) - 0.5 * (b * b / beta).sum() - 0.5 * beta.log().sum()
+        c0 = self.prior_log_alpha.to(f) - 0.5 * (m0 * m0 / beta0).sum() - 0.5 * beta0.log().sum()
+        return FastTerms(
+            key_scale=d * s,
+            key_shift=d * b,
+            c_lin=self.alpha_w1.to(f) - s * b / beta,
+            c_quad=self.alpha_w2.to(f) - s * s / (2 * beta),
+            ratio=var / beta,
+            prior_point=self.noise * m0 / beta0,
+            prior_ratio=s0sq / beta0,
+            prior_c=c0 - token_const,
+        )
+
+    def token_terms(self, z: torch.Tensor) -> TokenTerms:
+        """Spec §4 per token, for variances that differ per token; memoised for the modules sharing z.
+
+        Written as the fast form's terms plus corrections that vanish with W_σ (no cancellation in float32):
+        with β̄ = σ̄² + √E the shared form and δ = 1/β̄ − 1/β_n,
+        c_n = c_lin·z + c_quad·(z⊙z) + ½Σ δ μ_n² − ½Σ log(β_n/β̄).
+        """
+        versions = tuple(
+            (0 if t.is_inference() else t._version, t.data_ptr(), t.dtype)
+            for t in (*self._parameters.values(), *self._buffers.values())
+            if t is not None
+        )
+        memo = self._terms
+        if memo is not None and memo[0]() is z and memo[1] == versions and not torch.is_grad_enabled():
+            return memo[2]
+        f = torch.promote_types(z.dtype, torch.float32)
+        k = self._token_constants(f, versions)
+        zf = z.to(f)
+        dvar = k["var0"] * torch.expm1(zf @ k["logvar_weight_t"])  # σ_n² − σ̄²
+        beta0 = k["beta0"]
+        beta = beta0 + dvar
+        mu = k["mu_scale"] * zf + k["mu_bias"]
+        var0 = k["var0"]
+        c = zf @ k["c_lin"] + (zf * zf) @ k["c_quad"]
+        c = c + 0.5 * (dvar / (beta * beta0) * mu * mu).sum(-1) - 0.5 * torch.log1p(dvar / beta0).sum(-1)
+        terms = TokenTerms(point=self.noise * mu / beta, ratio=(var0 + dvar) / beta, c=c)
+        self._terms = (weakref.ref(z, self._drop_terms), versions, terms)  # released with z
+        return terms
+
+    def _token_constants(self, f: torch.dtype, versions: tuple) -> dict[str, torch.Tensor]:
+        """The parameters `token_terms` needs, in dtype f; kept between calls while no parameter changes."""
+        memo = self._constants
+        if memo is not None and memo[0] == (f, versions) and not torch.is_grad_enabled():
+            return memo[1]
+        fast = self.fast_terms()
+        var0 = self.logvar_bias.to(f).exp()
+        consts = dict(
+            var0=var0,
+            beta0=var0 + self.noise,
+            logvar_weight_t=self.logvar_weight.t().to(f),
+            mu_scale=self.mu_scale.to(f),
+            mu_bias=self.mu_bias.to(f),
+            c_lin=fast.c_lin.to(f),
+            c_quad=fast.c_quad.to(f),
+        )
+        if not torch.is_grad_enabled():
+            self._constants = ((f, versions), consts)
+        return consts
+
+    def _drop_terms(self, _ref) -> None:
+        self._terms = None
+
+    def posterior(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """μ [..., P], log σ² [..., P] and log α [...] of key vectors z [..., P], in float32 or wider."""
+        z = z.to(torch.promote_types(z.dtype, torch.float32))
+        mu = self.mu_scale * z + self.mu_bias
+        if self.logvar_weight is None:
+            logvar = self.logvar_bias.expand_as(mu)
+        else:
+            logvar = z @ self.logvar_weight.t().to(z.dtype) + self.logvar_bias
+        log_alpha = z @ self.alpha_w1.to(z.dtype) + (z * z) @ self.alpha_w2.to(z.dtype) + self.alpha_bias
+        return mu, logvar, log_alpha
+
+    # ---- training (spec §8) -------------------------------------------------------------------
+
+    def sample(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One reparameterised sample for key vectors z [B, N, P], shared by every module of the site.
+
+        Returns z̃ [B, N, P], the per-key score bias log γ − ‖z̃‖²/(2√E) [B, N] (float32), and the same
+        two for the prior component: z̃_0 [B, P], bias_0 [B].
+        """
+        if self._sample is not None and self._sample[0] is z:
+            return self._sample[1]
+        mu, logvar, log_alpha = self.posterior(z)
+        z_tilde = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
+        m0 = self.prior_mean.to(mu.dtype).expand(z.shape[0], -1)
+        prior_tilde = m0 + self.prior_var.to(mu.dtype).sqrt() * torch.randn_like(m0)
+        prior_log_alpha = self.prior_log_alpha.to(mu.dtype).expand(z.shape[0])
+        bias = sample_log_gamma(log_alpha) - (z_tilde * z_tilde).sum(-1) / (2 * self.noise)
+        prior_bias = sample_log_gamma(prior_log_alpha) - (prior_tilde * prior_tilde).sum(-1) / (2 * self.noise)
+        out = (z_tilde.to(z.dtype), bias, prior_tilde.to(z.dtype), prior_bias)
+        self._sample = (z, out, (mu, logvar, log_alpha))
+        self.kl_gaussian = self.kl_dirichlet = None
+        return out
+
+    def compute_kl(self, valid: torch.Tensor | None) -> None:
+        """KL_G and KL_D of the last sample (spec §8), averaged over the batch; `valid` [B, N] marks real keys."""
+        if self._sample is None or self.kl_gaussian is not None:
+            return
+        mu, logvar, log_alpha = self._sample[2]
+        if valid is None:
+            valid = torch.ones(log_alpha.shape, dtype=torch.bool, device=log_alpha.device)
+        self.kl_gaussian = kl_gaussian(
+            mu, logvar, log_alpha, valid, self.prior_mean, self.prior_var, self.prior_log_alpha
+        ).mean()
+        self.kl_dirichlet = kl_dirichlet(log_alpha, valid, self.prior_log_alpha).mean()
+
+
+def prior_offset(m0: torch.Tensor, s0sq: torch.Tensor, beta: torch.Tensor, noise: float) -> torch.Tensor:
+    """δ_0 = ½Σ(m_0² + s_0²)/β − ½Σ m_0²/β_0 − ½Σ log(β_0/β), β_0 = s_0² + √E, summed over the last dim (§11)."""
+    m0, s0sq, beta = (t.to(torch.float64) for t in (m0, s0sq, beta))
+    beta0 = s0sq + noise
+    return 0.5 * ((m0 * m0 + s0sq) / beta - m0 * m0 / beta0 - (beta0 / beta).log()).sum(-1)
+
+
+def sample_log_gamma(log_alpha: torch.Tensor) -> torch.Tensor:
+    """log γ with γ ~ Gamma(α, 1), reparameterised, from log α without ever forming a huge α."""
+    small = log_alpha.clamp(max=LOG_ALPHA_GAUSSIAN)
+    gamma = torch.distributions.Gamma(small.exp().clamp(min=1e-6), 1.0).rsample()
+    log_small = gamma.clamp(min=1e-30).log()
+    big = log_alpha.clamp(min=LOG_ALPHA_GAUSSIAN)  # Gamma(α,1) ≈ N(α, α): log γ ≈ log α + log1p(ε/√α)
+    log_big = big + torch.log1p(torch.randn_like(big) * (-0.5 * big).exp())
+    return torch.where(log_alpha > LOG_ALPHA_GAUSSIAN, log_big, log_small)

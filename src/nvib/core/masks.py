@@ -1,0 +1,76 @@
+"""What z-space (`attention`) and key-space (`keyspace`) NV attention share: masks over the tokens and the test
+for the CPU split path (the prior merged after a fused tokens-only kernel call, by its log-sum-exp; spec §6, §9)."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+from transformers.masking_utils import sdpa_mask
+
+# Evaluation on CPU attends to the tokens with the fused kernel that also returns the log-sum-exp of the scores, and
+# merges the prior component afterwards (`Slot.attend_split`): no per-call copy of the keys and values with the prior
+# prepended. False (or another device, training, per-token variances, or gradients: the kernel's backward ignores the
+# log-sum-exp's gradient, through which a_m0 depends on q and k) prepends the prior instead; tests compare both.
+SPLIT_PRIOR = True
+FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+SPLIT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+# masks made by `nv_mask` (new in every forward, never updated in place) -> (what the bias was made for, bias)
+_SPLIT_BIAS = WeakIdKeyDictionary()
+
+
+def key_mask(mask: torch.Tensor | None, batch: int, q_len: int, n_tokens: int, is_causal: bool, device):
+    """A boolean [B, 1, Q, N] mask (True = attend) over the tokens, or None for no mask."""
+    if mask is None:
+        if not is_causal or q_len == 1:
+            return None
+        return torch.ones(q_len, n_tokens, dtype=torch.bool, device=device).tril(n_tokens - q_len)[None, None]
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+def can_split(query: torch.Tensor) -> bool:
+    """Whether the prior may be merged after the fused CPU kernel's tokens-only pass (`SPLIT_PRIOR`): on CPU, in a
+    dtype the kernel takes, and without gradients (its backward ignores the log-sum-exp's gradient)."""
+    return (
+        SPLIT_PRIOR
+        and FLASH_CPU is not None
+        and not torch.is_grad_enabled()
+        and query.device.type == "cpu"
+        and query.dtype in SPLIT_DTYPES
+    )
+
+
+def split_bias(mask, position_bias, query: torch.Tensor, n_tokens: int, is_causal: bool):
+    """The tokens' additive bias [., ., Q, N] for the split kernel call (finite, so that a query that sees no token
+    gets a_m0 = 1) and the prior's ([., ., Q, 1] or None). The model hands every layer the mask `nv_mask` made for
+    this forward, so the bias made from it is kept with it rather than rebuilt in each layer; a mask from anywhere
+    else (a user's 4D mask may be a buffer refilled in place) is converted each time."""
+    B, _, Q, _ = query.shape
+    made_for = (n_tokens, Q, query.dtype)
+    ours = mask is not None and position_bias is None and mask in _SPLIT_BIAS
+    kept = _SPLIT_BIAS[mask] if ours else None
+    if kept is not None and kept[0] == made_for:
+        return kept[1], None
+    keys = mask if mask is None or mask.shape[-1] <= n_tokens else mask[..., -n_tokens:]
+    allowed = key_mask(keys, B, Q, n_tokens, is_causal, query.device)
+    bias = prior_bias = None
+    low = torch.finfo(query.dtype).min
+    if position_bias is not None:
+        position_bias = position_bias.to(query.dtype)
+        bias = position_bias[..., -n_tokens:]
+        prior_bias = position_bias[..., :1] if position_bias.shape[-1] == n_tokens + 1 else None
+        bias = bias if allowed is None else torch.where(allowed, bias, low)
+    elif allowed is not None:
+        bias = torch.where(allowed, query.new_zeros(()), low)
+    if ours:
+        _SPLIT_BIAS[mask] = (made_for, bias)
+    return bias, prior_bias
+
+
+def nv_mask(*args, **kwargs):
+    kwargs["allow_is_causal_skip"] = False
+    mask = sdpa_mask(*args, **kwargs)
+    if mask is not None:
+        _SPLIT_BIAS[mask] = None  # ours: `split_bias` may keep the bias it makes from it
+    return mask

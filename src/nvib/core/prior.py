@@ -1,0 +1,441 @@
+"""`EmpiricalPrior`: per-site statistics of the key vectors on in-domain data (spec §7).
+
+One streaming pass, float64 accumulators merged with Chan's parallel update, so shards estimated by
+separate processes or machines merge exactly (`EmpiricalPrior.merge`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from nvib.core import keyspace
+from nvib.core.architectures import Site, find_sites
+from nvib.core.config import NVConfig
+from nvib.core.layer import LAYERS, is_converted, set_knobs
+
+
+@dataclasses.dataclass
+class SiteStats:
+    """Statistics of one site over `count` token vectors z, float64: z-space sites have z of size P (spec §7),
+    key-space sites one key k of size E per key/value head, [G, E] (spec §10).
+
+    mean, var: per-dimension mean and unbiased variance of z (m_0, s_0²);
+    log_alpha_mean, log_alpha_std: mean and standard deviation of ‖z‖²/(2√E) (a_0, ς; one per head in key space);
+    value_mean: key space only, the mean of the values (m_v) [G, E].
+    """
+
+    count: int
+    mean: torch.Tensor
+    m2: torch.Tensor  # Σ (z − mean)², per dimension
+    norm_mean: torch.Tensor  # [] or [G]
+    norm_m2: torch.Tensor
+    value_mean: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.norm_mean = torch.as_tensor(self.norm_mean, dtype=torch.float64)
+        self.norm_m2 = torch.as_tensor(self.norm_m2, dtype=torch.float64)
+
+    @property
+    def var(self) -> torch.Tensor:
+        return self.m2 / max(self.count - 1, 1)
+
+    @property
+    def log_alpha_mean(self) -> torch.Tensor:
+        return self.norm_mean
+
+    @property
+    def log_alpha_std(self) -> torch.Tensor:
+        return (self.norm_m2 / max(self.count - 1, 1)).sqrt()
+
+    @classmethod
+    def of(cls, z: torch.Tensor, noise: float, values: torch.Tensor | None = None) -> SiteStats:
+        """Direct statistics of token vectors z [T, P] (or keys [T, G, E], with their values [T, G, E])."""
+        z = z.to(torch.float64)
+        mean = z.mean(0)
+        r = (z * z).sum(-1) / (2 * noise)
+        value_mean = None if values is None else values.to(torch.float64).mean(0)
+        return cls(z.shape[0], mean, ((z - mean) ** 2).sum(0), r.mean(0), ((r - r.mean(0)) ** 2).sum(0), value_mean)
+
+    def merge(self, other: SiteStats) -> SiteStats:
+        """Chan et al.'s exact pairwise update."""
+        n = self.count + other.count
+        if self.count == 0 or other.count == 0:
+            return other if self.count == 0 else self
+        w = other.count / n
+        delta = other.mean - self.mean
+        norm_delta = other.norm_mean - self.norm_mean
+        value_mean = None
+        if self.value_mean is not None and other.value_mean is not None:
+            value_mean = self.value_mean + (other.value_mean - self.value_mean) * w
+        return SiteStats(
+            n,
+            self.mean + delta * w,
+            self.m2 + other.m2 + delta * delta * self.count * w,
+            self.norm_mean + norm_delta * w,
+            self.norm_m2 + other.norm_m2 + norm_delta * norm_delta * self.count * w,
+            value_mean,
+        )
+
+
+def model_signature(model: nn.Module) -> dict[str, object]:
+    """What a prior must match: model type and the size of every site."""
+    sites = {s.name: s.key_dim for s in find_sites(model)}
+    text = json.dumps({"model_type": model.config.model_type, "sites": sites}, sort_keys=True)
+    return {
+        "model_type": model.config.model_type,
+        "sites": sites,
+        "config_hash": hashlib.sha256(text.encode()).hexdigest()[:16],
+    }
+
+
+WEIGHT_SAMPLES = 4096  # values hashed per weight tensor
+
+
+@torch.no_grad()
+def weights_hash(model: nn.Module) -> str:
+    """sha256 of the pretrained weights (NV layers excluded): every tensor's name, shape and dtype, and
+    up to `WEIGHT_SAMPLES` evenly spaced values of it. Two checkpoints of one architecture differ in it.
+    A 270M-parameter model (Gemma 3 270M's shapes) hashes in 0.2 s here; sha256 over all its bytes took 14 s."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict(keep_vars=False).items()):
+        if name.startswith(LAYERS + "."):
+            continue
+        flat = tensor.detach().reshape(-1)
+        step = max(flat.numel() // WEIGHT_SAMPLES, 1)
+        sample = flat[::step][:WEIGHT_SAMPLES].to("cpu", torch.float64)
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _batch_digest(digest, batch: Mapping[str, torch.Tensor]) -> None:
+    """Add one tokenised batch to a data fingerprint."""
+    for key in sorted(batch):
+        value = batch[key]
+        digest.update(f"{key}:{tuple(value.shape)}:{value.dtype};".encode())
+        digest.update(value.detach().to("cpu").contiguous().numpy().tobytes())
+
+
+class PriorMismatchError(ValueError):
+    pass
+
+
+def _valid_mask(kind: str, batch: Mapping[str, torch.Tensor], z: torch.Tensor, pad_id, seq2seq: bool):
+    """[B, N] True where z is a real token, read off the batch's masks."""
+    mask = batch.get("attention_mask")
+    if kind == "decoder" and seq2seq:
+        if "decoder_attention_mask" in batch:
+            mask = batch["decoder_attention_mask"]
+        elif "decoder_input_ids" in batch:
+            mask = None if pad_id is None else batch["decoder_input_ids"] != pad_id
+        else:
+            mask = batch["labels"] != -100 if "labels" in batch else None
+    if mask is None or mask.shape != z.shape[:2]:
+        return torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
+    return mask.bool().to(z.device)
+
+
+class EmpiricalPrior:
+    """Site name ("encoder.0", ..., "decoder.0", ..., "cross") -> `SiteStats`, plus where they came from."""
+
+    def __init__(self, sites: dict[str, SiteStats], metadata: dict[str, object]):
+        self.sites = sites
+        self.metadata = metadata
+
+    def __repr__(self) -> str:
+        tokens = {k: v.count for k, v in self.sites.items()}
+        return f"EmpiricalPrior(model={self.metadata.get('model_name')!r}, tokens={tokens})"
+
+    @classmethod
+    @torch.no_grad()
+    def estimate(
+        cls,
+        model: nn.Module,
+        batches: Iterable[Mapping[str, torch.Tensor]],
+        *,
+        data: str = "",
+        total: int | None = None,
+        progress: bool = True,
+        shard: tuple[int, int] | None = None,
+    ) -> EmpiricalPrior:
+        """One teacher-forced pass over tokenised `batches` (dicts as the model's forward takes them).
+
+        Ctrl-C stops the pass and returns the statistics so far (metadata `complete` = False): estimate the
+        rest and `merge`, which is exact. The metadata records what it was estimated on: `data`, a sha256 of
+        the tokenised batches (with `shard` = (i, n) if given) and a hash of the model's weights, so that
+        `merge` refuses the same shard twice or priors of different models.
+        """
+        sites = find_sites(model)
+        stats: dict[str, SiteStats] = {}
+        pad_id = getattr(model.config, "pad_token_id", None)
+        if pad_id is None and model.config.model_type == "encoder-decoder":
+            pad_id = model.config.decoder.pad_token_id
+        seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+        current: dict[str, Mapping] = {}
+
+        def add(site: Site, z: torch.Tensor, values: torch.Tensor | None = None) -> None:
+            valid = _valid_mask(site.kind, current["batch"], z, pad_id, seq2seq)
+            new = SiteStats.of(z[valid], site.noise, None if values is None else values[valid])
+            stats[site.name] = stats[site.name].merge(new) if site.name in stats else new
+
+        def z_hook(site: Site):
+            def hook(module, args, kwargs):
+                add(site, args[0] if args else next(iter(kwargs.values())))
+
+            return hook
+
+        def key_hooks(site: Site):
+            """Key space (spec §10): the unrotated keys (key norm or k projection output) and the values."""
+            seen: dict[str, torch.Tensor] = {}
+            G, E = keyspace.site_shape(site)
+
+            def both_seen():  # modules differ in whether the key norm or the value projection runs first
+                if len(seen) == 2:
+                    k, v = seen.pop("k"), seen.pop("v")
+                    add(site, k.reshape(*k.shape[:2], G, E), v.reshape(*v.shape[:2], G, E))
+
+            def on_key(module, args, out):
+                seen["k"] = out.transpose(1, 2) if site.arch.key_layout == "heads_first" else out
+                both_seen()
+
+            def on_value(module, args, out):
+                seen["v"] = out
+                both_seen()
+
+            module = site.module
+            return [
+                getattr(module, site.arch.key_source).register_forward_hook(on_key),
+                getattr(module, site.arch.v).register_forward_hook(on_value),
+            ]
+
+        hooked: dict[str, list] = {}
+        for site in sites:
+            if site.name in hooked:  # cross-attention: the encoder output, taken once
+                continue
+            if site.arch.key_space:
+                hooked[site.name] = key_hooks(site)
+            else:
+                hooked[site.name] = [site.key_projection.register_forward_pre_hook(z_hook(site), with_kwargs=True)]
+        was_training, old_config = model.training, getattr(model, "nv_config", None)
+        model.eval()
+        if is_converted(model):
+            set_knobs(model, NVConfig())  # the pretrained computation (spec §5)
+        device = next(model.parameters()).device
+        complete, fingerprint = True, hashlib.sha256()
+        bar = Progress(
+            TextColumn("prior"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[tokens]} tokens"), disable=not progress,
+        )  # fmt: skip
+        try:
+            with bar:
+                task = bar.add_task("prior", total=total, tokens=0)
+                for batch in batches:
+                    current["batch"] = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+                    _batch_digest(fingerprint, current["batch"])
+                    model(**current["batch"], use_cache=False)
+                    tokens = max((s.count for s in stats.values()), default=0)
+                    bar.update(task, advance=1, tokens=tokens)
+        except KeyboardInterrupt:
+            complete = False
+        finally:
+            for handles in hooked.values():
+                for handle in handles:
+                    handle.remove()
+            model.train(was_training)
+            if old_config is not None:
+                set_knobs(model, old_config)
+        if not stats:
+            raise ValueError("no batches were seen: the data iterable is empty")
+        signature = model_signature(model)
+        metadata = {
+            "model_name": str(getattr(model.config, "_name_or_path", "")),
+            "model_type": signature["model_type"],
+            "config_hash": signature["config_hash"],
+            "weights_hash": weights_hash(model),
+            "data": data,
+            "complete": complete,
+            "tokens": {k: v.count for k, v in stats.items()},
+            "shards": [
+                {
+                    "data_sha256": fingerprint.hexdigest(),
+                    "shard": list(shard) if shard is not None else None,
+                    "tokens": max(v.count for v in stats.values()),
+                }
+            ],
+        }
+        return cls(stats, metadata)
+
+    @classmethod
+    def merge(cls, *priors: EmpiricalPrior | Iterable[EmpiricalPrior]) -> EmpiricalPrior:
+        """Exact merge of priors estimated on disjoint shards of the data: ``merge(a, b)`` or ``merge([a, b])``.
+
+        Refuses priors of different models (weights hash) and the same data shard twice (data fingerprint).
+        """
+        if len(priors) == 1 and not isinstance(priors[0], EmpiricalPrior):
+            priors = tuple(priors[0])
+        if not priors:
+            raise ValueError("merge needs at least one prior")
+        for i, p in enumerate(priors):
+            if not isinstance(p, EmpiricalPrior):
+                raise TypeError(f"merge takes EmpiricalPrior objects, got {type(p).__name__} at position {i}")
+        first = priors[0]
+        for p in priors[1:]:
+            if p.metadata.get("config_hash") != first.metadata.get("config_hash") or set(p.sites) != set(first.sites):
+                raise PriorMismatchError("cannot merge priors estimated on different models")
+        _check_same_weights(priors)
+        shards = _check_disjoint_shards(priors)
+        sites = {}
+        for name in first.sites:
+            acc = first.sites[name]
+            for p in priors[1:]:
+                acc = acc.merge(p.sites[name])
+            sites[name] = acc
+        metadata = dict(first.metadata)
+        metadata["data"] = " + ".join(str(p.metadata.get("data", "")) for p in priors)
+        metadata["complete"] = all(p.metadata.get("complete", True) for p in priors)
+        metadata["tokens"] = {k: v.count for k, v in sites.items()}
+        if shards is not None:
+            metadata["shards"] = shards
+        return cls(sites, metadata)
+
+    def check_compatible(self, model: nn.Module, layers: Mapping | None = None) -> None:
+        """Raise `PriorMismatchError` unless this prior has the sites and sizes of `model`."""
+        signature = model_signature(model)
+        ours = {name: int(s.mean.numel()) for name, s in self.sites.items()}
+        theirs = self.metadata.get("model_type")
+        if ours != signature["sites"] or theirs not in (None, signature["model_type"]):
+            raise PriorMismatchError(
+                f"this prior was estimated on a {self.metadata.get('model_type')} model "
+                f"({self.metadata.get('model_name') or 'unnamed'}) with sites {ours}, but the model has sites "
+                f"{signature['sites']} and type {signature['model_type']}: estimate a prior on this model with "
+                "nvib.EmpiricalPrior.estimate or `nvib prior`"
+            )
+
+    def save(self, path: str | Path) -> None:
+        tensors = {}
+        for name, s in self.sites.items():
+            tensors[f"{name}.mean"] = s.mean.contiguous()
+            tensors[f"{name}.m2"] = s.m2.contiguous()
+            tensors[f"{name}.norm"] = torch.stack([s.norm_mean, s.norm_m2]).to(torch.float64)
+            tensors[f"{name}.count"] = torch.tensor(s.count, dtype=torch.int64)
+            if s.value_mean is not None:
+                tensors[f"{name}.value_mean"] = s.value_mean.contiguous()
+        meta = {k: json.dumps(v) for k, v in self.metadata.items()}
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> EmpiricalPrior:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no prior file at {path}: estimate one with `nvib prior` or EmpiricalPrior.estimate"
+            )
+        try:
+            tensors = load_file(str(path))
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                raw = f.metadata() or {}
+        except Exception as err:  # safetensors raises its own error types
+            raise ValueError(f"{path} is not a prior saved by EmpiricalPrior.save ({err})") from err
+        _validate_tensors(path, tensors)
+        names = sorted({k.rsplit(".", 1)[0] for k in tensors})
+        sites = {}
+        for name in names:
+            norm = tensors[f"{name}.norm"]
+            sites[name] = SiteStats(
+                int(tensors[f"{name}.count"]),
+                tensors[f"{name}.mean"],
+                tensors[f"{name}.m2"],
+                norm[0],
+                norm[1],
+                tensors.get(f"{name}.value_mean"),
+            )
+        metadata = {}
+        for k, v in raw.items():
+            with contextlib.suppress(json.JSONDecodeError):
+                metadata[k] = json.loads(v)
+        return cls(sites, metadata)
+
+
+REQUIRED = ("mean", "m2", "norm", "count")  # tensors every site has
+FIX = "Fix: estimate a prior with `nvib prior` or EmpiricalPrior.estimate"
+
+
+def _validate_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse files that are not priors, or whose statistics are not finite or negative where they cannot be.
+
+    Generic over the tensors stored per site: all must be finite, counts >= 0 and sums of squares (``*m2``) >= 0;
+    every site must have the `REQUIRED` ones."""
+    if not tensors:
+        raise ValueError(f"{path} holds no tensors: it is not a prior saved by EmpiricalPrior.save. {FIX}")
+    sites: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        site, _, stat = key.rpartition(".")
+        if not site:
+            raise ValueError(f"{path}: tensor {key!r} is not a per-site statistic: not a prior file. {FIX}")
+        sites.setdefault(site, {})[stat] = tensor
+    for site, stats in sites.items():
+        missing = [name for name in REQUIRED if name not in stats]
+        if missing:
+            raise ValueError(
+                f"{path}: site {site!r} lacks the statistics {missing}: not a prior saved by EmpiricalPrior.save. {FIX}"
+            )
+        mean = stats["mean"]  # [P] in z-space, [G, E] in key space (then one norm statistic per head)
+        if stats["count"].dim() != 0 or mean.dim() not in (1, 2) or stats["norm"].shape != (2, *mean.shape[:-1]):
+            raise ValueError(f"{path}: site {site!r} has statistics of the wrong shape. {FIX}")
+        if stats["mean"].shape != stats["m2"].shape:
+            raise ValueError(f"{path}: site {site!r}: mean and m2 differ in size. {FIX}")
+        for stat, tensor in stats.items():
+            where = f"{path}: {site}.{stat}"
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{where} has NaN or infinite values: the prior is corrupt. {FIX}")
+            if stat == "count" or stat.endswith("_count"):
+                if bool((tensor < 0).any()):
+                    raise ValueError(f"{where} is a token count and is negative: the prior is corrupt. {FIX}")
+            if (stat.endswith("m2") and bool((tensor < 0).any())) or (stat == "norm" and bool((tensor[1] < 0).any())):
+                raise ValueError(f"{where}: a sum of squared deviations is negative: the prior is corrupt. {FIX}")
+
+
+def _check_same_weights(priors: tuple[EmpiricalPrior, ...]) -> None:
+    hashes = {p.metadata.get("weights_hash") for p in priors}
+    if len(hashes) > 1:
+        if None in hashes:
+            raise PriorMismatchError(
+                "cannot merge: some priors record no weights hash (saved by an older nvib), so they may come from "
+                "different models. Fix: estimate every shard again with this version"
+            )
+        names = sorted({str(p.metadata.get("model_name") or "unnamed") for p in priors})
+        raise PriorMismatchError(
+            f"cannot merge priors estimated on different model weights ({', '.join(names)}; weights hashes "
+            f"{sorted(hashes)}). Fix: estimate every shard with the same model checkpoint"
+        )
+
+
+def _check_disjoint_shards(priors: tuple[EmpiricalPrior, ...]) -> list[dict] | None:
+    """All shard records of `priors`, refusing a data fingerprint seen twice; None if none records shards."""
+    if all("shards" not in p.metadata for p in priors):
+        return None
+    shards, seen = [], {}
+    for i, p in enumerate(priors):
+        for record in p.metadata.get("shards") or []:
+            fingerprint = record.get("data_sha256")
+            if fingerprint in seen:
+                label = f" (shard {record['shard'][0]}/{record['shard'][1]})" if record.get("shard") else ""
+                raise PriorMismatchError(
+                    f"cannot merge: priors {seen[fingerprint]} and {i} were estimated on the same data{label}, "
+                    "which would count it twice. Fix: merge each shard once (--shard i/n, i = 0 .. n-1)"
+                )
+            seen[fingerprint] = i
+            shards.append(record)
+    return shards

@@ -1,0 +1,1 @@
+"""The workflow around the core: data, objectives, search, evaluation, fine-tuning, reports."""

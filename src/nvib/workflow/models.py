@@ -1,0 +1,105 @@
+"""Loading a model and its tokenizer from a local directory, and telling what kind of model it is."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers as tf
+from torch import nn
+
+from nvib.workflow.data import BatchKind
+from nvib.workflow.settings import ModelSection, resolve_path
+
+__all__ = ["batch_kind", "load_model"]
+
+
+def load_model(section: ModelSection, task: str | None = None, base_dir: str | Path = ".") -> tuple[nn.Module, Any]:
+    """(model in eval mode, tokenizer) from local files only; with ``section.gguf_file``, from that GGUF file
+    in ``section.path`` (dequantised to float32; the model then saves like any other)."""
+    path = resolve_path(section.path, base_dir)
+    gguf = _gguf_args(section, path)
+    if not gguf and not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no model at {path} (expected a directory with config.json). "
+            "Fix: set the model path to a local Hugging Face model directory (or model.gguf_file to a .gguf "
+            "file in it); nothing is downloaded"
+        )
+    config = tf.AutoConfig.from_pretrained(path, local_files_only=True, **gguf)
+    kind = section.kind if section.kind != "auto" else _detect_kind(config, task, path)
+    if gguf and kind == "bert2bert":
+        raise ValueError("model.gguf_file cannot warm-start bert2bert. Fix: use kind seq2seq or causal_lm")
+    tok_path = resolve_path(section.tokenizer, base_dir) if section.tokenizer else path
+    tokenizer = tf.AutoTokenizer.from_pretrained(tok_path, local_files_only=True, **({} if section.tokenizer else gguf))
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # decoder-only models (GPT-2) ship without one
+    if kind == "seq2seq":
+        model = tf.AutoModelForSeq2SeqLM.from_pretrained(path, local_files_only=True, **gguf)
+    elif kind == "causal_lm":
+        model = tf.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **gguf)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(section.seed)
+            model = tf.EncoderDecoderModel.from_encoder_decoder_pretrained(path, path, local_files_only=True)
+        special = {
+            "decoder_start_token_id": tokenizer.cls_token_id,
+            "eos_token_id": tokenizer.sep_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+        if None in special.values():
+            raise ValueError(
+                f"{tok_path}: the tokenizer lacks [CLS]/[SEP]/[PAD] tokens needed for bert2bert. "
+                "Fix: use a BERT-style model, or a seq2seq/causal_lm model kind"
+            )
+        for cfg in (model.config, model.generation_config):
+            for key, token in special.items():
+                setattr(cfg, key, token)
+    if gguf:  # dequantised: drop the quantizer so that save_pretrained / nvib.save accept the model (spec §9)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    model.config._name_or_path = str(path)
+    return model.eval(), tokenizer
+
+
+def _gguf_args(section: ModelSection, path: Path) -> dict[str, str]:
+    """``{"gguf_file": name}`` for ``from_pretrained`` when the section names a GGUF file, checked; else {}."""
+    if section.gguf_file is None:
+        return {}
+    name = section.gguf_file
+    if Path(name).is_absolute() or ".." in Path(name).parts or not (path / name).is_file():
+        raise FileNotFoundError(
+            f"no GGUF file {name!r} in {path}. Fix: set model.gguf_file to the name of a .gguf file inside model.path"
+        )
+    if importlib.util.find_spec("gguf") is None:
+        raise ValueError(f"{path / name}: loading GGUF needs the gguf package. Fix: pip install 'nvib[gguf]'")
+    return {"gguf_file": name}
+
+
+def _detect_kind(config: Any, task: str | None, path: Path) -> str:
+    if getattr(config, "is_encoder_decoder", False) or config.model_type == "encoder-decoder":
+        return "seq2seq"
+    architectures = getattr(config, "architectures", None) or []
+    if task == "lm" or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return "causal_lm"
+    raise ValueError(
+        f"{path} is an encoder-only model ({config.model_type}) and cannot generate. "
+        "Fix: set model kind to bert2bert to warm-start an encoder-decoder from it "
+        "(its cross-attention is then untrained)"
+    )
+
+
+def batch_kind(model: nn.Module, *, generative: bool = False) -> BatchKind:
+    """How `nvib.workflow.data.batches` tokenises for `model`: "seq2seq" (encoder-decoder) or "lm". With
+    `generative`, an encoder-only model (which has no generation loss) is an error naming the fix."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "seq2seq"
+    causal = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")) or getattr(model.config, "is_decoder", False)
+    if generative and not causal:
+        raise ValueError(
+            f"{type(model).__name__} is an encoder-only model with no generation loss to fine-tune. "
+            "Fix: fine-tune a seq2seq or causal LM model, or warm-start an encoder-decoder (bert2bert) from it"
+        )
+    return "lm"

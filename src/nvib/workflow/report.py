@@ -1,0 +1,472 @@
+"""Write a run's report: ``report.md`` (PNG files linked) and a self-contained ``report.html``.
+
+Inputs are plain Python data (dicts, lists, arrays or CPU tensors) plus an optional Optuna
+study, so this module does not depend on the NV core. Every section is optional and left out
+when its data is missing.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+
+__all__ = [
+    "ReportPaths",
+    "plot_differences",
+    "plot_knobs",
+    "plot_prior_mass",
+    "plot_prior_stats",
+    "plot_search_history",
+    "write_report",
+]
+
+PLOTS_DIR = "plots"
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    """Where :func:`write_report` wrote things."""
+
+    markdown: Path
+    html: Path
+    plots: dict[str, Path]
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _array(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor, without importing torch
+        x = x.detach().cpu().float().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _fmt(x: Any, digits: int = 2) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float | np.floating):
+        return "nan" if math.isnan(x) else f"{x:.{digits}f}"
+    return str(x)
+
+
+def _diff_parts(d: Any) -> tuple[float, float, float]:
+    """(delta, low, high) from a BootstrapResult-like object or a 3-sequence."""
+    if hasattr(d, "delta"):
+        return float(d.delta), float(d.ci_low), float(d.ci_high)
+    delta, low, high = d
+    return float(delta), float(low), float(high)
+
+
+def _completed(study: Any) -> list[Any]:
+    return [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and t.value is not None]
+
+
+def _maximize(study: Any) -> bool:
+    return study.direction.name == "MAXIMIZE"
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# plots
+
+
+def plot_search_history(study: Any, path: str | os.PathLike[str]) -> Path | None:
+    """Metric per complete trial and the running best; pruned trials as ticks. None if no trial."""
+    done = _completed(study)
+    if not done:
+        return None
+    numbers = [t.number for t in done]
+    values = [float(t.value) for t in done]
+    best = np.maximum.accumulate(values) if _maximize(study) else np.minimum.accumulate(values)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(numbers, values, "o", color="tab:blue", alpha=0.7, label="trial")
+    ax.step(numbers, best, where="post", color="tab:red", label="running best")
+    pruned = [t.number for t in study.get_trials(deepcopy=False) if t.state.name == "PRUNED"]
+    if pruned:
+        for x in pruned:
+            ax.axvline(x, color="0.85", lw=0.8, zorder=0)
+        ax.plot([], [], color="0.85", label="pruned")
+    eq = [t for t in done if t.user_attrs.get("start_point") == "equivalence"]
+    if eq:
+        ax.plot([eq[0].number], [eq[0].value], "*", ms=14, color="tab:green", label="equivalence")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("metric")
+    ax.set_title("Search history")
+    ax.legend(fontsize=8)
+    return _save(fig, Path(path))
+
+
+def plot_knobs(study: Any, path: str | os.PathLike[str]) -> Path | None:
+    """Scatter of the metric against each knob over complete trials. None if no trial."""
+    done = _completed(study)
+    names = sorted({k for t in done for k in t.params})
+    if not names:
+        return None
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        pts = [(t.params[name], t.value) for t in done if name in t.params]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=18, alpha=0.75)
+        ax.set_xlabel(name)
+        ax.set_ylabel("metric")
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    fig.suptitle("Metric against each knob")
+    return _save(fig, Path(path))
+
+
+def _prior_rows(stats: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for site, s in stats.items():
+        rows.append(
+            {
+                "site": site,
+                "count": int(s.get("count", 0)),
+                "mean_norm": float(np.linalg.norm(_array(s["mean"]))),
+                "mean_var": float(_array(s["var"]).mean()),
+                "log_alpha_mean": float(s["log_alpha_mean"]),
+                "log_alpha_std": float(s["log_alpha_std"]),
+            }
+        )
+    return rows
+
+
+def plot_prior_stats(stats: Mapping[str, Mapping[str, Any]], path: str | os.PathLike[str]) -> Path | None:
+    """Per site: L2 norm of the prior mean, mean prior variance, log-alpha mean ± std."""
+    rows = _prior_rows(stats)
+    if not rows:
+        return None
+    x = np.arange(len(rows))
+    fig, axes = plt.subplots(3, 1, figsize=(max(6, 0.45 * len(rows) + 2), 8), sharex=True)
+    axes[0].bar(x, [r["mean_norm"] for r in rows], color="tab:blue")
+    axes[0].set_ylabel("‖prior mean‖")
+    axes[1].bar(x, [r["mean_var"] for r in rows], color="tab:orange")
+    axes[1].set_ylabel("mean prior var")
+    axes[2].errorbar(
+        x, [r["log_alpha_mean"] for r in rows], yerr=[r["log_alpha_std"] for r in rows], fmt="o", capsize=3
+    )
+    axes[2].set_ylabel("log α (mean ± std)")
+    axes[2].set_xticks(x, [r["site"] for r in rows], rotation=70, ha="right", fontsize=7)
+    axes[0].set_title("Prior statistics per site")
+    return _save(fig, Path(path))
+
+
+def plot_differences(
+    differences: Mapping[str, Mapping[str, Mapping[str, Any]]], path: str | os.PathLike[str]
+) -> Path | None:
+    """Δ against the baseline with its interval, per test set (x) and variant (marker), one panel per metric.
+
+    ``differences``: variant -> test set -> metric -> bootstrap result or ``(delta, low, high)``. None if empty.
+    """
+    metrics: list[str] = []
+    sets: list[str] = []
+    for per_set in differences.values():
+        for test_set, per_metric in per_set.items():
+            sets += [test_set] if test_set not in sets else []
+            metrics += [m for m in per_metric if m not in metrics]
+    if not metrics:
+        return None
+    variants = list(differences)
+    cols = min(2, len(metrics))
+    rows = math.ceil(len(metrics) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(4.5, 1.2 * len(sets) + 2.5) * cols, 3.4 * rows), squeeze=False)
+    axes = axes.flatten()
+    for ax in axes[len(metrics) :]:
+        ax.axis("off")
+    width = 0.6 / max(len(variants), 1)
+    for ax, metric in zip(axes, metrics, strict=False):
+        for j, variant in enumerate(variants):
+            xs, ys, lows, highs = [], [], [], []
+            for i, test_set in enumerate(sets):
+                d = differences[variant].get(test_set, {}).get(metric)
+                if d is None:
+                    continue
+                delta, low, high = _diff_parts(d)
+                xs.append(i + (j - (len(variants) - 1) / 2) * width)
+                ys.append(delta)
+                lows.append(delta - low)
+                highs.append(high - delta)
+            if xs:
+                ax.errorbar(xs, ys, yerr=[lows, highs], fmt="o", capsize=4, label=variant)
+        ax.axhline(0, color="0.5", lw=0.8)
+        ax.set_xticks(range(len(sets)), sets, rotation=20, ha="right")
+        ax.set_ylabel(f"Δ {metric}")
+        ax.set_title(metric)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Difference to the baseline per test set (95% interval)")
+    return _save(fig, Path(path))
+
+
+def plot_prior_mass(mass: Mapping[str, float], path: str | os.PathLike[str]) -> Path | None:
+    """Bar chart of the attention mass on the prior component per site kind."""
+    if not mass:
+        return None
+    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(mass) + 1), 3.5))
+    ax.bar(list(mass), [float(v) for v in mass.values()], color="tab:purple")
+    ax.set_ylabel("attention mass on prior")
+    ax.set_title("Prior attention mass per site kind")
+    return _save(fig, Path(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# tables
+
+
+#: Metrics shown with 3 decimals (their differences are often below 0.01).
+_PRECISE = frozenset({"nll"})
+
+
+def _results_table(
+    results: Mapping[str, Mapping[str, Mapping[str, float]]],
+    differences: Mapping[str, Mapping[str, Mapping[str, Any]]] | None,
+) -> tuple[list[str], list[list[str]]]:
+    columns: list[tuple[str, str]] = []
+    for per_set in results.values():
+        for test_set, metrics in per_set.items():
+            for metric in metrics:
+                if (test_set, metric) not in columns:
+                    columns.append((test_set, metric))
+    header = ["variant"] + [f"{ts} {m}" for ts, m in columns]
+    body = []
+    for variant, per_set in results.items():
+        row = [variant]
+        for ts, m in columns:
+            k = 3 if m in _PRECISE else 2
+            cell = _fmt(per_set.get(ts, {}).get(m), k)
+            d = (differences or {}).get(variant, {}).get(ts, {}).get(m)
+            if d is not None:
+                delta, low, high = _diff_parts(d)
+                cell += f" (Δ {delta:+.{k}f} [{low:+.{k}f}, {high:+.{k}f}])"
+            row.append(cell)
+        body.append(row)
+    return header, body
+
+
+def _search_summary(study: Any) -> tuple[list[str], list[list[str]], list[list[str]]]:
+    trials = study.get_trials(deepcopy=False)
+    states = [t.state.name for t in trials]
+    timed = [float(t.user_attrs["wall_time_s"]) for t in trials if "wall_time_s" in t.user_attrs]
+    wall = sum(timed)
+    tokens = [t.user_attrs["n_tokens"] for t in trials if "n_tokens" in t.user_attrs]
+    rejected = [t for t in trials if "pruned_reason" in t.user_attrs]
+    summary = [
+        ["study", study.study_name],
+        ["direction", study.direction.name.lower()],
+        [
+            "complete / pruned / failed",
+            f"{states.count('COMPLETE')} / {states.count('PRUNED')} / {states.count('FAIL')}",
+        ],
+        ["evaluation time (s)", f"{wall:.1f}"],
+    ]
+    if timed:
+        summary.append(["cost", f"{len(timed)} trials × {wall / len(timed):.2f} s per trial = {wall:.1f} s"])
+    if rejected:
+        summary.append(
+            [
+                "pruned for low output diversity",
+                f"{len(rejected)} (trial #{rejected[0].number}: {rejected[0].user_attrs['pruned_reason']})",
+            ]
+        )
+    if tokens:
+        summary.append(["generated tokens", str(int(sum(tokens)))])
+    done = _completed(study)
+    knob_rows: list[list[str]] = []
+    if done:
+        best = study.best_trial
+        summary.append(["best trial", f"#{best.number}: {_fmt(float(best.value), 4)}"])
+        eq = [t for t in done if t.user_attrs.get("start_point") == "equivalence"]
+        if eq:
+            summary.append(["equivalence trial", f"#{eq[0].number}: {_fmt(float(eq[0].value), 4)}"])
+        if "diversity" in best.user_attrs:
+            summary.append(["best trial's dev diversity", _diversity_cell(best.user_attrs["diversity"])])
+        knobs = best.user_attrs.get("knobs", best.params)
+        knob_rows = [[k, _fmt(float(v), 4)] for k, v in sorted(knobs.items())]
+    return ["item", "value"], summary, knob_rows
+
+
+def _diversity_cell(d: Mapping[str, float]) -> str:
+    return f"{d['distinct']:.3f} / {d['top_share']:.3f} / {d['distinct_2']:.3f}"
+
+
+def _diversity_table(
+    diversity: Mapping[str, Mapping[str, Mapping[str, float]]],
+) -> tuple[list[str], list[list[str]]]:
+    sets = list(dict.fromkeys(ts for per_set in diversity.values() for ts in per_set))
+    body = [
+        [variant] + [_diversity_cell(per_set[ts]) if ts in per_set else "–" for ts in sets]
+        for variant, per_set in diversity.items()
+    ]
+    return ["variant", *sets], body
+
+
+# ----------------------------------------------------------------------------------------------
+# rendering
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def esc(s: str) -> str:
+        return str(s).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_CSS = (
+    "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
+    "th{background:#f3f3f3}img{max-width:100%}pre{background:#f6f6f6;padding:.5em}"
+)
+
+
+def write_report(
+    run_dir: str | os.PathLike[str],
+    *,
+    title: str = "NVIB report",
+    study: Any | None = None,
+    results: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
+    differences: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
+    baseline: str | None = None,
+    prior_stats: Mapping[str, Mapping[str, Any]] | None = None,
+    prior_mass: Mapping[str, float] | None = None,
+    notes: Mapping[str, str] | None = None,
+    diversity: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
+) -> ReportPaths:
+    """Write ``report.md``, ``report.html`` and ``plots/*.png`` under ``run_dir``.
+
+    ``results``: variant -> test set -> metric -> value (rows "unconverted", "NV equivalence",
+    "NV tuned", ...). ``differences``: variant -> test set -> metric -> bootstrap result of that
+    variant minus ``baseline`` (a :class:`nvib.workflow.metrics.BootstrapResult` or ``(delta, low,
+    high)``). ``prior_stats``: site -> {mean, var, log_alpha_mean, log_alpha_std, count}.
+    ``prior_mass``: site kind -> attention mass on the prior. ``notes``: extra key/value lines
+    (model, data, command...). ``diversity``: variant -> test set -> {distinct, top_share, distinct_2}
+    (:class:`nvib.workflow.metrics.Diversity`). The HTML embeds the PNGs; the Markdown links them; ``differences``
+    are also plotted per test set with their intervals.
+    """
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    plots: dict[str, Path] = {}
+    # (heading, markdown body, html body); images referenced as {img:name}
+    sections: list[tuple[str, str, str]] = []
+
+    def image(name: str, alt: str) -> tuple[str, str]:
+        rel = f"{PLOTS_DIR}/{plots[name].name}"
+        data = base64.b64encode(plots[name].read_bytes()).decode("ascii")
+        return f"![{alt}]({rel})", f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+    if notes:
+        rows = [[k, v] for k, v in notes.items()]
+        sections.append(("Run", _md_table(["item", "value"], rows), _html_table(["item", "value"], rows)))
+
+    if results:
+        header, body = _results_table(results, differences)
+        caption = (
+            f"Differences Δ are relative to **{baseline}**, with the 95% paired-bootstrap interval."
+            if differences and baseline
+            else ("Differences Δ carry the 95% paired-bootstrap interval." if differences else "")
+        )
+        md = (caption + "\n\n" if caption else "") + _md_table(header, body)
+        ht = (f"<p>{html.escape(caption.replace('**', ''))}</p>" if caption else "") + _html_table(header, body)
+        if differences:
+            p = plot_differences(differences, run / PLOTS_DIR / "differences.png")
+            if p is not None:
+                plots["differences"] = p
+                m, h = image("differences", "difference to the baseline per test set, with intervals")
+                md += "\n\n" + m
+                ht += h
+        sections.append(("Results", md, ht))
+
+    if diversity:
+        header, body = _diversity_table(diversity)
+        caption = (
+            "Per test set: distinct predictions / n, share of the most frequent prediction, distinct-2 "
+            "(distinct word bigrams / all bigrams)."
+        )
+        sections.append(
+            (
+                "Output diversity",
+                caption + "\n\n" + _md_table(header, body),
+                f"<p>{html.escape(caption)}</p>" + _html_table(header, body),
+            )
+        )
+
+    if study is not None:
+        header, summary, knob_rows = _search_summary(study)
+        md, ht = _md_table(header, summary), _html_table(header, summary)
+        if knob_rows:
+            md += "\n\nBest knobs:\n\n" + _md_table(["knob", "value"], knob_rows)
+            ht += "<p>Best knobs:</p>" + _html_table(["knob", "value"], knob_rows)
+        for name, fn, alt in (
+            ("search_history", plot_search_history, "search history"),
+            ("knobs", plot_knobs, "metric against each knob"),
+        ):
+            p = fn(study, run / PLOTS_DIR / f"{name}.png")
+            if p is not None:
+                plots[name] = p
+                m, h = image(name, alt)
+                md += "\n\n" + m
+                ht += h
+        sections.append(("Knob search", md, ht))
+
+    if prior_stats:
+        rows = [
+            [
+                r["site"],
+                str(r["count"]),
+                _fmt(r["mean_norm"], 4),
+                _fmt(r["mean_var"], 4),
+                f"{r['log_alpha_mean']:.3f} ± {r['log_alpha_std']:.3f}",
+            ]
+            for r in _prior_rows(prior_stats)
+        ]
+        header = ["site", "count", "‖mean‖", "mean var", "log α"]
+        plots["prior_stats"] = plot_prior_stats(prior_stats, run / PLOTS_DIR / "prior_stats.png")  # type: ignore[assignment]
+        m, h = image("prior_stats", "prior statistics per site")
+        sections.append(("Prior statistics", _md_table(header, rows) + "\n\n" + m, _html_table(header, rows) + h))
+
+    if prior_mass:
+        rows = [[k, _fmt(float(v), 4)] for k, v in prior_mass.items()]
+        plots["prior_mass"] = plot_prior_mass(prior_mass, run / PLOTS_DIR / "prior_mass.png")  # type: ignore[assignment]
+        m, h = image("prior_mass", "attention mass on the prior per site kind")
+        header = ["site kind", "prior mass"]
+        sections.append(("Attention on the prior", _md_table(header, rows) + "\n\n" + m, _html_table(header, rows) + h))
+
+    md_text = f"# {title}\n\n" + "\n\n".join(f"## {h}\n\n{md}" for h, md, _ in sections) + "\n"
+    html_text = (
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+        + "".join(f"<h2>{html.escape(h)}</h2>{ht}" for h, _, ht in sections)
+        + "</body></html>\n"
+    )
+    md_path, html_path = run / "report.md", run / "report.html"
+    md_path.write_text(md_text, encoding="utf-8")
+    html_path.write_text(html_text, encoding="utf-8")
+    return ReportPaths(md_path, html_path, plots)

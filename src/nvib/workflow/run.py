@@ -1,0 +1,469 @@
+"""The run: a config file -> prior -> knob search -> evaluation -> report, in one run directory.
+
+A run directory holds ``config.json`` (the config it was started with), ``prior.safetensors``,
+``study.db`` (the Optuna study), ``nv_config.json`` (the tuned knobs), ``predictions/``,
+``scores.json``, ``report.md``, ``report.html`` and ``plots/``. Re-running reuses finished stages:
+a complete prior is loaded, the study resumes where it stopped, evaluation and report are redone.
+The config schema is :mod:`nvib.workflow.settings`; model loading is :mod:`nvib.workflow.models`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import optuna
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from nvib.core.config import NVConfig
+from nvib.core.convert import convert, is_converted, nv_layers, unload
+from nvib.core.prior import EmpiricalPrior
+from nvib.workflow.data import Example, batches, fingerprint, load_examples
+from nvib.workflow.evaluate import (
+    LOWER_IS_BETTER,
+    VARIANTS,
+    DevObjective,
+    Evaluation,
+    Evaluator,
+    evaluate_variants,
+    new_progress,
+)
+from nvib.workflow.metrics import LIKELIHOOD_METRICS
+from nvib.workflow.models import batch_kind, load_model
+from nvib.workflow.report import ReportPaths, write_report
+from nvib.workflow.search import best_knobs, load_study, run_search, sampler_seed
+from nvib.workflow.settings import RunConfig
+
+__all__ = ["Run", "describe_data", "estimate_prior", "parse_shard", "prior_stats"]
+
+PRIOR_FILE, STUDY_FILE, KNOBS_FILE, CONFIG_FILE = (
+    "prior.safetensors",
+    "study.db",
+    "nv_config.json",
+    "config.json",
+)
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"i/n"`` (0 <= i < n) -> (i, n); None stays None."""
+    if text is None:
+        return None
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r} is not of the form i/n. Fix: e.g. --shard 0/4 ... --shard 3/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"--shard {text!r}: need 0 <= i < n. Fix: shards of n are numbered 0/n ... {n - 1}/n")
+    return i, n
+
+
+def describe_data(
+    path: Path,
+    columns: tuple[str | None, str | None],
+    max_lens: tuple[int, int],
+    limit: int | None,
+    batch_size: int,
+) -> str:
+    """What a prior's ``data`` metadata says, so a run can tell whether its prior matches its config."""
+    parts = [
+        str(path.resolve()),
+        f"columns={columns[0] or 'auto'}/{columns[1] or 'auto'}",
+        f"max_len={max_lens[0]}/{max_lens[1]}",
+        f"batch_size={batch_size}",
+    ]
+    if limit is not None:
+        parts.append(f"limit={limit}")
+    return " ".join(parts)
+
+
+def estimate_prior(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    batch_size: int,
+    max_source_len: int,
+    max_target_len: int,
+    description: str,
+    shard: tuple[int, int] | None = None,
+    lm_separator: str = "\n",
+    progress: bool = True,
+) -> EmpiricalPrior:
+    """Estimate the empirical prior over ``examples``; with ``shard=(i, n)`` only over batches i, i+n, ...
+
+    Shards of the same data and batch size merge (``EmpiricalPrior.merge``) into the full-data prior.
+    """
+    n_batches = math.ceil(len(examples) / batch_size)
+    if shard is not None:
+        i, n = shard
+        chosen = range(i, n_batches, n)
+        if not chosen:
+            raise ValueError(
+                f"shard {i}/{n} has no batches: the data makes only {n_batches} batches of {batch_size}. "
+                "Fix: use fewer shards or a smaller batch size"
+            )
+        # only the last batch of all may be short, so re-batching the concatenation gives the same batches
+        examples = [ex for j in chosen for ex in examples[j * batch_size : (j + 1) * batch_size]]
+        description += f" shard={i}/{n}"
+        n_batches = len(chosen)
+    kind = batch_kind(model)
+    it = batches(examples, tokenizer, batch_size, max_source_len, max_target_len, kind, lm_separator=lm_separator)
+    return EmpiricalPrior.estimate(model, it, data=description, total=n_batches, progress=progress, shard=shard)
+
+
+def prior_stats(prior: EmpiricalPrior) -> dict[str, dict[str, Any]]:
+    """The per-site statistics in the form `nvib.workflow.report.write_report` takes."""
+    return {
+        name: {
+            "mean": s.mean,
+            "var": s.var,
+            "log_alpha_mean": s.log_alpha_mean.mean(),  # key space: averaged over heads
+            "log_alpha_std": s.log_alpha_std.mean(),
+            "count": s.count,
+        }
+        for name, s in prior.sites.items()
+    }
+
+
+class Run:
+    """The stages of a run over one model object (loaded once, on first use)."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        run_dir: str | Path | None = None,
+        *,
+        console: Console | None = None,
+        progress: bool = True,
+        n_trials: int | None = None,
+    ):
+        self.config = config
+        self.dir = Path(run_dir) if run_dir is not None else config.default_run_dir()
+        self.console = console or Console(stderr=True, soft_wrap=True)
+        self.progress = progress
+        self.n_trials = config.search.n_trials if n_trials is None else n_trials
+        if self.n_trials < 0:
+            raise ValueError(f"n_trials must be >= 0, got {self.n_trials}")
+        self.prior_path = self.dir / PRIOR_FILE
+        self._prior: EmpiricalPrior | None = None
+
+    # -- shared pieces
+
+    @cached_property
+    def loaded(self) -> tuple[nn.Module, Any]:
+        cfg = self.config
+        self.console.print(f"loading model [bold]{cfg.path(cfg.model.path)}[/bold]")
+        model, tokenizer = load_model(cfg.model, cfg.task, cfg.base_dir)
+        if cfg.model.kind == "bert2bert":
+            self.console.print(
+                f"[yellow]note:[/yellow] bert2bert warm start: the decoder's cross-attention is untrained "
+                f"(initialised with seed {cfg.model.seed}); expect poor outputs"
+            )
+        return model, tokenizer
+
+    def examples(self, split: str, name: str | None = None) -> list[Example]:
+        d = self.config.data
+        path = {"train": d.train, "dev": d.dev}.get(split) or d.test[name]
+        limit = {"train": d.train_limit, "dev": d.dev_limit}.get(split, d.test_limit)
+        return load_examples(self.config.path(path), d.source_column, d.target_column, limit=limit)
+
+    def evaluator(self, progress) -> Evaluator:
+        model, tokenizer = self.loaded
+        d = self.config.data
+        return Evaluator(
+            model,
+            tokenizer,
+            self.config.task,
+            self.config.generation,
+            max_source_len=d.max_source_len,
+            max_target_len=d.max_target_len,
+            lm_separator=d.lm_separator,
+            progress=progress,
+        )
+
+    @property
+    def storage(self) -> str:
+        return self.config.search.storage or f"sqlite:///{(self.dir / STUDY_FILE).resolve()}"
+
+    def _prior_description(self) -> str:
+        d = self.config.data
+        return describe_data(
+            self.config.path(d.train),
+            (d.source_column, d.target_column),
+            (d.max_source_len, d.max_target_len),
+            d.train_limit,
+            self.config.prior.batch_size,
+        )
+
+    def _start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        record = {
+            "source": self.config.source,
+            "base_dir": str(self.config.base_dir),
+            "config": self.config.raw,
+        }
+        (self.dir / CONFIG_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+
+    # -- stages
+
+    def prior(self, *, required: bool = False) -> EmpiricalPrior:
+        """The run's prior: loaded if ``prior.safetensors`` is there and complete, else estimated, saved."""
+        if self._prior is not None:
+            return self._prior
+        expected = self._prior_description()
+        if self.prior_path.is_file():
+            prior = EmpiricalPrior.load(self.prior_path)
+            if prior.metadata.get("complete", True):
+                if prior.metadata.get("data") != expected:
+                    self.console.print(
+                        f"[yellow]warning:[/yellow] {self.prior_path} was estimated on "
+                        f"{prior.metadata.get('data')!r}, the config now gives {expected!r}; using it anyway "
+                        "(delete it to re-estimate)"
+                    )
+                self.console.print(f"prior: reusing {self.prior_path} ({_tokens(prior)} tokens)")
+                self._prior = prior
+                return prior
+            self.console.print(f"prior: {self.prior_path} is incomplete (interrupted); estimating again")
+        elif required:
+            raise FileNotFoundError(
+                f"no prior at {self.prior_path}. "
+                f"Fix: run `nvib run` first, or `nvib prior MODEL DATA -o {self.prior_path}`"
+            )
+        self._start()
+        model, tokenizer = self.loaded
+        if is_converted(model):
+            unload(model)
+        d = self.config.data
+        start = time.perf_counter()
+        prior = estimate_prior(
+            model,
+            tokenizer,
+            self.examples("train"),
+            batch_size=self.config.prior.batch_size,
+            max_source_len=d.max_source_len,
+            max_target_len=d.max_target_len,
+            description=expected,
+            lm_separator=d.lm_separator,
+            progress=self.progress,
+        )
+        prior.save(self.prior_path)
+        if not prior.metadata.get("complete", True):
+            raise KeyboardInterrupt(f"prior interrupted after {_tokens(prior)} tokens; partial prior saved")
+        seconds = time.perf_counter() - start
+        self.console.print(f"prior: {_tokens(prior)} tokens in {seconds:.0f} s -> {self.prior_path}")
+        self._prior = prior
+        return prior
+
+    def _nv_model(self, prior: EmpiricalPrior) -> nn.Module:
+        model, _ = self.loaded
+        if is_converted(model) and model.__dict__.get("nv_prior") is not prior:
+            unload(model)
+        if not is_converted(model):
+            convert(model, NVConfig(), prior=prior)
+        return model
+
+    def search(self) -> optuna.Study:
+        """Tune the knobs on the dev set (resuming a stored study); writes nv_config.json."""
+        cfg, metric_name = self.config, self.config.metric
+        prior = self.prior(required=True)
+        model = self._nv_model(prior)
+        self._start()
+        dev = self.examples("dev")
+        slices = sorted({min(s, len(dev)) for s in cfg.search.slices})
+        if slices[-1] < max(cfg.search.slices):
+            self.console.print(f"search: the dev set has {len(dev)} examples; slices clipped to {slices}")
+        previous = _load_study(self.storage, cfg.search.study_name)
+        done = len(previous.get_trials(deepcopy=False, states=_FINISHED)) if previous is not None else 0
+        remaining = max(self.n_trials - done, 0)
+        if done:
+            self.console.print(f"search: resuming study with {done} finished trials; {remaining} to run")
+        kinds = {layer.kind for layer in nv_layers(model).values()}
+        bar, start = new_progress(self.progress, self.console), time.perf_counter()
+        with bar:
+            trials = bar.add_task("search", total=remaining, info=metric_name)
+            started = [0]
+
+            def on_call(knobs: dict[str, float], n: int) -> None:
+                if n == slices[0]:
+                    bar.update(trials, completed=started[0], info=f"trial {started[0] + 1}/{remaining}")
+                    started[0] += 1
+
+            objective = DevObjective(
+                self.evaluator(bar), dev, metric_name, on_call=on_call, min_diversity=cfg.search.min_diversity
+            )
+            study = run_search(
+                objective,
+                kinds,
+                n_trials=self.n_trials,
+                storage=self.storage,
+                study_name=cfg.search.study_name,
+                slices=slices,
+                start_points=cfg.search.start_points,
+                space=cfg.search.space(),
+                seed=self.sampler_seed,
+                timeout=cfg.search.timeout,
+                progress=False,
+                n_startup_trials=cfg.search.n_startup_trials,
+                objective_info={"metric": metric_name, "dev": fingerprint(dev[: slices[-1]])},
+                heartbeat_interval=cfg.search.heartbeat_interval,
+                grace_period=cfg.search.grace_period,
+            )
+            bar.update(trials, completed=remaining)
+        study.set_user_attr("metric", metric_name)
+        study.set_user_attr("sampler_seed", self.sampler_seed)
+        tuned = NVConfig(**best_knobs(study))
+        tuned.save(self.dir / KNOBS_FILE)
+        sign = -1 if metric_name in LOWER_IS_BETTER else 1
+        seconds = time.perf_counter() - start
+        per_trial = f" ({seconds / started[0]:.1f} s per trial)" if started[0] else ""
+        rejected = sum("pruned_reason" in t.user_attrs for t in study.get_trials(deepcopy=False))
+        self.console.print(
+            f"search: {started[0]} trials in {seconds:.0f} s{per_trial} "
+            f"({objective.n_generated} dev examples run); best {metric_name} {sign * study.best_value:.4f} "
+            f"(trial #{study.best_trial.number}); knobs -> {self.dir / KNOBS_FILE}"
+            + (f"; {rejected} trials pruned for low output diversity" if rejected else "")
+        )
+        return study
+
+    @property
+    def sampler_seed(self) -> int:
+        """The TPE seed: derived from the dev data's name (its file and folder) and shifted by search.seed."""
+        dev = self.config.path(self.config.data.dev).resolve()
+        return sampler_seed("/".join(dev.parts[-2:]), self.config.search.seed)
+
+    def tuned_knobs(self) -> NVConfig:
+        path = self.dir / KNOBS_FILE
+        if path.is_file():
+            return NVConfig.load(path)
+        study = _load_study(self.storage, self.config.search.study_name)
+        if study is None:
+            raise FileNotFoundError(f"no tuned knobs at {path} and no study. Fix: run `nvib search` first")
+        return NVConfig(**best_knobs(study))
+
+    def evaluate(self, knobs: NVConfig | None = None) -> Evaluation:
+        """Evaluate unconverted / equivalence / tuned on every test set; write predictions, scores.json."""
+        cfg = self.config
+        prior = self.prior(required=True)
+        tuned = knobs or self.tuned_knobs()
+        self._start()
+        tests = {name: self.examples("test", name) for name in cfg.data.test}
+        bar, start = new_progress(self.progress, self.console), time.perf_counter()
+        with bar:
+            evaluation = evaluate_variants(
+                self.evaluator(bar),
+                tests,
+                prior,
+                tuned,
+                self.dir,
+                bootstrap=cfg.evaluation.bootstrap,
+                seed=cfg.evaluation.seed,
+                log=bar.console.print,
+            )
+        self.console.print(_results_table(evaluation))
+        self.console.print(f"evaluation: {time.perf_counter() - start:.0f} s -> {self.dir / 'scores.json'}")
+        return evaluation
+
+    def report(self, evaluation: Evaluation | None = None) -> ReportPaths:
+        cfg = self.config
+        study = _load_study(self.storage, cfg.search.study_name)
+        prior = self._prior or (EmpiricalPrior.load(self.prior_path) if self.prior_path.is_file() else None)
+        notes = {
+            "model": f"{cfg.path(cfg.model.path)} ({cfg.model.kind})",
+            "task": cfg.task,
+            "train (prior)": str(cfg.path(cfg.data.train)),
+            "dev (search)": str(cfg.path(cfg.data.dev)),
+            "search metric": cfg.metric
+            + (" (the search maximises its negative)" if cfg.metric in LOWER_IS_BETTER else ""),
+            "diversity guard": "not needed (likelihood objective)"
+            if cfg.metric in LIKELIHOOD_METRICS
+            else (
+                f"trials whose dev outputs are less diverse (distinct predictions or distinct-2) than "
+                f"{cfg.search.min_diversity:g} × the unconverted model's are pruned"
+                if cfg.search.min_diversity is not None
+                else "off (search.min_diversity: null)"
+            ),
+            "sampler seed": f"{self.sampler_seed} (from the dev data's name and search.seed={cfg.search.seed})",
+            "generation": ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg.generation).items()),
+        }
+        results = differences = mass = diversity = None
+        if evaluation is not None:
+            notes["equivalence"] = ", ".join(
+                f"{name}: {'identical' if e['identical'] else 'NOT identical'}"
+                for name, e in evaluation.equivalence.items()
+            )
+            for variant, sets in evaluation.tokens.items():
+                what = "scored" if evaluation.task == "lm" else "generated"
+                notes[f"{what} tokens, {VARIANTS[variant]}"] = ", ".join(f"{n}: {t}" for n, t in sets.items())
+            results = {VARIANTS[v]: r for v, r in evaluation.results.items()}
+            diversity = {VARIANTS[v]: d for v, d in evaluation.diversity.items()} or None
+            differences = {VARIANTS[v]: d for v, d in evaluation.differences.items()}
+            single = len(evaluation.prior_mass) == 1
+            mass = {
+                (kind if single else f"{name}: {kind}"): value
+                for name, per in evaluation.prior_mass.items()
+                for kind, value in per.items()
+            }
+        paths = write_report(
+            self.dir,
+            title=f"NVIB run: {_model_name(cfg.path(cfg.model.path))} ({cfg.task})",
+            study=study,
+            results=results,
+            differences=differences,
+            baseline=VARIANTS["unconverted"],
+            prior_stats=prior_stats(prior) if prior is not None else None,
+            prior_mass=mass,
+            notes=notes,
+            diversity=diversity,
+        )
+        self.console.print(f"report: {paths.markdown} and {paths.html}")
+        return paths
+
+    def all(self) -> Evaluation:
+        """prior -> search -> evaluate -> report."""
+        self._start()
+        self.prior()
+        self.search()
+        evaluation = self.evaluate()
+        self.report(evaluation)
+        return evaluation
+
+
+_FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+def _load_study(storage: str, name: str) -> optuna.Study | None:
+    """The stored study, or None; storage problems (missing driver, server down) are one-line errors."""
+    return load_study(storage, name, heartbeat_interval=None, grace_period=None)
+
+
+def _model_name(path: Path) -> str:
+    return path.parent.name if path.name == "model" else path.name
+
+
+def _tokens(prior: EmpiricalPrior) -> int:
+    return max((s.count for s in prior.sites.values()), default=0)
+
+
+def _results_table(evaluation: Evaluation) -> Table:
+    table = Table(caption="(Δ vs unconverted; 95% bootstrap intervals in scores.json and report.md)")
+    for column in ("test set", "metric", *VARIANTS.values()):
+        table.add_column(column, justify="left" if column in ("test set", "metric") else "right")
+    for name in evaluation.equivalence:
+        for m in evaluation.metrics:
+            cells = []
+            for variant in VARIANTS:
+                cell = f"{evaluation.results[variant][name][m]:.2f}"
+                diff = evaluation.differences.get(variant, {}).get(name, {}).get(m)
+                if diff is not None:
+                    cell += f" ({diff.delta:+.2f})"
+                cells.append(cell)
+            table.add_row(name, m, *cells)
+    return table

@@ -1,0 +1,42 @@
+"""Fine-tuning an NV model with the NVIB regularisers (spec §8), on the HuggingFace `Seq2SeqTrainer`.
+
+Loss = task loss + λ_G(step)·Σ_sites KL_G + λ_D(step)·Σ_sites KL_D, where λ(step) follows a
+`LambdaSchedule`. The model is converted with the identity initialisation first (with the empirical
+prior if one is given), so step 0 is the pretrained model; in `model.train()` the NV layers sample and
+compute their KL terms, in `model.eval()` they use the exact fast form, or the general form of §4 once
+the layers have per-token variances (W_σ, see `prepare_model`).
+
+`trainer`: the loss and the Trainer subclasses; `finetune`: preparing, tokenising, building, running. Entry point:
+`finetune` (the command `nvib finetune` in `nvib.cli` calls it).
+"""
+
+from nvib.workflow.train.finetune import (
+    CHECKPOINTS,
+    RUN_ARGS,
+    RUN_LOG,
+    START_STDEV_TAU,
+    Collator,
+    build_trainer,
+    finetune,
+    prepare_model,
+    set_trainable,
+    tokenise,
+)
+from nvib.workflow.train.trainer import KL_CLIPS, LambdaSchedule, NVCausalLMTrainer, NVTrainer
+
+__all__ = [
+    "CHECKPOINTS",
+    "KL_CLIPS",
+    "RUN_ARGS",
+    "RUN_LOG",
+    "START_STDEV_TAU",
+    "Collator",
+    "LambdaSchedule",
+    "NVCausalLMTrainer",
+    "NVTrainer",
+    "build_trainer",
+    "finetune",
+    "prepare_model",
+    "set_trainable",
+    "tokenise",
+]

@@ -1,0 +1,274 @@
+"""The NVIB training loss on the HuggingFace Trainer: λ schedules, the KL terms in the loss and the logs, the
+separately clipped KL gradients (spec §8)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import weakref
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
+
+from nvib.core.convert import LAYERS, is_converted, kl_terms, nv_layers
+
+__all__ = ["KL_CLIPS", "KLClip", "LambdaSchedule", "NVCausalLMTrainer", "NVTrainer", "check_kl_clip", "check_lambda"]
+
+ScheduleKind = Literal["constant", "linear", "cyclic"]
+
+
+# ----------------------------------------------------------------------------------------------
+# λ schedules
+
+
+@dataclasses.dataclass(frozen=True)
+class LambdaSchedule:
+    """How λ_G and λ_D move with the optimisation step (the number of completed updates, from 0).
+
+    - ``constant``: λ at every step.
+    - ``linear``: warm-up from 0 at step 0 to λ at step ``steps``, then λ.
+    - ``cyclic``: cyclic annealing (Fu et al., 2019) with period ``steps``: in every period λ rises
+      linearly from 0 over the first ``ramp`` fraction of the period, then stays at λ.
+    """
+
+    kind: ScheduleKind = "constant"
+    steps: int = 0
+    ramp: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("constant", "linear", "cyclic"):
+            raise ValueError(f"schedule must be 'constant', 'linear' or 'cyclic', got {self.kind!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"schedule steps must be an integer >= 0, got {self.steps!r}")
+        if self.kind != "constant" and self.steps < 1:
+            raise ValueError(
+                f"the {self.kind} schedule needs its number of steps (>= 1), got {self.steps}; "
+                f"e.g. LambdaSchedule({self.kind!r}, steps=1000) or --schedule-steps 1000"
+            )
+        if not (0 < self.ramp <= 1):
+            raise ValueError(f"schedule ramp is a fraction of the period in (0, 1], got {self.ramp}")
+
+    def factor(self, step: int) -> float:
+        """The multiplier of λ at `step`, in [0, 1]."""
+        if self.kind == "constant":
+            return 1.0
+        if self.kind == "linear":
+            return min(1.0, max(step, 0) / self.steps)
+        rise = self.ramp * self.steps
+        return min(1.0, (max(step, 0) % self.steps) / rise)
+
+    def __call__(self, base: float, step: int) -> float:
+        return base * self.factor(step)
+
+
+# ----------------------------------------------------------------------------------------------
+# the trainer
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DataParallel / DDP
+        model = model.module
+    return model
+
+
+KLClip = Literal["joint", "separate"]
+KL_CLIPS = ("joint", "separate")
+
+
+class _NVLoss:
+    """The NVIB part of `NVTrainer` / `NVCausalLMTrainer` (a mixin in front of a HuggingFace `Trainer`).
+
+    compute_loss = task loss + λ_G(step)·Σ_sites KL_G + λ_D(step)·Σ_sites KL_D in training mode; in
+    evaluation mode (no sampling, no KL) it is the task loss alone. The training logs gain, averaged over
+    the logging interval, ``kl_g_<kind>`` / ``kl_d_<kind>`` (Σ over the sites of that kind: encoder,
+    cross, decoder), ``kl_<kind>`` (their sum), ``task_loss``, and the current ``lambda_g`` / ``lambda_d``.
+
+    `kl_clip` says how `max_grad_norm` applies: ``joint`` clips the gradient of the whole loss (the Trainer's
+    usual clipping); ``separate`` clips the task gradient and the KL gradient to `max_grad_norm` each and adds
+    them, so a large KL gradient can no longer shrink the task update (benchmarks/RESULTS.md, "kl
+    gradients"). With ``separate`` the KL gradient is taken by its own backward pass (about one more encoder
+    backward per step) and is logged as ``kl_grad_norm`` (before clipping; ``grad_norm`` is then the task's).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        lambda_g: float = 0.0,
+        lambda_d: float = 0.0,
+        schedule: LambdaSchedule | None = None,
+        nv_lr: float | None = None,
+        kl_clip: KLClip = "joint",
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        # Many models take **kwargs but ignore num_items_in_batch (BART computes a plain mean), so the
+        # Trainer's token-count normalisation would leave their loss unscaled under gradient accumulation.
+        # Every loss here is a per-batch mean instead, which the Trainer divides by the accumulation steps
+        # (KL terms included).
+        self.model_accepts_loss_kwargs = False
+        check_lambda("lambda_g", lambda_g)
+        check_lambda("lambda_d", lambda_d)
+        check_kl_clip(kl_clip)
+        self.lambda_g, self.lambda_d = float(lambda_g), float(lambda_d)
+        self.schedule = schedule or LambdaSchedule()
+        self.nv_lr = nv_lr
+        # without clipping (max_grad_norm <= 0) both ways add the same unclipped gradients: skip the extra pass
+        self.kl_clip = kl_clip if self.args.max_grad_norm > 0 else "joint"
+        self._kl_sums: dict[str, torch.Tensor] = {}
+        self._kl_count = 0
+        self._kl_grads: dict[int, torch.Tensor] = {}  # kl_clip="separate": id(param) -> KL gradient so far
+        self._kl_grad_norms: list[float] = []
+        if self.kl_clip == "separate":
+            self.add_callback(_AddClippedKLGradients(self))
+
+    def create_optimizer(self, *args: Any, **kwargs: Any):
+        """The Trainer's optimizer, with the NV layers' parameters in groups of their own at `nv_lr`."""
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if self.nv_lr is None or getattr(optimizer, "_nv_split", False):
+            return optimizer
+        nv_ids = {id(p) for p in _unwrap(self.model)._modules[LAYERS].parameters()}
+        groups = []
+        for group in optimizer.param_groups:
+            for is_nv in (False, True):
+                params = [p for p in group["params"] if (id(p) in nv_ids) == is_nv]
+                if params:
+                    groups.append({**group, "params": params, **({"lr": self.nv_lr} if is_nv else {})})
+        optimizer.param_groups.clear()
+        for group in groups:
+            optimizer.add_param_group(group)
+        optimizer._nv_split = True
+        return optimizer
+
+    def current_lambdas(self, step: int | None = None) -> tuple[float, float]:
+        """(λ_G, λ_D) at `step` (default: the current optimisation step)."""
+        step = self.state.global_step if step is None else step
+        return self.schedule(self.lambda_g, step), self.schedule(self.lambda_d, step)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        base = _unwrap(model)
+        if model.training and is_converted(base):
+            lambda_g, lambda_d = self.current_lambdas()
+            per_kind = self._kl_per_kind(base)
+            penalty = loss.new_zeros(())
+            if lambda_g:
+                penalty = penalty + lambda_g * sum(g for g, _ in per_kind.values())
+            if lambda_d:
+                penalty = penalty + lambda_d * sum(d for _, d in per_kind.values())
+            task = loss
+            accumulated = getattr(self, "current_gradient_accumulation_steps", 1)
+            scaled_for_ga = self._task_loss_scaled_for_ga(num_items_in_batch)
+            if scaled_for_ga:
+                # the task loss is already this batch's share of the accumulated batch; the KL terms are means
+                penalty = penalty / accumulated
+                task = loss * accumulated
+            self._record(task, per_kind)
+            if self.kl_clip == "separate" and penalty.requires_grad and torch.is_grad_enabled():
+                # training_step divides an unscaled loss by the accumulation steps before its backward
+                self._accumulate_kl_gradients(base, penalty if scaled_for_ga else penalty / accumulated)
+                penalty = penalty.detach()  # logged in the loss, but its gradient goes through the callback
+            loss = loss + penalty
+        return (loss, outputs) if return_outputs else loss
+
+    def _accumulate_kl_gradients(self, model: nn.Module, penalty: torch.Tensor) -> None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(penalty, params, retain_graph=True, allow_unused=True)
+        for param, grad in zip(params, grads, strict=True):
+            if grad is not None:
+                key = id(param)
+                self._kl_grads[key] = self._kl_grads[key] + grad if key in self._kl_grads else grad
+
+    @torch.no_grad()
+    def _add_clipped_kl_gradients(self, model: nn.Module) -> None:
+        """After the Trainer clipped the task gradient: clip the accumulated KL gradient alone and add it."""
+        if not self._kl_grads:
+            return
+        params = {id(p): p for p in model.parameters()}
+        grads = self._kl_grads
+        self._kl_grads = {}
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for grad in grads.values():  # the Trainer's backward all-reduces the task gradient; do the same
+                torch.distributed.all_reduce(grad)
+                grad /= torch.distributed.get_world_size()
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads.values()]))
+        self._kl_grad_norms.append(float(norm))
+        scale = (self.args.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        for key, grad in grads.items():
+            param = params[key]
+            if param.grad is None:
+                param.grad = (grad * scale).to(param.dtype)
+            else:
+                param.grad.add_((grad * scale).to(param.grad.dtype))
+
+    def _task_loss_scaled_for_ga(self, num_items_in_batch) -> bool:
+        if getattr(self, "loss_is_scaled_for_ga", None) is not None:
+            return bool(self.loss_is_scaled_for_ga)
+        return bool(
+            (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        )
+
+    @staticmethod
+    def _kl_per_kind(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """kind -> (Σ KL_G, Σ KL_D) over that kind's sites, float32, of the last training forward."""
+        layers = nv_layers(model)
+        out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for site, (g, d) in kl_terms(model).items():
+            kind = layers[site].kind
+            g0, d0 = out.get(kind, (0.0, 0.0))
+            out[kind] = (g0 + g.float(), d0 + d.float())
+        return out
+
+    @torch.no_grad()
+    def _record(self, loss: torch.Tensor, per_kind: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        values = {"task_loss": loss.detach().float()}
+        for kind, (g, d) in per_kind.items():
+            values[f"kl_g_{kind}"] = g.detach()
+            values[f"kl_d_{kind}"] = d.detach()
+            values[f"kl_{kind}"] = (g + d).detach()
+        for key, value in values.items():
+            self._kl_sums[key] = self._kl_sums[key] + value if key in self._kl_sums else value.clone()
+        self._kl_count += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: add the KL terms since the last one and the λ values
+            if self._kl_count:
+                for key, total in self._kl_sums.items():
+                    logs[key] = float(total) / self._kl_count
+            if self._kl_grad_norms:
+                logs["kl_grad_norm"] = sum(self._kl_grad_norms) / len(self._kl_grad_norms)
+            lambda_g, lambda_d = self.current_lambdas()
+            logs["lambda_g"], logs["lambda_d"] = lambda_g, lambda_d
+            self._kl_sums, self._kl_count, self._kl_grad_norms = {}, 0, []
+        super().log(logs, start_time)
+
+
+class _AddClippedKLGradients(TrainerCallback):
+    """kl_clip="separate": the Trainer calls this after clipping the (task) gradient, before the optimizer step."""
+
+    def __init__(self, trainer: _NVLoss):
+        self.trainer = weakref.proxy(trainer)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._add_clipped_kl_gradients(_unwrap(self.trainer.model))
+
+
+class NVTrainer(_NVLoss, Seq2SeqTrainer):
+    """`Seq2SeqTrainer` whose training loss adds the NVIB regularisers (seq2seq models; see `_NVLoss`)."""
+
+
+class NVCausalLMTrainer(_NVLoss, Trainer):
+    """`Trainer` whose training loss adds the NVIB regularisers (causal LMs: the loss covers the target tokens
+    of each prompt + target example, `nvib.workflow.data.batches(kind="lm")`; see `_NVLoss`)."""
+
+
+def check_kl_clip(value: str) -> None:
+    if value not in KL_CLIPS:
+        raise ValueError(f"kl_clip must be 'joint' or 'separate', got {value!r}")
+
+
+def check_lambda(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

@@ -1,0 +1,59 @@
+"""The house rules of ../shared/design/layout.md that import-linter (`make lint`) does not check: no module of nvib
+imports, or reaches through a module for, a private name (`_x`) of another."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from pathlib import Path
+
+import nvib
+
+SRC = Path(nvib.__file__).parent
+
+
+def _private_uses(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    modules: set[str] = set()  # local names bound to nvib modules
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("nvib"):
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    found.append(f"{path.name}:{node.lineno} imports {node.module}.{alias.name}")
+                if importlib.util.find_spec(f"{node.module}.{alias.name}") if _is_package(node.module) else False:
+                    modules.add(alias.asname or alias.name)
+        elif isinstance(node, ast.Import):
+            modules.update(a.asname or a.name.split(".")[0] for a in node.names if a.name.startswith("nvib"))
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+            and isinstance(node.value, ast.Name | ast.Attribute)
+            and _root(node.value) in modules
+        ):
+            found.append(f"{path.name}:{node.lineno} reaches for {ast.unparse(node)}")
+    return found
+
+
+def _is_package(name: str) -> bool:
+    spec = importlib.util.find_spec(name)
+    return spec is not None and spec.submodule_search_locations is not None
+
+
+def _root(node: ast.expr) -> str | None:
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def test_no_module_uses_a_private_name_of_another() -> None:
+    found = [use for path in sorted(SRC.rglob("*.py")) for use in _private_uses(path)]
+    assert not found, "\n".join(found)
+
+
+def test_the_check_finds_a_private_import(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("from nvib.core.layer import _x\nfrom nvib.core import masks\nmasks._SPLIT_BIAS.clear()\n")
+    assert len(_private_uses(bad)) == 2
