@@ -14,18 +14,6 @@ from nvib.core.config import NVConfig
 from nvib.core.layer import LAYERS, NVIBLayer, is_converted, nv_layers, set_knobs
 from nvib.core.prior import EmpiricalPrior
 
-__all__ = [
-    "LAYERS",
-    "configure",
-    "convert",
-    "enable_per_token_variance",
-    "is_converted",
-    "kl_loss",
-    "kl_terms",
-    "nv_layers",
-    "unload",
-]
-
 
 def convert(
     model: nn.Module, config: NVConfig | None = None, prior=None, per_token_variance: bool = False
