@@ -88,7 +88,7 @@ def test_fast_form_equals_the_spec_10_reference(case: Case, split: bool, monkeyp
         G, E = layer.heads, layer.head_dim
         var = torch.rand(G, E, generator=g, dtype=torch.float64) + 0.5
         layer.set_prior(torch.randn(G, E, generator=g), var, torch.rand(G) * 3, torch.rand(G) + 1, torch.randn(G, E))
-    nvib.configure(nv, nvib.NVConfig(alpha_tau_d=-1.0, stdev_tau_d=0.7))
+    nvib.configure(nv, nvib.NVConfig(alpha_tau_d=-1.0, stdev_tau_d=0.7, stdev_unit="prior"))
     monkeypatch.setattr(nvib.core.masks, "SPLIT_PRIOR", split)
     calls, unrotated = [], []
     original = keyspace.nv_key_attention

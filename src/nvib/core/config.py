@@ -9,6 +9,7 @@ from pathlib import Path
 
 KINDS = ("encoder", "cross", "decoder")
 SUFFIX = {"encoder": "e", "cross": "c", "decoder": "d"}  # site kind -> knob suffix
+STDEV_UNITS = (None, "prior", "bias")
 KNOBS = tuple(f"{p}_{s}" for p in ("alpha_tau", "stdev_tau") for s in SUFFIX.values())  # the six searched knobs
 
 #: Knob prefix -> (low, high, whether low itself is allowed): ranges inside which every term of spec §3-6
@@ -44,12 +45,17 @@ class NVConfig:
     alpha_scale_min: float = 1.0
     # centre τ_α on an average in-domain token (spec §11); key-space sites (spec §10) are always centred
     centre_alpha: bool = False
+    # the unit of stdev_tau: "prior" (spec §3: σ = τ_σ·s_0) or "bias" (spec §12: τ_σ nats of spread of the score
+    # bias the variance adds); None: each site's default, "prior" in z-space and "bias" in key space
+    stdev_unit: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.centre_alpha, bool):
             raise ValueError(f"NVConfig.centre_alpha must be True or False, got {self.centre_alpha!r}")
+        if self.stdev_unit not in STDEV_UNITS:
+            raise ValueError(f'NVConfig.stdev_unit must be "prior", "bias" or None, got {self.stdev_unit!r}')
         for field in dataclasses.fields(self):
-            if field.name == "centre_alpha":
+            if field.name in ("centre_alpha", "stdev_unit"):
                 continue
             value = getattr(self, field.name)
             if isinstance(value, bool) or not isinstance(value, int | float):
@@ -78,6 +84,8 @@ class NVConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> NVConfig:
+        """From `to_dict` output; a dict without ``stdev_unit`` was written before it existed, in spec §3's unit."""
+        data = {"stdev_unit": "prior", **data}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -75,7 +75,7 @@ def _build_layers(model: nn.Module, prior, per_token_variance: bool) -> tuple[li
         prior.check_compatible(model, layers)
         for name, layer in layers.items():
             s = prior.sites[name]
-            layer.set_prior(s.mean, s.var, s.log_alpha_mean, s.log_alpha_std, s.value_mean)
+            layer.set_prior(s.mean, s.var, s.log_alpha_mean, s.log_alpha_std, s.value_mean, s.sq_var, s.sample)
     return sites, layers
 
 
@@ -157,8 +157,15 @@ def configure(model: nn.Module, config: NVConfig) -> nn.Module:
     """Re-initialise every site with new knobs, in place; cheap enough to call once per search trial."""
     if not isinstance(config, NVConfig):
         raise TypeError(f"configure expects an nvib.NVConfig, got {type(config).__name__}")
-    set_knobs(model, config)
+    clamped = set_knobs(model, config)
     model.__dict__["nv_config"] = config
+    if clamped:
+        warnings.warn(
+            f"stdev_tau is above the largest score-bias spread at {len(clamped)} mixture(s): "
+            f"{', '.join(clamped[:6])}{', ...' if len(clamped) > 6 else ''}; clamped there (spec §12: attention by "
+            "key norm alone). Fix: a smaller stdev_tau, if that is not what you meant",
+            stacklevel=2,
+        )
     return model
 
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from nvib.core.architectures import find_sites
 from nvib.core.config import NVConfig
 from nvib.core.convert import convert
 from nvib.core.layer import LAYERS, nv_layers
@@ -38,6 +39,7 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
         prior.save(out / PRIOR)
     info = {
         "nv_config": model.nv_config.to_dict(),
+        "stdev_unit": model.nv_config.stdev_unit or next(iter(layers.values())).STDEV_UNIT,  # the unit it ran in
         "sites": sorted(layers),
         "model_class": type(model).__name__,
         "prior": PRIOR if prior is not None else None,
@@ -57,6 +59,7 @@ class SavedInfo(BaseModel):
     sites: list[str]
     prior: str | None = None
     per_token_variance: bool = False
+    stdev_unit: str = "prior"  # the unit the knobs were evaluated in (spec §12); files before it used §3's
 
 
 def load(path: str | Path, **from_pretrained_kwargs) -> nn.Module:
@@ -80,6 +83,8 @@ def load(path: str | Path, **from_pretrained_kwargs) -> nn.Module:
     weights = _inside(path, NV_WEIGHTS, "NV layer weights")
     from_pretrained_kwargs.setdefault("local_files_only", True)
     model = cls.from_pretrained(path, **from_pretrained_kwargs)
+    if config.stdev_unit is None and info.stdev_unit != ("bias" if find_sites(model)[0].arch.key_space else "prior"):
+        config = config.replace(stdev_unit=info.stdev_unit)  # the unit it ran in, where today's default differs
     prior = EmpiricalPrior.load(prior_path) if prior_path is not None else None
     state = load_file(str(weights))
     convert(model, config, prior=prior, per_token_variance=any(k.endswith(".logvar_weight") for k in state))
@@ -125,7 +130,7 @@ def _model_class(name: str, file: Path) -> type[transformers.PreTrainedModel]:
 
 # NVConfig fields added after files were first written, with the values that reproduce what those files computed
 # (spec §11: before the floor, b_α = τ_α·ς, uncentred)
-ADDED_LATER = {"alpha_scale_min": 0.0, "centre_alpha": False}
+ADDED_LATER = {"alpha_scale_min": 0.0, "centre_alpha": False, "stdev_unit": None}  # stdev_unit: see `load`
 
 
 def _knobs(data: dict[str, Any], file: Path) -> NVConfig:

@@ -27,7 +27,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from nvib.core.architectures import Site
 from nvib.core.kl import kl_dirichlet, kl_gaussian
-from nvib.core.layer import TINY_VARIANCE, PriorWeight, sample_log_gamma
+from nvib.core.layer import TINY_VARIANCE, PriorWeight, sample_log_gamma, variance_scale
 from nvib.core.masks import FLASH_CPU, can_split, key_mask, nv_mask
 
 ATTN_NAME = "nvib-key"
@@ -39,6 +39,7 @@ class KeySpaceLayer(PriorWeight, nn.Module):
     the knob-derived parameters log σ² [G, E] (shared by the tokens) and b_α [G]."""
 
     per_token_variance = False
+    STDEV_UNIT = "bias"  # key space: one τ_σ means the same spread of scores at every head (spec §12)
 
     def __init__(self, site: str, kind: str, heads: int, head_dim: int, noise: float):
         super().__init__()
@@ -53,6 +54,8 @@ class KeySpaceLayer(PriorWeight, nn.Module):
         self.register_buffer("prior_value", torch.zeros(heads, head_dim))
         self.register_buffer("prior_log_alpha", torch.zeros(heads))
         self.register_buffer("prior_scale", torch.ones(heads))
+        self.register_buffer("prior_sq_var", torch.full((heads, head_dim), 2.0), persistent=False)  # spec §12
+        self.prior_sample: torch.Tensor | None = None
         self.kl_gaussian: torch.Tensor | None = None
         self.kl_dirichlet: torch.Tensor | None = None
 
@@ -61,9 +64,12 @@ class KeySpaceLayer(PriorWeight, nn.Module):
         return f"site={self.site!r}, kind={self.kind!r}, {shape}, noise={self.noise:.4g}"
 
     @torch.no_grad()
-    def set_prior(self, mean, var, log_alpha_mean, log_alpha_std, value_mean=None) -> None:
-        """Per-head statistics [G, E] / [G]; s_0² is averaged over each rotary pair (spec §10)."""
+    def set_prior(self, mean, var, log_alpha_mean, log_alpha_std, value_mean=None, sq_var=None, sample=None) -> None:
+        """Per-head statistics [G, E] / [G]; s_0² is averaged over each rotary pair (spec §10); Var(k²) [G, E]
+        (None: unknown, spec §12)."""
         G, E = self.heads, self.head_dim
+        self.prior_sq_var.copy_(torch.full((G, E), math.nan) if sq_var is None else sq_var.reshape(G, E))
+        self.prior_sample = None if sample is None else sample.reshape(-1, G, E)  # [K, G, E], spec §12
         pair = var.reshape(G, 2, E // 2).mean(1)
         self.prior_mean.copy_(mean.reshape(G, E))
         self.prior_var.copy_(pair.repeat(1, 2))
@@ -74,17 +80,23 @@ class KeySpaceLayer(PriorWeight, nn.Module):
     @torch.no_grad()
     def reset(
         self, alpha_tau: float, stdev_tau: float, mu_tau: float = 1.0, alpha_scale_min: float = 1.0,
-        centre: bool = True,
-    ) -> None:  # fmt: skip
-        """Identity initialisation with knobs; b_α = τ_α·max(ς, ς_min) + δ_0, always centred here (spec §11)."""
+        centre: bool = True, stdev_unit: str = STDEV_UNIT,
+    ) -> torch.Tensor:  # fmt: skip
+        """Identity initialisation with knobs; b_α = τ_α·max(ς, ς_min) + δ_0, always centred here (spec §11); σ² =
+        λ_g·s_0² per head (§12). Returns whether τ_σ was clamped, per head."""
         if mu_tau != 1.0:
             raise ValueError(
                 f"mu_tau = {mu_tau} is not available at key-space site {self.site}: spec §10 reads the rotated keys, "
                 "which fixes τ_μ = 1; leave mu_tau at 1 for rotary decoder-only models"
             )
-        self.logvar_bias.copy_(torch.log(self.prior_var.double() * stdev_tau**2 + TINY_VARIANCE))
+        s0sq = self.prior_var.double()
+        lam, clamped = variance_scale(
+            s0sq, self.prior_sq_var, self.prior_scale, self.noise, stdev_tau, stdev_unit, self.site, self.prior_sample
+        )
+        self.logvar_bias.copy_(torch.log(s0sq * lam[:, None] + TINY_VARIANCE))
         bias = alpha_tau * self.prior_scale.double().clamp(min=alpha_scale_min) + self.prior_offset()
         self.alpha_bias.copy_(bias)
+        return clamped
 
     def terms(self) -> dict[str, torch.Tensor | None]:
         """The fast-form terms of §10 in float64 (differentiable in the layer's parameters)."""

@@ -33,13 +33,64 @@ def nv_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {layer.site: layer for layer in model._modules[LAYERS].values()}
 
 
-def set_knobs(model: nn.Module, config) -> None:
-    """Re-initialise every NV layer of `model` from the knobs of an `NVConfig` (spec §3)."""
+def set_knobs(model: nn.Module, config) -> list[str]:
+    """Re-initialise every NV layer of `model` from the knobs of an `NVConfig` (spec §3, §12); returns the
+    mixtures ("site" or "site head g") whose τ_σ was clamped at the largest spread the site allows (§12)."""
+    clamped = []
     for layer in nv_layers(model).values():
-        layer.reset(
+        unit = config.stdev_unit or layer.STDEV_UNIT
+        flags = layer.reset(
             config.alpha_tau(layer.kind), config.stdev_tau(layer.kind), config.mu_tau, config.alpha_scale_min,
-            config.centre_alpha,
+            config.centre_alpha, unit,
         )  # fmt: skip
+        flags = flags.reshape(-1).tolist()
+        clamped += [layer.site if len(flags) == 1 else f"{layer.site} head {g}" for g, c in enumerate(flags) if c]
+    return clamped
+
+
+def variance_scale(
+    s0sq: torch.Tensor, sq_var: torch.Tensor, spread: torch.Tensor, noise: float, stdev_tau: float, unit: str,
+    site: str, sample: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """λ of σ_d² = λ·s_0d² per mixture ([...] over the leading dims of s_0² [..., D]) and whether τ_σ was clamped.
+
+    "prior" (spec §3): λ = τ_σ². "bias" (spec §12): Std_n(B_n) = τ_σ nats, B_n = ½Σ_d (1 − r_d) z_nd²/ν, w_d =
+    (1 − r_d)/ν, found by bisection on log λ (float64): computed on the prior's token `sample` [K, ..., D] where it
+    has one, else Var(B) ≈ ¼Σ_d w_d² Var(z_d²)·(ς/ς_diag)² (the diagonal estimate, off by up to 50% at LayerNorm
+    sites: benchmarks/stdev_unit.py)."""
+    s0sq, spread = s0sq.to(torch.float64), spread.to(torch.float64)
+    shape = s0sq.shape[:-1]
+    if unit == "prior" or stdev_tau == 0:
+        return torch.full(shape, float(stdev_tau) ** 2, dtype=torch.float64), torch.zeros(shape, dtype=torch.bool)
+    sq_var = sq_var.to(torch.float64)
+    if sample is not None:
+        z2 = sample.to(torch.float64) ** 2  # [K, ..., D]
+        spread = (z2.sum(-1) / (2 * noise)).std(0)  # its own λ → ∞ end, so every target below it is reachable
+    elif bool(torch.isnan(sq_var).any()):
+        raise ValueError(
+            f'stdev_unit="bias" at site {site} needs the fourth moments of its prior (spec §12), which this prior '
+            'does not record (estimated by an older nvib). Fix: estimate the prior again, or use stdev_unit="prior"'
+        )
+    diag = 0.5 * sq_var.sum(-1).sqrt() / noise  # ς_diag: Std_diag(B) as λ → ∞
+    ratio = torch.where(diag > 0, spread / diag.clamp(min=1e-300), torch.zeros_like(diag))
+    top = spread * (1 - 1e-3)
+    clamped = stdev_tau >= top
+    target = torch.minimum(torch.full_like(top, float(stdev_tau)), top)
+
+    def std(log_lam: torch.Tensor) -> torch.Tensor:
+        lam = log_lam.exp()[..., None] * s0sq
+        w = lam / (lam + noise) / noise
+        if sample is not None:
+            return 0.5 * torch.einsum("k...d,...d->k...", z2, w).std(0)
+        return ratio * 0.5 * (w * w * sq_var).sum(-1).sqrt()
+
+    low, high = torch.full(shape, -80.0, dtype=torch.float64), torch.full(shape, 80.0, dtype=torch.float64)
+    for _ in range(40):  # Std(B) increases with λ; 160/2^40 in log λ
+        mid = (low + high) / 2
+        below = std(mid) < target
+        low, high = torch.where(below, mid, low), torch.where(below, high, mid)
+    lam = torch.where(target > 0, ((low + high) / 2).exp(), torch.zeros_like(low))
+    return lam, clamped
 
 
 @dataclasses.dataclass
@@ -92,6 +143,8 @@ class NVIBLayer(PriorWeight, nn.Module):
     `noise` is the query noise variance √E (1/s for models scaling scores by s, spec §1).
     """
 
+    STDEV_UNIT = "prior"  # z-space: the paper's knob values keep their meaning (spec §12)
+
     def __init__(self, site: str, kind: str, dim: int, noise: float, per_token_variance: bool = False):
         super().__init__()
         self.site, self.kind, self.dim, self.noise = site, kind, dim, float(noise)
@@ -106,6 +159,10 @@ class NVIBLayer(PriorWeight, nn.Module):
         self.register_buffer("prior_var", torch.ones(dim))
         self.register_buffer("prior_log_alpha", torch.zeros(()))
         self.register_buffer("prior_scale", torch.ones(()))
+        # Var(z_d²) of the prior's tokens (spec §12; 2 for the default N(0, 1), NaN for priors without it); the
+        # prior file holds it, so it is not saved with the layer
+        self.register_buffer("prior_sq_var", torch.full((dim,), 2.0), persistent=False)
+        self.prior_sample: torch.Tensor | None = None
         self.kl_gaussian: torch.Tensor | None = None
         self.kl_dirichlet: torch.Tensor | None = None
         self._sample: tuple | None = None
@@ -126,8 +183,13 @@ class NVIBLayer(PriorWeight, nn.Module):
             self.logvar_weight = nn.Parameter(self.logvar_bias.new_zeros(self.dim, self.dim))
 
     @torch.no_grad()
-    def set_prior(self, mean: torch.Tensor, var: torch.Tensor, log_alpha_mean, log_alpha_std, value_mean=None):
-        """m_0, s_0² [P], a_0, ς; `value_mean` is for key-space sites only (z-space values are linear in z)."""
+    def set_prior(
+        self, mean: torch.Tensor, var: torch.Tensor, log_alpha_mean, log_alpha_std, value_mean=None, sq_var=None,
+        sample=None,
+    ):  # fmt: skip
+        """m_0, s_0², Var(z²) [P] (None: unknown), a_0, ς; `value_mean` is for key-space sites only."""
+        self.prior_sq_var.copy_(torch.full_like(var, math.nan) if sq_var is None else sq_var)
+        self.prior_sample = sample  # [K, P] or None (spec §12; kept on the CPU, read by `reset` only)
         self.prior_mean.copy_(mean)
         self.prior_var.copy_(var)
         self.prior_log_alpha.fill_(float(log_alpha_mean))
@@ -136,20 +198,25 @@ class NVIBLayer(PriorWeight, nn.Module):
     @torch.no_grad()
     def reset(
         self, alpha_tau: float, stdev_tau: float, mu_tau: float = 1.0, alpha_scale_min: float = 1.0,
-        centre: bool = False,
-    ) -> None:  # fmt: skip
-        """Identity initialisation with knobs (spec §3), b_α = τ_α·max(ς, ς_min) (+ δ_0 if `centre`, §11)."""
+        centre: bool = False, stdev_unit: str = STDEV_UNIT,
+    ) -> torch.Tensor:  # fmt: skip
+        """Identity initialisation with knobs (spec §3), b_α = τ_α·max(ς, ς_min) (+ δ_0 if `centre`, §11), σ² = λ·s_0²
+        with λ from `variance_scale` (§12); returns whether τ_σ was clamped."""
         m0 = self.prior_mean.to(self.mu_bias.dtype)
         s0sq = self.prior_var.to(torch.float64)
+        lam, clamped = variance_scale(
+            s0sq, self.prior_sq_var, self.prior_scale, self.noise, stdev_tau, stdev_unit, self.site, self.prior_sample
+        )
         self.mu_scale.fill_(mu_tau)
         self.mu_bias.copy_((1 - mu_tau) * m0)
-        self.logvar_bias.copy_(torch.log(s0sq * stdev_tau**2 + TINY_VARIANCE))
+        self.logvar_bias.copy_(torch.log(s0sq * lam + TINY_VARIANCE))
         if self.logvar_weight is not None:
             self.logvar_weight.zero_()
         self.alpha_w1.zero_()
         self.alpha_w2.fill_(1 / (2 * self.noise))
         bias = alpha_tau * max(float(self.prior_scale), alpha_scale_min)
         self.alpha_bias.fill_(bias + (float(self.prior_offset()) if centre else 0.0))
+        return clamped
 
     # ---- evaluation (spec §4, §6) -------------------------------------------------------------
 

@@ -23,6 +23,8 @@ from nvib.core.architectures import Site, find_sites
 from nvib.core.config import NVConfig
 from nvib.core.layer import LAYERS, is_converted, set_knobs
 
+TOKEN_SAMPLE = 256  # token vectors kept per site for spec §12's Std(B)
+
 
 @dataclasses.dataclass
 class SiteStats:
@@ -31,7 +33,10 @@ class SiteStats:
 
     mean, var: per-dimension mean and unbiased variance of z (m_0, s_0²);
     log_alpha_mean, log_alpha_std: mean and standard deviation of ‖z‖²/(2√E) (a_0, ς; one per head in key space);
-    value_mean: key space only, the mean of the values (m_v) [G, E].
+    value_mean: key space only, the mean of the values (m_v) [G, E];
+    m3, m4: Σ (z − mean)³ and Σ (z − mean)⁴ per dimension (spec §12), None in priors saved before they existed;
+    sample, sample_key: `TOKEN_SAMPLE` of the tokens [K, ...] (float32) with the random keys that chose them (the K
+    smallest keys: merging two samples keeps the K smallest of both, a uniform sample of the union), for spec §12.
     """
 
     count: int
@@ -40,6 +45,10 @@ class SiteStats:
     norm_mean: torch.Tensor  # [] or [G]
     norm_m2: torch.Tensor
     value_mean: torch.Tensor | None = None
+    m3: torch.Tensor | None = None
+    m4: torch.Tensor | None = None
+    sample: torch.Tensor | None = None
+    sample_key: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.norm_mean = torch.as_tensor(self.norm_mean, dtype=torch.float64)
@@ -48,6 +57,17 @@ class SiteStats:
     @property
     def var(self) -> torch.Tensor:
         return self.m2 / max(self.count - 1, 1)
+
+    @property
+    def sq_var(self) -> torch.Tensor | None:
+        """Var(z_d²) per dimension over the tokens (spec §12), or None without the higher moments."""
+        if self.m3 is None or self.m4 is None:
+            return None
+        n = max(self.count, 1)
+        mu, v, t, q = self.mean, self.m2 / n, self.m3 / n, self.m4 / n
+        second = mu * mu + v
+        fourth = mu**4 + 6 * mu * mu * v + 4 * mu * t + q
+        return (fourth - second * second).clamp(min=0)
 
     @property
     def log_alpha_mean(self) -> torch.Tensor:
@@ -64,7 +84,17 @@ class SiteStats:
         mean = z.mean(0)
         r = (z * z).sum(-1) / (2 * noise)
         value_mean = None if values is None else values.to(torch.float64).mean(0)
-        return cls(z.shape[0], mean, ((z - mean) ** 2).sum(0), r.mean(0), ((r - r.mean(0)) ** 2).sum(0), value_mean)
+        d = z - mean
+        d2 = d * d
+        seed = int(
+            hashlib.sha256(z[:, ..., :1].numpy().tobytes()).hexdigest()[:8], 16
+        )  # the same tokens, the same keys
+        keys = torch.rand(z.shape[0], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        keys, chosen = keys.sort()
+        return cls(
+            z.shape[0], mean, d2.sum(0), r.mean(0), ((r - r.mean(0)) ** 2).sum(0), value_mean,
+            (d2 * d).sum(0), (d2 * d2).sum(0), z[chosen[:TOKEN_SAMPLE]].float(), keys[:TOKEN_SAMPLE],
+        )  # fmt: skip
 
     def merge(self, other: SiteStats) -> SiteStats:
         """Chan et al.'s exact pairwise update."""
@@ -77,6 +107,22 @@ class SiteStats:
         value_mean = None
         if self.value_mean is not None and other.value_mean is not None:
             value_mean = self.value_mean + (other.value_mean - self.value_mean) * w
+        m3 = m4 = None
+        if None not in (self.m3, self.m4, other.m3, other.m4):  # Pébay's pairwise update of the 3rd and 4th moments
+            na, nb = self.count, other.count
+            m3 = (
+                self.m3 + other.m3 + delta**3 * na * nb * (na - nb) / n**2
+                + 3 * delta * (na * other.m2 - nb * self.m2) / n
+            )  # fmt: skip
+            m4 = (
+                self.m4 + other.m4 + delta**4 * na * nb * (na * na - na * nb + nb * nb) / n**3
+                + 6 * delta**2 * (na * na * other.m2 + nb * nb * self.m2) / n**2
+                + 4 * delta * (na * other.m3 - nb * self.m3) / n
+            )  # fmt: skip
+        sample = key = None
+        if None not in (self.sample, other.sample):
+            key, order = torch.cat([self.sample_key, other.sample_key]).sort()
+            key, sample = key[:TOKEN_SAMPLE], torch.cat([self.sample, other.sample])[order[:TOKEN_SAMPLE]]
         return SiteStats(
             n,
             self.mean + delta * w,
@@ -84,6 +130,10 @@ class SiteStats:
             self.norm_mean + norm_delta * w,
             self.norm_m2 + other.norm_m2 + norm_delta * norm_delta * self.count * w,
             value_mean,
+            m3,
+            m4,
+            sample,
+            key,
         )
 
 
@@ -330,6 +380,10 @@ class EmpiricalPrior:
             tensors[f"{name}.count"] = torch.tensor(s.count, dtype=torch.int64)
             if s.value_mean is not None:
                 tensors[f"{name}.value_mean"] = s.value_mean.contiguous()
+            if s.m3 is not None and s.m4 is not None:
+                tensors[f"{name}.m3"], tensors[f"{name}.m4"] = s.m3.contiguous(), s.m4.contiguous()
+            if s.sample is not None:
+                tensors[f"{name}.sample"], tensors[f"{name}.sample_key"] = s.sample.contiguous(), s.sample_key
         meta = {k: json.dumps(v) for k, v in self.metadata.items()}
         save_file(tensors, str(path), metadata=meta)
 
@@ -360,6 +414,10 @@ class EmpiricalPrior:
                 norm[0],
                 norm[1],
                 tensors.get(f"{name}.value_mean"),
+                tensors.get(f"{name}.m3"),
+                tensors.get(f"{name}.m4"),
+                tensors.get(f"{name}.sample"),
+                tensors.get(f"{name}.sample_key"),
             )
         metadata = {}
         for k, v in raw.items():
@@ -396,6 +454,15 @@ def _validate_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
             raise ValueError(f"{path}: site {site!r} has statistics of the wrong shape. {FIX}")
         if stats["mean"].shape != stats["m2"].shape:
             raise ValueError(f"{path}: site {site!r}: mean and m2 differ in size. {FIX}")
+        if ("m3" in stats) != ("m4" in stats) or any(stats[m].shape != mean.shape for m in ("m3", "m4") if m in stats):
+            raise ValueError(f"{path}: site {site!r}: the higher moments m3/m4 are incomplete or misshapen. {FIX}")
+        sample, key = stats.get("sample"), stats.get("sample_key")
+        if (sample is None) != (key is None) or (
+            sample is not None and (sample.shape[1:] != mean.shape or key.shape != sample.shape[:1])
+        ):
+            raise ValueError(f"{path}: site {site!r}: the token sample is incomplete or misshapen. {FIX}")
+        if "m4" in stats and bool((stats["m4"] < 0).any()):
+            raise ValueError(f"{path}: {site}.m4: a sum of 4th powers is negative: the prior is corrupt. {FIX}")
         for stat, tensor in stats.items():
             where = f"{path}: {site}.{stat}"
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):

@@ -39,8 +39,8 @@ from nvib.workflow.evaluate import (
 from nvib.workflow.metrics import LIKELIHOOD_METRICS
 from nvib.workflow.models import batch_kind, load_model
 from nvib.workflow.report import ReportPaths, write_report
-from nvib.workflow.search import best_knobs, load_study, run_search, sampler_seed
-from nvib.workflow.settings import RunConfig
+from nvib.workflow.search import best_knobs, knob_names, load_study, run_search, sampler_seed
+from nvib.workflow.settings import PRIOR_ONLY_ALPHA_TAUS, STDEV_RANGES, RunConfig, SearchSpace
 
 __all__ = ["Run", "describe_data", "estimate_prior", "parse_shard", "prior_stats"]
 
@@ -117,6 +117,20 @@ def estimate_prior(
     kind = batch_kind(model)
     it = batches(examples, tokenizer, batch_size, max_source_len, max_target_len, kind, lm_separator=lm_separator)
     return EmpiricalPrior.estimate(model, it, data=description, total=n_batches, progress=progress, shard=shard)
+
+
+def search_plan(cfg: RunConfig, model: nn.Module, n_trials: int) -> tuple[SearchSpace, list[dict[str, float]]]:
+    """The knob ranges and start points of a run's search: stdev_tau's default range in the unit the model's sites
+    use (spec §12), and the prior-only points (stdev_tau = 0, alpha_tau in `PRIOR_ONLY_ALPHA_TAUS`) after the
+    config's start points, as many as the budget holds beside the equivalence point."""
+    space = cfg.search.space()
+    unit = next(iter(nv_layers(model).values())).STDEV_UNIT
+    if "stdev_tau" not in cfg.search.ranges:
+        space = dataclasses.replace(space, stdev_tau=STDEV_RANGES[unit])
+    names = knob_names({layer.kind for layer in nv_layers(model).values()})
+    prior_only = [{k: (a if k.startswith("alpha") else 0.0) for k in names} for a in PRIOR_ONLY_ALPHA_TAUS]
+    room = max(n_trials - 1 - len(cfg.search.start_points), 0)
+    return space, [*cfg.search.start_points, *prior_only[:room]]
 
 
 def prior_stats(prior: EmpiricalPrior) -> dict[str, dict[str, Any]]:
@@ -286,6 +300,7 @@ class Run:
         if done:
             self.console.print(f"search: resuming study with {done} finished trials; {remaining} to run")
         kinds = {layer.kind for layer in nv_layers(model).values()}
+        space, start_points = search_plan(cfg, model, self.n_trials)
         bar, start = new_progress(self.progress, self.console), time.perf_counter()
         with bar:
             trials = bar.add_task("search", total=remaining, info=metric_name)
@@ -306,8 +321,8 @@ class Run:
                 storage=self.storage,
                 study_name=cfg.search.study_name,
                 slices=slices,
-                start_points=cfg.search.start_points,
-                space=cfg.search.space(),
+                start_points=start_points,
+                space=space,
                 seed=self.sampler_seed,
                 timeout=cfg.search.timeout,
                 progress=False,

@@ -36,6 +36,8 @@ __all__ = [
     "TASK_METRICS",
     "GenerationArgs",
     "SearchSpace",
+    "STDEV_RANGES",
+    "PRIOR_ONLY_ALPHA_TAUS",
     "ConfigError",
     "DataSection",
     "EvaluationSection",
@@ -58,6 +60,10 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
 #: The metric the knob search optimises unless the run config names another: the likelihood of the dev
 #: references (generation metrics can be won by degenerate, input-independent outputs).
 DEFAULT_OBJECTIVE = {"summarisation": "nll", "translation": "nll", "lm": "perplexity"}
+#: Default search range of every stdev_tau_* per unit (spec §3 widths in prior standard deviations; §12 nats)
+STDEV_RANGES = {"prior": (0.0, 0.5), "bias": (0.0, 2.0)}
+#: alpha_tau_* of the prior-only start points (stdev_tau = 0): the prior's own effect is always measured
+PRIOR_ONLY_ALPHA_TAUS = (-2.0, 0.0, 2.0)
 #: Default heartbeat of running trials and the silence after which a trial counts as dead (seconds).
 HEARTBEAT_INTERVAL, GRACE_PERIOD = 10, 60
 
