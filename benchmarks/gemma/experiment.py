@@ -17,6 +17,11 @@ Protocol (fixed before any number was seen):
   target-domain demonstrations instead of Debian ones (3 from the domain's train split, drawn as the Debian
   ones; no tuning); NV tuned on top of target-domain demonstrations.
   For debian the two target-demonstration systems are the unconverted and NV-tuned ones and are not rerun.
+- `--stdev-unit bias` (the second run, issue 21): the NV systems read τσ in spec §12's unit (nats of spread of the
+  per-token score bias, one scale per KV head), default range [0, 2]; the prior-only points (τσ = 0, τα ∈ {−2, 0,
+  +2}) are tried right after the identity point, and each NV study's best prior-only trial is scored on test as
+  its own row ("…, prior only"). The stock systems, the prior and the stock check are the same steps as in the
+  first run and are shared with it in one state file.
 - `wiki` (whole articles) is left out: 29 dev / 58 test pairs are below the protocol's sizes, it has no train
   split for demonstrations, and its 200-word documents do not fit three to a prompt; `wikipara` (the same
   articles, one pair per paragraph, 500 dev / 1000 test) is the Wikipedia domain.
@@ -46,6 +51,7 @@ import torch
 
 import nvib
 from nvib.workflow.search import SearchSpace, best_knobs, run_search
+from nvib.workflow.settings import PRIOR_ONLY_ALPHA_TAUS, STDEV_RANGES
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
 from engine import PrefixRunner, Scored, check_sharing, stop_tokens  # noqa: E402
@@ -57,21 +63,22 @@ from tables import render  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 DOMAINS = ("debian", "docstrings", "wikipara")
 IN_DOMAIN = "debian"
-SYSTEMS = ("unconverted", "NV tuned", "temperature", "target demos", "NV + target demos")
+NV_SYSTEMS = ("NV tuned", "NV + target demos")
+SYSTEMS = ("unconverted", "temperature", "target demos", *NV_SYSTEMS, *(f"{s}, prior only" for s in NV_SYSTEMS))
 TEMPERATURE = (0.5, 2.0)
 REGULARISED = {"alpha_tau_d": 0.0, "stdev_tau_d": 0.3}  # the sharing check's NV setting
 # Key-space τ_α is centred on an average in-domain token and counted in units ς ≥ 1 (spec §11): τ_α = 0 gives the
 # prior an average token's weight, -3 gives it e^{3ς} ≥ 20 tokens' worth (all the attention where ς ≈ 50), +3 at
 # most e^-3 of a token. The equivalence point (10) is tried first and widens the range to it (nvib.workflow.search).
-ALPHA_RANGE, STDEV_RANGE = (-3.0, 3.0), (0.0, 0.5)
+ALPHA_RANGE, STDEV_RANGE = (-3.0, 3.0), STDEV_RANGES["prior"]
 PROTOCOL = {"dev": 64, "trials": 20, "test": 300}
 QUICK = {"dev": 8, "trials": 5, "test": 16, "prior_examples": 12}  # ≤ 10 min on 2 cores, first GGUF load included
 
 
 def range_free(step: str) -> bool:
-    """Whether a step's result does not depend on the τσ range (stock systems, prior, checks): a post-hoc
-    `--stdev-range` run takes those from the default-range run."""
-    return not step.endswith(("/NV tuned", "/NV + target demos"))
+    """Whether a step's result does not depend on the NV knobs' unit and range (stock systems, prior, stock check):
+    a `--stdev-range` or `--stdev-unit` run takes those from the first run's key."""
+    return step in ("check stock", "prior") or step.endswith(("/unconverted", "/temperature", "/target demos"))
 
 
 class State:
@@ -176,6 +183,19 @@ def tune_temperature(objective: DevNLL, n_trials: int, slices: list[int], storag
     return study
 
 
+def best_prior_only(study: optuna.Study) -> dict | None:
+    """The knobs of the best complete trial at τσ = 0 with the prior in play (τα below the identity point), or None."""
+    trials = [
+        t for t in study.trials
+        if t.state == optuna.trial.TrialState.COMPLETE and t.params.get("stdev_tau_d") == 0.0
+        and t.params.get("alpha_tau_d", 10.0) < ALPHA_RANGE[1] + 1e-9
+    ]  # fmt: skip
+    if not trials:
+        return None
+    best = min(trials, key=lambda t: t.value)  # ties: the first
+    return dict(best.params)
+
+
 def study_summary(study: optuna.Study) -> dict:
     trials = [t for t in study.trials if t.state.is_finished()]
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -201,8 +221,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=DOMAINS)
     parser.add_argument("--max-input-tokens", type=int, default=128)
     parser.add_argument(
-        "--stdev-range", type=float, nargs=2, default=STDEV_RANGE, metavar=("LOW", "HIGH"),
-        help="stdev_tau_d search range (the pre-registered default; another range is a post-hoc variant)",
+        "--stdev-unit",
+        choices=("prior", "bias"),
+        default="prior",
+        help='unit of stdev_tau_d: "prior" (spec §3, the first run) or "bias" (spec §12, the second run)',
+    )
+    parser.add_argument(
+        "--stdev-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
+        help="stdev_tau_d search range (default: the pre-registered one of the unit; another is a post-hoc variant)",
     )  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--batch", type=int, default=32, help="test examples per greedy-generation batch")
@@ -224,10 +250,18 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     budget = {k: getattr(args, k) for k in ("dev", "test", "trials", "seed", "prior_examples", "max_input_tokens",
                                                "max_new_tokens")}  # fmt: skip
-    if tuple(args.stdev_range) != STDEV_RANGE:  # in the key only when changed: earlier runs keep their key
+    unit = args.stdev_unit
+    args.stdev_range = tuple(args.stdev_range or STDEV_RANGES[unit])
+    if unit != "prior":  # in the key only when changed: earlier runs keep their key
+        budget["stdev_unit"] = unit
+    if args.stdev_range != STDEV_RANGES[unit]:
         budget["stdev_range"] = list(args.stdev_range)
-    key, base_key = _digest(budget), _digest({k: v for k, v in budget.items() if k != "stdev_range"})
-    space = SearchSpace(alpha_tau=ALPHA_RANGE, stdev_tau=tuple(args.stdev_range))
+    key = _digest(budget)
+    base_key = _digest({k: v for k, v in budget.items() if k not in ("stdev_range", "stdev_unit")})
+    space = SearchSpace(alpha_tau=ALPHA_RANGE, stdev_tau=args.stdev_range)
+    # the second run also tries the prior alone (τσ = 0) right after the identity point
+    start_points = [] if unit == "prior" else [{"alpha_tau_d": a, "stdev_tau_d": 0.0} for a in PRIOR_ONLY_ALPHA_TAUS]
+    nv_config = lambda knobs: nvib.NVConfig(**knobs, stdev_unit=unit)  # noqa: E731
     state, t_start = State(args.out / "state.json", key), time.time()
     if key != base_key:  # steps that do not depend on the τσ range come from the default-range run
         state.inherit(base_key, range_free)
@@ -308,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
         at_identity = runners[IN_DOMAIN].nll(check_items)
         stock = checks["stock"]["nll"]
         gap = max(abs(a.nll - b[0]) / a.n for a, b in zip(at_identity, stock, strict=True))
-        nvib.configure(model, nvib.NVConfig(**REGULARISED))
+        nvib.configure(model, nv_config(REGULARISED))
         runners[IN_DOMAIN].reset()
         try:
             shared = check_sharing(runners[IN_DOMAIN], check_items, max_new_tokens=args.max_new_tokens)
@@ -353,28 +387,38 @@ def main(argv: list[str] | None = None) -> None:
         log(d, "stock systems done")
 
     def nv_systems(i: int, d: str) -> None:
-        for system, prompt in (("NV tuned", IN_DOMAIN), ("NV + target demos", d)):
+        for system, prompt in zip(NV_SYSTEMS, (IN_DOMAIN, d), strict=True):
             if system == "NV + target demos" and d == IN_DOMAIN:
                 continue
 
             def tune(d=d, i=i, prompt=prompt, system=system) -> dict:
-                obj = DevNLL(runners[prompt], encoded[d][0], lambda k: nvib.configure(model, nvib.NVConfig(**k)),
+                obj = DevNLL(runners[prompt], encoded[d][0], lambda k: nvib.configure(model, nv_config(k)),
                              args.nll_batch)  # fmt: skip
                 study = run_search(
                     obj, {"decoder"}, n_trials=args.trials, storage=storage, direction="minimize",
                     study_name=f"nv-{d}-{prompt}-{key}", slices=[len(dev[d]) // 2, len(dev[d])], seed=args.seed + i,
-                    progress=False, space=space, objective_info={"metric": "nll", "dev": f"{d}[:{len(dev[d])}]",
-                                                                  "demonstrations": prompt},
+                    progress=False, space=space, start_points=start_points,
+                    objective_info={"metric": "nll", "dev": f"{d}[:{len(dev[d])}]", "demonstrations": prompt},
                 )  # fmt: skip
-                knobs = best_knobs(study)
-                nvib.configure(model, nvib.NVConfig(**knobs))
-                with nvib.record_prior_mass(model) as mass:
-                    result = test_eval(d, prompt)
-                nvib.configure(model, nvib.NVConfig())
-                return {"knobs": knobs, "prior_mass": dict(mass), "search": study_summary(study), **result}
+                result = scored_at(best_knobs(study), d, prompt)
+                return {**result, "search": study_summary(study), "prior_only": best_prior_only(study)}
 
-            state.get(f"{d}/{system}", tune, "nv")
+            tuned = state.get(f"{d}/{system}", tune, "nv")
             log(d, system, "done")
+            if tuned.get("prior_only") is not None:
+                state.get(f"{d}/{system}, prior only", lambda d=d, p=prompt, k=tuned["prior_only"]: scored_at(k, d, p),
+                          "nv")  # fmt: skip
+                log(d, system, "prior only done")
+
+    def scored_at(knobs: dict, d: str, prompt: str) -> dict:
+        """Test scores of NV at `knobs` with `prompt`'s demonstrations, and the attention mass on the prior."""
+        nvib.configure(model, nv_config(knobs))
+        try:
+            with nvib.record_prior_mass(model) as mass:
+                result = test_eval(d, prompt)
+        finally:
+            nvib.configure(model, nvib.NVConfig())
+        return {"knobs": knobs, "prior_mass": dict(mass), **result}
 
     # domain by domain, so that a run cut short has whole rows
     for i, d in enumerate(args.domains):
@@ -385,18 +429,24 @@ def main(argv: list[str] | None = None) -> None:
     to_stock()
 
     # ---- report
-    rows, details = {}, {}
+    rows, details, against = {}, {}, {}
     for d in args.domains:
         refs = [p.summary for p in test[d]]
         got = {s: state.data[f"{d}/{s}"] for s in SYSTEMS if f"{d}/{s}" in state.data}
         if d == IN_DOMAIN:
             got["target demos"], got["NV + target demos"] = got["unconverted"], got["NV tuned"]
+            if "NV tuned, prior only" in got:
+                got["NV + target demos, prior only"] = got["NV tuned, prior only"]
         rows[d] = {s: summarise(v, None if s == "unconverted" else got["unconverted"], refs) for s, v in got.items()}
+        # the NV systems against the one-knob baseline, paired on the same test pairs (issue 21's reading)
+        against[d] = {s: summarise(v, got["temperature"], refs) for s, v in got.items() if s.startswith("NV")}
         details[d] = {
             "n_dev": len(dev[d]), "n_test": len(test[d]), "temperature": got["temperature"]["temperature"],
             "nv_knobs": got["NV tuned"]["knobs"], "nv_prior_mass": got["NV tuned"]["prior_mass"],
             "nv_target_knobs": got["NV + target demos"]["knobs"],
             "nv_target_prior_mass": got["NV + target demos"]["prior_mass"],
+            "prior_only": {s: (got[f"{s}, prior only"]["knobs"], got[f"{s}, prior only"]["prior_mass"])
+                           for s in NV_SYSTEMS if f"{s}, prior only" in got},
             "search": {s: got[s]["search"] for s in ("NV tuned", "temperature", "NV + target demos")},
             "demos": [p.id for p in demos[d if d in demos else IN_DOMAIN]],
         }  # fmt: skip
@@ -414,15 +464,17 @@ def main(argv: list[str] | None = None) -> None:
         "this_process_seconds": elapsed, "checks": checks, "load_average": os.getloadavg(),
         "threads": args.threads, "machine": platform.processor() or platform.machine(),
     }  # fmt: skip
-    (args.out / "results.json").write_text(json.dumps({"rows": rows, "details": details, "meta": meta}, indent=2))
+    results = {"rows": rows, "against_temperature": against, "details": details, "meta": meta}
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
 
-    table = render(rows, details, meta)
+    section = "gemma" if unit == "prior" else f"gemma, stdev_unit {unit}"
+    table = render(rows, details, meta, section, against)
     (args.out / "results.md").write_text(table)
     print(table)
     from attention_speed import update_section  # benchmarks/attention_speed.py
 
-    update_section(args.results, "gemma", table)
-    log(f"results: {args.out / 'results.json'}, {args.out / 'results.md'}, section 'gemma' of {args.results}")
+    update_section(args.results, section, table)
+    log(f"results: {args.out / 'results.json'}, {args.out / 'results.md'}, section {section!r} of {args.results}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-SYSTEMS = ("unconverted", "NV tuned", "temperature", "target demos", "NV + target demos")
+SYSTEMS = ("unconverted", "NV tuned", "NV tuned, prior only", "temperature", "target demos", "NV + target demos",
+           "NV + target demos, prior only")  # fmt: skip
 
 
 def _delta(entry: dict, name: str, digits: int) -> str:
@@ -27,18 +28,19 @@ def _move(search: dict) -> str:
     return f"{search['first_value']:.3f} → {search['best_value']:.3f}"
 
 
-def render(rows: dict, details: dict, meta: dict) -> str:
+def render(rows: dict, details: dict, meta: dict, section: str = "gemma", against: dict | None = None) -> str:
     b = meta["budget"]
     label = " --quick" if meta["quick"] else ""
     lines = [
-        "## gemma",
+        f"## {section}",
         "",
         f"Gemma 3 270M few-shot benchmark (`python benchmarks/gemma/experiment.py{label}`"
         f"{', REDUCED BUDGET: not the protocol sizes' if meta['quick'] else ''}): a fixed 3-shot prompt of Debian "
         f'descriptions → synopsis is the in-domain "training"; inputs cut to {b["max_input_tokens"]} tokens; '
         f"greedy, ≤ {b['max_new_tokens']} new tokens, stopped at the newline. Knobs tuned per domain on its dev pairs "
         f"({b['trials']} Optuna trials per tuned system, objective = mean target NLL; τα in [-3, 3] and the identity "
-        f"point 10, τσ in {b.get('stdev_range', [0.0, 0.5])}"
+        f"point 10, τσ in {b.get('stdev_range', [0.0, 2.0] if 'stdev_unit' in b else [0.0, 0.5])}"
+        f"{' nats of score-bias spread (spec §12)' if 'stdev_unit' in b else ' (spec §3 unit)'}"
         f"{' (post-hoc range)' if 'stdev_range' in b else ''}), scored on its test pairs. "
         "ROUGE-L F1 ×100, NLL in nats per target token (lower is better); Δ = system − unconverted with the 95% "
         "paired bootstrap interval (1000 resamples). distinct = distinct predictions / n, top = share of the most "
@@ -60,6 +62,7 @@ def render(rows: dict, details: dict, meta: dict) -> str:
             e = row[system]
             same = " (= unconverted)" if domain == "debian" and system == "target demos" else ""
             same = " (= NV tuned)" if domain == "debian" and system == "NV + target demos" else same
+            same = " (= NV tuned, prior only)" if domain == "debian" and system.endswith("demos, prior only") else same
             lines.append(
                 f"| {system}{same} | {e['rougeL']:.2f}{_delta(e, 'rougeL', 2)} | {e['nll']:.3f}{_delta(e, 'nll', 3)} "
                 f"| {e['distinct']:.2f} | {e['top_share']:.2f} | {e['distinct_2']:.2f} |"
@@ -80,6 +83,19 @@ def render(rows: dict, details: dict, meta: dict) -> str:
             f"{_move(nv)} / {_move(temp)} / {_move(nvt)} | "
             f"{sum(secs) / len(secs):.0f} |"
         )
+    if against:
+        lines += ["", "NV against temperature, paired on the same test pairs: Δ = NV − temperature [95% interval].", "",
+                  "| domain | system | ΔROUGE-L | ΔNLL |", "|---|---|---|---|"]  # fmt: skip
+        for domain, systems in against.items():
+            for s in SYSTEMS:
+                if s in systems:
+                    e = systems[s]
+                    lines.append(f"| {domain} | {s} | {_delta(e, 'rougeL', 2)[3:-1]} | {_delta(e, 'nll', 3)[3:-1]} |")
+    prior_only = [(domain, s, *v) for domain, d in details.items() for s, v in d.get("prior_only", {}).items()]
+    if prior_only:
+        lines += ["", "Prior only: the best τσ = 0 trial of each NV study (scored on test above).", "",
+                  "| domain | study | knobs | prior mass |", "|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {domain} | {s} | {_knobs(k)} | {_mass(m)} |" for domain, s, k, m in prior_only]
     checks = meta["checks"]
     phases = ", ".join(f"{k} {v['wall'] / 60:.1f} ({v['cpu'] / 60:.1f})" for k, v in meta["phases"].items())
     lines += [

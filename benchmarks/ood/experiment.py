@@ -11,9 +11,11 @@
    sampler seed each), tunes on that domain's dev subset, at the same budget and with the same objective (the
    mean token NLL of the dev references under teacher forcing, `nvib.workflow.objectives`), (a) the six NV knobs,
    (b) a softmax temperature on all attention, (c) WiSE-FT interpolation between the warm-start and the
-   fine-tuned weights; once per domain also (d) the NV knobs with the ROUGE-L objective, trials whose outputs are
-   less diverse than half the unconverted model's pruned. Each is scored on the test split: ROUGE-L of greedy
-   outputs, target NLL, output diversity, 95% paired bootstrap intervals against the unconverted model.
+   fine-tuned weights, (d) the six NV knobs with τσ in spec §12's unit (`stdev_unit="bias"`, range [0, 2] nats,
+   the prior-only points τσ = 0, τα ∈ {−2, 0, +2} tried after the identity point; issue 21); once per domain
+   also (e) the NV knobs with the ROUGE-L objective, trials whose outputs are less diverse than half the
+   unconverted model's pruned. Each is scored on the test split: ROUGE-L of greedy outputs, target NLL, output
+   diversity, 95% paired bootstrap intervals against the unconverted model.
 Results go to OUT (default runs/ood; test outputs cached there, so an interrupted run resumes) and a section of
 benchmarks/RESULTS.md.
 """
@@ -38,7 +40,8 @@ from nvib.workflow.data import Example, batches, load_examples
 from nvib.workflow.evaluate import Evaluator, GenerationArgs, Output
 from nvib.workflow.metrics import LOWER_IS_BETTER, diversity, get_metric, paired_bootstrap
 from nvib.workflow.objectives import DevObjective
-from nvib.workflow.search import best_knobs, run_search, sampler_seed
+from nvib.workflow.search import SearchSpace, best_knobs, knob_names, run_search, sampler_seed
+from nvib.workflow.settings import PRIOR_ONLY_ALPHA_TAUS, STDEV_RANGES
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
 import finetune_base  # noqa: E402
@@ -46,7 +49,10 @@ import finetune_base  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 DOMAINS = ("debian", "docstrings", "wikipara", "wiki")
 KINDS = {"encoder", "decoder", "cross"}
-TUNED = ("NV", "temperature", "WiSE-FT")  # tuned per seed with the likelihood objective
+TUNED = ("NV", "NV bias", "temperature", "WiSE-FT")  # tuned per seed with the likelihood objective
+# NV in spec §12's unit: its default range, and the prior alone tried first (as `nvib run` does)
+BIAS_SPACE = SearchSpace(stdev_tau=STDEV_RANGES["bias"])
+BIAS_STARTS = [{k: (a if k.startswith("alpha") else 0.0) for k in knob_names(KINDS)} for a in PRIOR_ONLY_ALPHA_TAUS]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,7 +223,19 @@ def main(argv: list[str] | None = None) -> None:
             nvib.configure(model, nvib.NVConfig(**knobs))
             with nvib.record_prior_mass(model) as mass:
                 outs[f"NV s{s}"] = score(f"NV s{s}")
-            detail.update(nv_knobs=knobs, prior_mass=dict(mass), nv_search=study_cost(study))
+            detail.update(nv_knobs=knobs, nv_prior_mass=dict(mass), nv_search=study_cost(study))
+            bias_study = run_search(
+                DevObjective(evaluator, dev, "nll", config=nvib.NVConfig(stdev_unit="bias")), KINDS,
+                n_trials=args.trials, storage=storage, study_name=f"nv-bias-nll-{domain}-{tag}-s{s}",
+                slices=[n_dev // 2, n_dev], progress=False, seed=seed,
+                space=BIAS_SPACE, start_points=BIAS_STARTS,
+            )  # fmt: skip
+            bias_knobs = best_knobs(bias_study)
+            nvib.configure(model, nvib.NVConfig(**bias_knobs, stdev_unit="bias"))
+            with nvib.record_prior_mass(model) as bias_mass:
+                outs[f"NV bias s{s}"] = score(f"NV bias s{s}")
+            detail.update(nv_bias_knobs=bias_knobs, nv_bias_prior_mass=dict(bias_mass))
+            detail.update(nv_bias_search=study_cost(bias_study))
             if s == 0 and not args.no_rouge_search:  # the generation objective, diversity-guarded, for contrast
                 rouge_study = run_search(
                     DevObjective(evaluator, dev, "rougeL", min_diversity=0.5), KINDS, n_trials=args.trials,
@@ -263,6 +281,10 @@ def main(argv: list[str] | None = None) -> None:
         entry["scores"] = {
             label: scores(o, outs["unconverted"], refs, label == "unconverted") for label, o in outs.items()
         }
+        entry["against_temperature"] = {  # each NV system against the temperature tuned on the same dev subset
+            f"{m} s{s}": scores(outs[f"{m} s{s}"], outs[f"temperature s{s}"], refs, False)
+            for m in ("NV", "NV bias") for s in range(args.seeds)
+        }  # fmt: skip
         entry["identical_at_equivalence"] = [o.prediction for o in outs["NV equivalence"]] == [
             o.prediction for o in outs["unconverted"]
         ]
@@ -348,9 +370,10 @@ def render(rows: dict, args, elapsed: float, info: dict) -> str:
         "Δ against the unconverted model, mean over the seeds (min … max); each seed's 95% paired-bootstrap "
         "interval is in the per-seed table below.",
         "",
-        "| domain | unconverted ROUGE-L | unconverted NLL | NV ΔROUGE-L | NV ΔNLL | temperature ΔROUGE-L | "
-        "temperature ΔNLL | WiSE-FT ΔROUGE-L | WiSE-FT ΔNLL | NV (ROUGE-L objective) ΔROUGE-L | ΔNLL |",
-        "|---" * 11 + "|",
+        "| domain | unconverted ROUGE-L | unconverted NLL | "
+        + "".join(f"{m} ΔROUGE-L | {m} ΔNLL | " for m in TUNED)
+        + "NV (ROUGE-L objective) ΔROUGE-L | ΔNLL |",
+        "|---" * (5 + 2 * len(TUNED)) + "|",
     ]
     for domain, r in rows.items():
         sc = r["scores"]
@@ -366,17 +389,24 @@ def render(rows: dict, args, elapsed: float, info: dict) -> str:
         "Per seed: the NV knobs tuned on the likelihood, their scores with 95% paired-bootstrap intervals, the "
         "attention mass on the prior, and the one-knob baselines' values.",
         "",
-        "| domain | seed | NV ROUGE-L | NV NLL | tuned NV knobs | prior mass | temperature | WiSE-FT w |",
-        "|---|---|---|---|---|---|---|---|",
+        "| domain | seed | NV system | ROUGE-L | NLL | tuned knobs | prior mass | temperature | WiSE-FT w | "
+        "ΔNLL vs temperature |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for domain, r in rows.items():
         for s in seeds:
-            d, sc = r["seeds"][s], r["scores"][f"NV s{s}"]
-            mass = ", ".join(f"{k[0]}={v:.3f}" for k, v in d["prior_mass"].items())
-            lines.append(
-                f"| {domain} | {s} | {_cell(sc, 'rougeL')} | {_cell(sc, 'nll', 3)} | {_knobs(d['nv_knobs'])} | "
-                f"{mass} | {d['temperature']:.2f} | {d['wise_ft']:.2f} |"
-            )
+            d = r["seeds"][s]
+            for system, prefix in (("NV", "nv"), ("NV bias", "nv_bias")):
+                if f"{system} s{s}" not in r["scores"]:
+                    continue
+                sc, vs = r["scores"][f"{system} s{s}"], r["against_temperature"][f"{system} s{s}"]
+                lo, hi = vs["nll_ci"]
+                mass = ", ".join(f"{k[0]}={v:.3f}" for k, v in d[f"{prefix}_prior_mass"].items())
+                lines.append(
+                    f"| {domain} | {s} | {system} | {_cell(sc, 'rougeL')} | {_cell(sc, 'nll', 3)} | "
+                    f"{_knobs(d[f'{prefix}_knobs'])} | {mass} | {d['temperature']:.2f} | {d['wise_ft']:.2f} | "
+                    f"{vs['nll_delta']:+.3f} [{lo:+.3f}, {hi:+.3f}] |"
+                )
     lines += [
         "",
         "Output diversity on the test split (distinct predictions / n; share of the most frequent prediction; "

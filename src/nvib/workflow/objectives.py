@@ -219,9 +219,9 @@ def examples_nll(
 # the dev objective
 
 
-def _key(knobs: Mapping[str, float]) -> tuple[tuple[str, float], ...]:
+def _key(config: NVConfig) -> tuple[tuple[str, float], ...]:
     """Cache key: the full NVConfig, so a partial knob dict and its defaults share outputs."""
-    return tuple(sorted(NVConfig(**{k: float(v) for k, v in knobs.items()}).to_dict().items()))
+    return tuple(sorted(config.to_dict().items()))
 
 
 class DevObjective:
@@ -231,7 +231,8 @@ class DevObjective:
     Lower-is-better metrics (``nll``, ``perplexity``) are negated: the search always maximises. Likelihood
     metrics run forward passes only. Generation metrics also record the outputs' diversity and, when
     ``min_diversity`` is set, reject knobs whose outputs are less diverse (distinct predictions or distinct-2)
-    than ``min_diversity`` × the equivalence model's on the same n examples (computed once, cached).
+    than ``min_diversity`` × the equivalence model's on the same n examples (computed once, cached). The knobs
+    replace those of ``config`` (its other fields, e.g. ``stdev_unit``, hold for every trial).
     """
 
     def __init__(
@@ -242,6 +243,7 @@ class DevObjective:
         on_call: Callable[[dict[str, float], int], None] | None = None,
         *,
         min_diversity: float | None = 0.5,
+        config: NVConfig = NVConfig(),  # noqa: B008 (frozen)
     ):
         if metric_name not in evaluator.metrics:
             raise ValueError(
@@ -255,18 +257,19 @@ class DevObjective:
         self.min_diversity = None if self.likelihood else min_diversity
         self.sign = -1.0 if metric_name in LOWER_IS_BETTER else 1.0
         self.cache: dict[tuple[tuple[str, float], ...], dict[int, Output]] = {}
-        self.on_call = on_call
+        self.on_call, self.config = on_call, config
         self.n_generated = 0  # examples run through the model, over all calls
 
     def outputs(self, knobs: Mapping[str, float], n: int) -> tuple[list[Output], int]:
         """Outputs on the first n dev examples at ``knobs`` (cached) and the tokens generated to make them."""
         if not 1 <= n <= len(self.examples):
             raise ValueError(f"slice of {n} examples asked, but the dev set has {len(self.examples)}")
-        done = self.cache.setdefault(_key(knobs), {})
+        config = self.config.replace(**{k: float(v) for k, v in knobs.items()})
+        done = self.cache.setdefault(_key(config), {})
         missing = [i for i in range(n) if i not in done]
         new_tokens = 0
         if missing:
-            configure(self.evaluator.model, NVConfig(**knobs))
+            configure(self.evaluator.model, config)
             outputs = self.evaluator.outputs(
                 [self.examples[i] for i in missing],
                 f"dev [{n}]",

@@ -124,7 +124,7 @@ def search_plan(cfg: RunConfig, model: nn.Module, n_trials: int) -> tuple[Search
     use (spec §12), and the prior-only points (stdev_tau = 0, alpha_tau in `PRIOR_ONLY_ALPHA_TAUS`) after the
     config's start points, as many as the budget holds beside the equivalence point."""
     space = cfg.search.space()
-    unit = next(iter(nv_layers(model).values())).STDEV_UNIT
+    unit = cfg.search.stdev_unit or next(iter(nv_layers(model).values())).STDEV_UNIT
     if "stdev_tau" not in cfg.search.ranges:
         space = dataclasses.replace(space, stdev_tau=STDEV_RANGES[unit])
     names = knob_names({layer.kind for layer in nv_layers(model).values()})
@@ -312,7 +312,12 @@ class Run:
                     started[0] += 1
 
             objective = DevObjective(
-                self.evaluator(bar), dev, metric_name, on_call=on_call, min_diversity=cfg.search.min_diversity
+                self.evaluator(bar),
+                dev,
+                metric_name,
+                on_call=on_call,
+                min_diversity=cfg.search.min_diversity,
+                config=self.base_knobs,
             )
             study = run_search(
                 objective,
@@ -334,7 +339,7 @@ class Run:
             bar.update(trials, completed=remaining)
         study.set_user_attr("metric", metric_name)
         study.set_user_attr("sampler_seed", self.sampler_seed)
-        tuned = NVConfig(**best_knobs(study))
+        tuned = self.base_knobs.replace(**best_knobs(study))
         tuned.save(self.dir / KNOBS_FILE)
         sign = -1 if metric_name in LOWER_IS_BETTER else 1
         seconds = time.perf_counter() - start
@@ -349,6 +354,11 @@ class Run:
         return study
 
     @property
+    def base_knobs(self) -> NVConfig:
+        """What every trial shares: the identity knobs in the config's stdev unit."""
+        return NVConfig(stdev_unit=self.config.search.stdev_unit)
+
+    @property
     def sampler_seed(self) -> int:
         """The TPE seed: derived from the dev data's name (its file and folder) and shifted by search.seed."""
         dev = self.config.path(self.config.data.dev).resolve()
@@ -361,7 +371,7 @@ class Run:
         study = _load_study(self.storage, self.config.search.study_name)
         if study is None:
             raise FileNotFoundError(f"no tuned knobs at {path} and no study. Fix: run `nvib search` first")
-        return NVConfig(**best_knobs(study))
+        return self.base_knobs.replace(**best_knobs(study))
 
     def evaluate(self, knobs: NVConfig | None = None) -> Evaluation:
         """Evaluate unconverted / equivalence / tuned on every test set; write predictions, scores.json."""

@@ -214,7 +214,9 @@ class SearchSection:
     prunes knobs whose dev outputs are less diverse than this fraction of the unconverted model's (null: no
     guard); ``seed``: shifts the TPE seed, which is derived from the dev data's name so different domains
     draw different candidates; ``heartbeat_interval`` / ``grace_period``: seconds between heartbeats of a
-    running trial / of silence after which it is failed and re-queued (its process died)."""
+    running trial / of silence after which it is failed and re-queued (its process died); ``stdev_unit``: the unit
+    of ``stdev_tau`` (spec §12: ``prior`` = σ/s_0, ``bias`` = nats of score-bias spread; default: z-space sites
+    ``prior``, key-space sites ``bias``), which also picks the default ``stdev_tau`` range."""
 
     n_trials: NonNegativeInt = 30
     slices: tuple[PositiveInt, ...] = (32, 128)
@@ -229,6 +231,7 @@ class SearchSection:
     n_startup_trials: Int = 5
     heartbeat_interval: PositiveInt = HEARTBEAT_INTERVAL
     grace_period: PositiveInt = GRACE_PERIOD
+    stdev_unit: Literal["prior", "bias"] | None = None
 
     def __post_init__(self) -> None:
         if self.grace_period <= self.heartbeat_interval:
