@@ -242,4 +242,4 @@ def test_equivalence_warning_reports_visible_prior():
     for s in prior.sites.values():
         s.norm_m2.mul_(1e-8)
     with pytest.warns(UserWarning, match="visible weight"):
-        nvib.convert(copy.deepcopy(stock), nvib.NVConfig(alpha_scale_min=0.0), prior=prior)
+        nvib.convert(copy.deepcopy(stock), nvib.NVConfig(alpha_scale_min=0.0, alpha_tau_d=10.0), prior=prior)

@@ -63,6 +63,7 @@ def randomise(layer, generator):
         layer.alpha_w1.copy_(0.1 * torch.randn(P, generator=generator))
         layer.alpha_w2.copy_(0.05 * torch.randn(P, generator=generator))
         layer.alpha_bias.fill_(0.5)
+        layer.gate_prior(0.0)  # the prior in play (NVConfig() removes it: τ_α = +∞)
         layer.set_prior(0.2 * torch.randn(P, generator=generator), torch.rand(P, generator=generator) + 0.5, 1.0, 2.0)
 
 

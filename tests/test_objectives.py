@@ -3,6 +3,8 @@ chunking invariance, targets only; the dev objective's likelihood path and its d
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import transformers as tf
@@ -164,7 +166,7 @@ class FakeEvaluator(Evaluator):
 @pytest.fixture
 def fake(monkeypatch):
     table = {
-        10.0: ["a fox jumps", "parse options now", "long reference text", "archive library"],  # equivalence
+        math.inf: ["a fox jumps", "parse options now", "long reference text", "archive library"],  # equivalence
         -5.0: ["the the", "the the", "the the", "the the"],  # one string for every input
         0.0: ["a fox jumps", "parse the options", "a reference", "an archive library"],
     }
@@ -186,8 +188,8 @@ def test_dev_objective_rejects_degenerate_outputs(fake) -> None:
     good = objective({"alpha_tau_e": 0.0}, 4)
     assert good.reject is None and good.value > 0 and good.n_tokens == 12
     # the reference (equivalence) outputs were made once and are shared with the equivalence trial
-    assert [c[0] for c in fake.calls].count(10.0) == 1
-    assert objective({"alpha_tau_e": 10.0}, 4).n_tokens == 0  # cached
+    assert [c[0] for c in fake.calls].count(math.inf) == 1
+    assert objective({"alpha_tau_e": math.inf}, 4).n_tokens == 0  # cached
     assert all(generate and not score for _, _, generate, score in fake.calls)
     assert DevObjective(fake, EXAMPLES, "rougeL", min_diversity=None)({"alpha_tau_e": -5.0}, 2).reject is None
 

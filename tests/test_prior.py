@@ -120,7 +120,8 @@ def test_alpha_scale_floor_restores_equivalence():
     valid = inputs["decoder_attention_mask"].bool()
     nvib.unload(nv)
     with pytest.warns(UserWarning, match="visible weight"):
-        nvib.convert(nv, nvib.NVConfig(alpha_scale_min=0.0), prior=prior)
+        finite = {f"alpha_tau_{k}": 10.0 for k in "ecd"}  # the old finite identity point
+        nvib.convert(nv, nvib.NVConfig(alpha_scale_min=0.0, **finite), prior=prior)
     assert (output(nv, inputs) - output(stock, inputs))[valid].abs().max() > 1e-3
     nvib.unload(nv)
     with warnings.catch_warnings():

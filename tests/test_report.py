@@ -20,7 +20,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def small_study() -> optuna.Study:
     def objective(knobs: dict[str, float], n: int) -> tuple[float, int]:
-        return 30 - abs(knobs["alpha_tau_e"] + 3) - 10 * knobs["stdev_tau_d"], 7 * n
+        return 30 - abs(min(knobs["alpha_tau_e"], 10.0) + 3) - 10 * knobs["stdev_tau_d"], 7 * n
 
     return run_search(
         objective,
@@ -137,7 +137,8 @@ def test_rejected_trials_and_differences_plot(tmp_path: Path) -> None:
 
     def objective(knobs: dict[str, float], n: int) -> TrialResult:
         reject = "less diverse than the reference: distinct 0.100 < 0.5 × 1.000" if knobs["alpha_tau_e"] < 0 else None
-        return TrialResult(-abs(knobs["alpha_tau_e"] - 2), 3, {"diversity": DIVERSITY["NV tuned"]["xsum"]}, reject)
+        value = -abs(min(knobs["alpha_tau_e"], 10.0) - 2)
+        return TrialResult(value, 3, {"diversity": DIVERSITY["NV tuned"]["xsum"]}, reject)
 
     study = run_search(objective, {"encoder"}, n_trials=8, storage=None, study_name="d", slices=[2], progress=False)
     rejected = [t for t in study.trials if "pruned_reason" in t.user_attrs]

@@ -21,6 +21,7 @@ from nvib.workflow.search import (
     best_knobs,
     equivalence_point,
     knob_names,
+    knobs_of,
     open_storage,
     run_search,
     sampler_seed,
@@ -30,8 +31,8 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def peaked(knobs: dict[str, float], n: int) -> float:
-    """Smooth function with its maximum 0 at alpha_tau_e = -3, stdev_tau_e = 0.2."""
-    return -(((knobs["alpha_tau_e"] + 3) / 4) ** 2) - ((knobs["stdev_tau_e"] - 0.2) / 0.1) ** 2
+    """Smooth, its maximum 0 at alpha_tau_e = -3, stdev_tau_e = 0.2 (the identity, alpha_tau = inf, read as 10)."""
+    return -(((min(knobs["alpha_tau_e"], 10.0) + 3) / 4) ** 2) - ((knobs["stdev_tau_e"] - 0.2) / 0.1) ** 2
 
 
 def states(study: optuna.Study) -> list[str]:
@@ -212,7 +213,7 @@ def test_equivalence_retried_if_interrupted(tmp_path: Path) -> None:
     kwargs = dict(kinds={"decoder"}, n_trials=3, storage=storage, study_name="eq", slices=[2], progress=False)
     with pytest.raises(KeyboardInterrupt):
         run_search(boom, **kwargs)
-    study = run_search(lambda k, n: -abs(k["alpha_tau_d"]), **kwargs)
+    study = run_search(lambda k, n: -abs(min(k["alpha_tau_d"], 10.0)), **kwargs)
     done = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(done) == 3
     assert done[0].params == {"alpha_tau_d": 10.0, "stdev_tau_d": 0.0}
@@ -239,7 +240,7 @@ def test_pruning_prunes_bad_trials() -> None:
 
 def test_minimize_direction() -> None:
     study = run_search(
-        lambda k, n: (k["alpha_tau_c"] - 1) ** 2, {"cross"}, n_trials=40, storage=None, study_name="m",
+        lambda k, n: (min(k["alpha_tau_c"], 10.0) - 1) ** 2, {"cross"}, n_trials=40, storage=None, study_name="m",
         slices=[1], direction="minimize", progress=False,
     )  # fmt: skip
     assert best_knobs(study)["alpha_tau_c"] == pytest.approx(1, abs=1.0)
@@ -312,7 +313,7 @@ def test_objective_recorded_at_creation_and_checked_on_join(tmp_path: Path) -> N
         run_search(lambda k, n: 0.0, n_trials=2, objective_info=info, direction="minimize", **kwargs)
     # refused joins ran nothing; the same objective resumes
     assert len(optuna.load_study(study_name="obj", storage=storage).trials) == 1
-    study = run_search(lambda k, n: -abs(k["alpha_tau_d"]), n_trials=2, objective_info=info, **kwargs)
+    study = run_search(lambda k, n: -abs(min(k["alpha_tau_d"], 10.0)), n_trials=2, objective_info=info, **kwargs)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
 
 
@@ -324,13 +325,13 @@ def test_point_enqueued_twice_is_evaluated_once(tmp_path: Path) -> None:
 
     def objective(knobs: dict[str, float], n: int) -> float:
         calls.append(knobs)
-        return -abs(knobs["alpha_tau_d"])
+        return -abs(min(knobs["alpha_tau_d"], 10.0))
 
     run_search(objective, n_trials=0, **kwargs)
     eq = equivalence_point({"decoder"})
     optuna.load_study(study_name="dup", storage=storage).enqueue_trial(eq, user_attrs={"start_point": "equivalence"})
     study = run_search(objective, n_trials=3, **kwargs)
-    assert sum(k == eq for k in calls) == 1 and len(calls) == 3
+    assert sum(k == knobs_of(eq) for k in calls) == 1 and len(calls) == 3
     skipped = [t for t in study.trials if "skipped" in t.user_attrs]
     assert len(skipped) == 1 and skipped[0].state == TrialState.FAIL
     assert skipped[0].user_attrs["skipped"] == "duplicate of trial 0"
@@ -390,7 +391,7 @@ def test_joiner_waits_for_the_creator_and_does_not_enqueue(tmp_path: Path) -> No
     thread.start()
     started = time.monotonic()
     done = run_search(
-        lambda k, n: -abs(k["alpha_tau_d"]), {"decoder"}, n_trials=2, storage=storage, study_name="setup",
+        lambda k, n: -abs(min(k["alpha_tau_d"], 10.0)), {"decoder"}, n_trials=2, storage=storage, study_name="setup",
         slices=[1], progress=False,
     )  # fmt: skip
     thread.join()

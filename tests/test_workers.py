@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from nvib.cli import app
 from nvib.workflow.run import Run
-from nvib.workflow.search import equivalence_point
+from nvib.workflow.search import equivalence_point, knobs_of
 from nvib.workflow.settings import RunConfig
 
 KINDS = {"encoder", "cross", "decoder"}
@@ -148,7 +148,7 @@ def test_two_workers_share_one_study(postgres: str, model_dir: Path, tmp_path: P
     assert {t.user_attrs["worker"] for t in done} <= {f"{os.uname().nodename}:{w.pid}" for w in workers}
     skipped = [t for t in study.trials if t.state == TrialState.FAIL]
     assert all("skipped" in t.user_attrs for t in skipped)  # only a race's surplus, never evaluated
-    best = {k: float(v) for k, v in study.best_trial.user_attrs["knobs"].items()}
+    best = knobs_of(study.best_trial.user_attrs["knobs"])
     for i in range(2):
         saved = json.loads((tmp_path / f"w{i}" / "nv_config.json").read_text())
         assert all(saved[k] == pytest.approx(v) for k, v in best.items())

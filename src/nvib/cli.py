@@ -58,7 +58,7 @@ def friendly_errors(fn=None, *, interrupted: str | None = None, also: tuple[type
         try:
             return fn(*args, **kwargs)
         except KeyboardInterrupt as err:
-            message = interrupted or f"{str(err) or 'interrupted'}. Rerun the same command to resume."
+            message = interrupted or str(err) or "interrupted. Rerun the same command to resume."
             _console().print(Text(message, style="yellow"))
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except (ValueError, OSError, *also) as err:  # DataError, ConfigError, PriorMismatchError are ValueErrors
@@ -125,7 +125,7 @@ def _with_metric(config: RunConfig, metric: str | None) -> RunConfig:
 def _run(config: RunConfig, run_dir: Path | None, n_trials: int | None, progress: bool, prior: Path | None = None):
     run = Run(config, run_dir, console=_console(), progress=progress, n_trials=n_trials)
     if prior is not None:
-        run.prior_path = prior
+        run.given_prior = prior  # read, never written
     return run
 
 

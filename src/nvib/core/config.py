@@ -5,13 +5,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from pathlib import Path
 
 KINDS = ("encoder", "cross", "decoder")
 SUFFIX = {"encoder": "e", "cross": "c", "decoder": "d"}  # site kind -> knob suffix
 STDEV_UNITS = (None, "prior", "bias")
+#: τ_α of the old finite identity point: at τ_α = +∞ the tokens' pseudo-counts keep this bias (training samples as it)
+IDENTITY_ALPHA_TAU = 10.0
 KNOBS = tuple(f"{p}_{s}" for p in ("alpha_tau", "stdev_tau") for s in SUFFIX.values())  # the six searched knobs
 
+STDEV_MEANING = '; it is a width in prior standard deviations (stdev_unit "prior") or nats of score spread ("bias")'
 #: Knob prefix -> (low, high, whether low itself is allowed): ranges inside which every term of spec §3-6
 #: stays finite in float32 and bfloat16 (tests/test_bad_input.py::test_knob_bounds_keep_outputs_finite).
 BOUNDS: dict[str, tuple[float, float, bool]] = {
@@ -31,12 +35,13 @@ def bounds(name: str) -> tuple[float, float, bool] | None:
 class NVConfig:
     """Knobs per site kind (e = encoder self-attention, c = cross-attention, d = decoder self-attention).
 
-    The defaults are the equivalence setting: the NV model computes what the pretrained model computes.
+    The defaults are the equivalence setting: the NV model computes what the pretrained model computes, exactly,
+    whatever the prior: τ_α = +∞ removes the prior component from the attention (a finite τ_α keeps §11's meaning).
     """
 
-    alpha_tau_e: float = 10.0
-    alpha_tau_c: float = 10.0
-    alpha_tau_d: float = 10.0
+    alpha_tau_e: float = math.inf
+    alpha_tau_c: float = math.inf
+    alpha_tau_d: float = math.inf
     stdev_tau_e: float = 0.0
     stdev_tau_c: float = 0.0
     stdev_tau_d: float = 0.0
@@ -58,16 +63,22 @@ class NVConfig:
             if field.name in ("centre_alpha", "stdev_unit"):
                 continue
             value = getattr(self, field.name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ValueError(f"NVConfig.{field.name} must be a number, got {value!r}")
+            value = float(value)  # numpy and torch scalars too
+            object.__setattr__(self, field.name, value)
+            if value == math.inf and field.name.startswith("alpha_tau"):
+                continue  # the identity: no prior component
             if not math.isfinite(value):
-                raise ValueError(f"NVConfig.{field.name} must be finite, got {value}; pass a real number")
+                allowed = "; alpha_tau may be inf (no prior)" if field.name.startswith("alpha_tau") else ""
+                raise ValueError(f"NVConfig.{field.name} must be finite, got {value}; pass a real number{allowed}")
             if (bound := bounds(field.name)) is not None:
                 low, high, closed = bound
                 if not (low <= value if closed else low < value) or value > high:
+                    unit = STDEV_MEANING if field.name.startswith("stdev") else ""
                     raise ValueError(
-                        f"NVConfig.{field.name} must be in {'[' if closed else '('}{low:g}, {high:g}], got {value:g}"
-                        f"{'; it is a width in prior standard deviations' if field.name.startswith('stdev') else ''}"
+                        f"NVConfig.{field.name} must be in {'[' if closed else '('}{low:g}, {high:g}], got {value!r}"
+                        + unit
                     )
 
     def alpha_tau(self, kind: str) -> float:

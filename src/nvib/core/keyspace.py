@@ -54,6 +54,7 @@ class KeySpaceLayer(PriorWeight, nn.Module):
         self.register_buffer("prior_value", torch.zeros(heads, head_dim))
         self.register_buffer("prior_log_alpha", torch.zeros(heads))
         self.register_buffer("prior_scale", torch.ones(heads))
+        self.register_buffer("prior_gate", torch.zeros(()), persistent=False)  # set from the knobs by `reset`
         self.register_buffer("prior_sq_var", torch.full((heads, head_dim), 2.0), persistent=False)  # spec §12
         self.prior_sample: torch.Tensor | None = None
         self.kl_gaussian: torch.Tensor | None = None
@@ -94,7 +95,7 @@ class KeySpaceLayer(PriorWeight, nn.Module):
             s0sq, self.prior_sq_var, self.prior_scale, self.noise, stdev_tau, stdev_unit, self.site, self.prior_sample
         )
         self.logvar_bias.copy_(torch.log(s0sq * lam[:, None] + TINY_VARIANCE))
-        bias = alpha_tau * self.prior_scale.double().clamp(min=alpha_scale_min) + self.prior_offset()
+        bias = self.gate_prior(alpha_tau) * self.prior_scale.double().clamp(min=alpha_scale_min) + self.prior_offset()
         self.alpha_bias.copy_(bias)
         return clamped
 
@@ -111,7 +112,7 @@ class KeySpaceLayer(PriorWeight, nn.Module):
             query_scale=None if tiny else self.noise / beta,  # [G, E]
             key_weight=None if tiny else 0.5 * (1 / self.noise - 1 / beta),  # [G, E]
             prior_key=m0 * beta / beta0,  # k̃_0 divided by the query scale
-            prior_c=c0 - token_const,  # [G]
+            prior_c=c0 - token_const + self.prior_gate.to(f),  # [G]
             prior_value=self.prior_value,
         )
 
@@ -287,6 +288,7 @@ def _train_attention(slot: KeySlot, query, key, value, allowed, dropout: float, 
     m0, s0 = layer.prior_mean.to(f), layer.prior_var.to(f).sqrt()
     k0 = m0 + s0 * torch.randn(B, G, E, dtype=f, device=key.device)
     bias0 = sample_log_gamma(layer.prior_log_alpha.to(f).expand(B, G)) - k0.square().sum(-1) / (2 * layer.noise)
+    bias0 = bias0 + layer.prior_gate.to(f)
     keys = torch.cat([k0[:, :, None], k_t], 2).to(key.dtype)
     values = torch.cat([layer.prior_value.to(value.dtype)[None, :, None].expand(B, G, 1, E), value], 2)
     mask = _bias_mask(allowed, torch.cat([bias0[..., None], bias], -1), query.shape[2], query.dtype)

@@ -15,11 +15,15 @@ import weakref
 import torch
 from torch import nn
 
+from nvib.core.config import IDENTITY_ALPHA_TAU
 from nvib.core.kl import kl_dirichlet, kl_gaussian
 
 TINY_VARIANCE = 1e-12  # spec §3: b_σ = log((s_0 τ_σ)² + tiny)
 LOG_ALPHA_GAUSSIAN = 10.0  # above this log α, Gamma(α, 1) is sampled by its normal approximation
 LAYERS = "nvib_layers"  # the ModuleDict of NV layers on a converted model
+# added to the prior's score at τ_α = +∞: e^-1e4 is 0 in every float format, and it stays finite, so no 0·∞ in a
+# product or gradient; the prior then has weight exactly 0 (scores within ±1e3 of each other)
+PRIOR_OFF = -1e4
 
 
 def is_converted(model: nn.Module) -> bool:
@@ -125,7 +129,14 @@ class TokenTerms:
 
 class PriorWeight:
     """How much weight the knobs leave the prior component (spec §11), for layers with prior_mean, prior_var,
-    logvar_bias (shared variances), alpha_bias and noise."""
+    logvar_bias (shared variances), alpha_bias, noise and prior_gate (0, or `PRIOR_OFF` at τ_α = +∞)."""
+
+    @torch.no_grad()
+    def gate_prior(self, alpha_tau: float) -> float:
+        """Set the prior's gate from τ_α; returns the τ_α the tokens' bias b_α is computed with."""
+        off = alpha_tau == math.inf
+        self.prior_gate.fill_(PRIOR_OFF if off else 0.0)
+        return IDENTITY_ALPHA_TAU if off else alpha_tau
 
     def prior_offset(self) -> torch.Tensor:
         """δ_0: the prior's score advantage over an average in-domain token at b_α = 0, float64 (per head)."""
@@ -133,7 +144,10 @@ class PriorWeight:
         return prior_offset(self.prior_mean, self.prior_var, beta, self.noise)
 
     def prior_weight(self) -> float:
-        """e^(δ_0 − b_α): the prior's weight relative to an average in-domain token (largest over heads)."""
+        """e^(δ_0 − b_α): the prior's weight relative to an average in-domain token (largest over heads); 0 when
+        τ_α = +∞ removed it."""
+        if bool(self.prior_gate < 0):
+            return 0.0
         return float((self.prior_offset() - self.alpha_bias.detach().to(torch.float64)).max().clamp(max=700).exp())
 
 
@@ -159,6 +173,7 @@ class NVIBLayer(PriorWeight, nn.Module):
         self.register_buffer("prior_var", torch.ones(dim))
         self.register_buffer("prior_log_alpha", torch.zeros(()))
         self.register_buffer("prior_scale", torch.ones(()))
+        self.register_buffer("prior_gate", torch.zeros(()), persistent=False)  # set from the knobs by `reset`
         # Var(z_d²) of the prior's tokens (spec §12; 2 for the default N(0, 1), NaN for priors without it); the
         # prior file holds it, so it is not saved with the layer
         self.register_buffer("prior_sq_var", torch.full((dim,), 2.0), persistent=False)
@@ -214,7 +229,7 @@ class NVIBLayer(PriorWeight, nn.Module):
             self.logvar_weight.zero_()
         self.alpha_w1.zero_()
         self.alpha_w2.fill_(1 / (2 * self.noise))
-        bias = alpha_tau * max(float(self.prior_scale), alpha_scale_min)
+        bias = self.gate_prior(alpha_tau) * max(float(self.prior_scale), alpha_scale_min)
         self.alpha_bias.fill_(bias + (float(self.prior_offset()) if centre else 0.0))
         return clamped
 
@@ -239,7 +254,7 @@ class NVIBLayer(PriorWeight, nn.Module):
             ratio=var / beta,
             prior_point=self.noise * m0 / beta0,
             prior_ratio=s0sq / beta0,
-            prior_c=c0 - token_const,
+            prior_c=c0 - token_const + self.prior_gate.to(f),
         )
 
     def token_terms(self, z: torch.Tensor) -> TokenTerms:
@@ -322,6 +337,7 @@ class NVIBLayer(PriorWeight, nn.Module):
         prior_log_alpha = self.prior_log_alpha.to(mu.dtype).expand(z.shape[0])
         bias = sample_log_gamma(log_alpha) - (z_tilde * z_tilde).sum(-1) / (2 * self.noise)
         prior_bias = sample_log_gamma(prior_log_alpha) - (prior_tilde * prior_tilde).sum(-1) / (2 * self.noise)
+        prior_bias = prior_bias + self.prior_gate.to(prior_bias.dtype)
         out = (z_tilde.to(z.dtype), bias, prior_tilde.to(z.dtype), prior_bias)
         self._sample = (z, out, (mu, logvar, log_alpha))
         self.kl_gaussian = self.kl_dirichlet = None

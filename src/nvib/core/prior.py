@@ -370,6 +370,23 @@ class EmpiricalPrior:
                 f"{signature['sites']} and type {signature['model_type']}: estimate a prior on this model with "
                 "nvib.EmpiricalPrior.estimate or `nvib prior`"
             )
+        dtype = next(model.parameters()).dtype
+        for name, layer in (layers or {}).items():
+            s = self.sites[name]
+            shape = tuple(layer.prior_mean.shape)  # [P] in z-space, [G, E] (heads × head size) in key space
+            stats = {"mean": s.mean, "var": s.var, "value_mean": s.value_mean}
+            for stat, t in stats.items():
+                if t is not None and tuple(t.shape) != shape:
+                    raise PriorMismatchError(
+                        f"prior site {name}: its {stat} has shape {list(t.shape)}, the model's site {list(shape)} "
+                        "(another head layout?): estimate a prior on this model with `nvib prior`"
+                    )
+                if t is not None and not bool(torch.isfinite(t.to(dtype)).all()):
+                    raise PriorMismatchError(
+                        f"prior site {name}: its {stat} is not finite in the model's {dtype} (largest |value| "
+                        f"{float(t.abs().max()):.3g}); the file is damaged or made for another model: estimate it "
+                        "again with `nvib prior`"
+                    )
 
     def save(self, path: str | Path) -> None:
         tensors = {}

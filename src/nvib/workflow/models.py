@@ -61,7 +61,19 @@ def load_model(section: ModelSection, task: str | None = None, base_dir: str | P
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     model.config._name_or_path = str(path)
+    check_vocabulary(model, tokenizer, tok_path)
     return model.eval(), tokenizer
+
+
+def check_vocabulary(model: nn.Module, tokenizer, tok_path) -> None:
+    """Refuse a tokenizer with ids beyond the model's embeddings (they would fail deep inside the forward)."""
+    embeddings = model.get_input_embeddings()
+    size = getattr(embeddings, "num_embeddings", None)
+    if size is not None and len(tokenizer) > size:
+        raise ValueError(
+            f"the tokenizer at {tok_path} has {len(tokenizer)} tokens but the model's embeddings only {size}: they "
+            "do not belong together. Fix: point model.tokenizer at the model's own tokenizer"
+        )
 
 
 def _gguf_args(section: ModelSection, path: Path) -> dict[str, str]:

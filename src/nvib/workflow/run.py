@@ -36,6 +36,7 @@ from nvib.workflow.evaluate import (
     evaluate_variants,
     new_progress,
 )
+from nvib.workflow.identity import check_identity, file_fingerprint
 from nvib.workflow.metrics import LIKELIHOOD_METRICS
 from nvib.workflow.models import batch_kind, load_model
 from nvib.workflow.report import ReportPaths, write_report
@@ -44,11 +45,12 @@ from nvib.workflow.settings import PRIOR_ONLY_ALPHA_TAUS, STDEV_RANGES, RunConfi
 
 __all__ = ["Run", "describe_data", "estimate_prior", "parse_shard", "prior_stats"]
 
-PRIOR_FILE, STUDY_FILE, KNOBS_FILE, CONFIG_FILE = (
+PRIOR_FILE, STUDY_FILE, KNOBS_FILE, CONFIG_FILE, IDENTITY_FILE = (
     "prior.safetensors",
     "study.db",
     "nv_config.json",
     "config.json",
+    "run.json",
 )
 
 
@@ -167,6 +169,7 @@ class Run:
         if self.n_trials < 0:
             raise ValueError(f"n_trials must be >= 0, got {self.n_trials}")
         self.prior_path = self.dir / PRIOR_FILE
+        self.given_prior: Path | None = None  # a prior file the user passed (`--prior`): read only, never written
         self._prior: EmpiricalPrior | None = None
 
     # -- shared pieces
@@ -217,8 +220,25 @@ class Run:
             self.config.prior.batch_size,
         )
 
+    def identity(self) -> dict[str, Any]:
+        """What this run's results depend on (`nvib.workflow.identity`): a rerun resumes only the same."""
+        cfg, d = self.config, self.config.data
+        model = cfg.path(cfg.model.path)
+        files = {"model": model, "tokenizer": cfg.path(cfg.model.tokenizer) if cfg.model.tokenizer else model}
+        files.update(train=cfg.path(d.train), dev=cfg.path(d.dev))
+        return {
+            **{f"{k} files": f"{Path(p).name} {file_fingerprint(Path(p))}" for k, p in files.items()},
+            "model kind": cfg.model.kind, "gguf_file": cfg.model.gguf_file, "seed": cfg.model.seed,
+            "task": cfg.task, "columns": [d.source_column, d.target_column], "limits": [d.train_limit, d.dev_limit],
+            "lengths": [d.max_source_len, d.max_target_len], "lm_separator": d.lm_separator,
+        }  # fmt: skip
+
     def _start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        check_identity(
+            self.dir / IDENTITY_FILE, self.identity(),
+            "use a new run directory (-o/--run-dir), or delete this one to start over",
+        )  # fmt: skip
         record = {
             "source": self.config.source,
             "base_dir": str(self.config.base_dir),
@@ -232,6 +252,16 @@ class Run:
         """The run's prior: loaded if ``prior.safetensors`` is there and complete, else estimated, saved."""
         if self._prior is not None:
             return self._prior
+        if self.given_prior is not None:
+            prior = EmpiricalPrior.load(self.given_prior)
+            if not prior.metadata.get("complete", True):
+                raise ValueError(
+                    f"the prior {self.given_prior} is incomplete (its estimate was interrupted) and nvib does not "
+                    "write to a file you pass. Fix: estimate it again with `nvib prior ... -o FILE`, or drop --prior "
+                    "to estimate one in the run directory"
+                )
+            self._prior = prior
+            return prior
         expected = self._prior_description()
         if self.prior_path.is_file():
             prior = EmpiricalPrior.load(self.prior_path)
@@ -270,7 +300,10 @@ class Run:
         )
         prior.save(self.prior_path)
         if not prior.metadata.get("complete", True):
-            raise KeyboardInterrupt(f"prior interrupted after {_tokens(prior)} tokens; partial prior saved")
+            raise KeyboardInterrupt(
+                f"prior interrupted after {_tokens(prior)} tokens; the partial prior is kept in {self.prior_path}, "
+                "and rerunning the same command estimates the prior again from the start"
+            )
         seconds = time.perf_counter() - start
         self.console.print(f"prior: {_tokens(prior)} tokens in {seconds:.0f} s -> {self.prior_path}")
         self._prior = prior
@@ -399,7 +432,8 @@ class Run:
     def report(self, evaluation: Evaluation | None = None) -> ReportPaths:
         cfg = self.config
         study = _load_study(self.storage, cfg.search.study_name)
-        prior = self._prior or (EmpiricalPrior.load(self.prior_path) if self.prior_path.is_file() else None)
+        path = self.given_prior or self.prior_path
+        prior = self._prior or (EmpiricalPrior.load(path) if path.is_file() else None)
         notes = {
             "model": f"{cfg.path(cfg.model.path)} ({cfg.model.kind})",
             "task": cfg.task,

@@ -6,8 +6,10 @@ kinds a model has are searched.
 
 Design choices:
 
-- **Equivalence point outside the range.** The equivalence setting (``alpha_tau = 10``) lies
-  outside the default ``alpha_tau`` range. Each knob's distribution is the hull of its
+- **Equivalence point outside the range.** The equivalence setting is ``alpha_tau = +∞`` (no prior
+  component); Optuna's distributions are finite, so the study stores it as ``alpha_tau = 10``
+  (:data:`EQUIVALENCE_ALPHA_TAU`) and :func:`knobs_of` reads that value back as +∞ (for the objective and in
+  :func:`best_knobs`). It lies outside the default ``alpha_tau`` range. Each knob's distribution is the hull of its
   configured range and every enqueued point (and of the ranges already stored in a resumed
   study), so enqueued trials are ordinary in-range trials that TPE learns from, the
   distributions are identical across trials (multivariate TPE needs that) and Optuna never
@@ -82,6 +84,9 @@ __all__ = [
     "knob_names",
     "load_study",
     "open_storage",
+    "MAX_FAILED_IN_A_ROW",
+    "SearchFailedError",
+    "knobs_of",
     "run_search",
     "sampler_seed",
 ]
@@ -116,6 +121,14 @@ def knob_names(kinds: set[str] | Sequence[str]) -> list[str]:
     if not kinds:
         raise ValueError("no site kinds given: nothing to search")
     return [k for k in KNOBS if any(k.endswith("_" + KIND_SUFFIX[kind]) for kind in kinds)]
+
+
+def knobs_of(params: Mapping[str, float]) -> dict[str, float]:
+    """The NVConfig knobs of a trial's parameters: an ``alpha_tau`` at the stored equivalence value is +∞."""
+    return {
+        k: (math.inf if k.startswith("alpha_tau") and v == EQUIVALENCE_ALPHA_TAU else float(v))
+        for k, v in params.items()
+    }
 
 
 def equivalence_point(
@@ -199,6 +212,15 @@ class _TrialSeededTPE(BaseSampler):
 
 class _Skipped(Exception):
     """A trial popped from the queue that must not be evaluated (duplicate or beyond the budget)."""
+
+
+class SearchFailedError(ValueError):
+    """Too many trials in a row failed: the search stops rather than run forever."""
+
+
+#: failed trials in a row (objective not finite) after which a worker stops: failed trials do not count towards
+#: n_trials, so without a bound a model that is NaN everywhere would be searched for ever
+MAX_FAILED_IN_A_ROW = 5
 
 
 def _distributions(
@@ -393,8 +415,13 @@ def run_search(
         slice_metrics: dict[str, float] = {}
         metric = math.nan
         for i, n_examples in enumerate(slices):
-            result = _unpack(objective(dict(knobs), n_examples))
+            result = _unpack(objective(knobs_of(knobs), n_examples))
             metric, n_tok = result.value, result.n_tokens
+            if not math.isfinite(metric):
+                reason = f"the objective was {metric} on {n_examples} dev examples"
+                trial.set_user_attr("failed_reason", reason)
+                failed.append((trial.number, knobs, reason))
+                return math.nan  # Optuna fails the trial (±inf would complete)
             if n_tok is not None:
                 tokens = (tokens or 0) + n_tok
             slice_metrics[str(n_examples)] = metric
@@ -410,6 +437,7 @@ def run_search(
                 raise optuna.TrialPruned()
         return metric
 
+    failed: list[tuple[int, dict, str]] = []  # this worker's failed trials, in order
     deadline = None if timeout is None else time.monotonic() + timeout
     bar = None
     if progress:
@@ -430,7 +458,18 @@ def run_search(
                 # The last trials run elsewhere (or in a killed process, failed once their heartbeat is stale).
                 time.sleep(0.5)
                 continue
+            before = len(failed)
             study.optimize(trial_fn, n_trials=1, catch=(_Skipped,), show_progress_bar=False)
+            if len(failed) == before:
+                failed.clear()  # not failed: the count is of failures in a row
+            elif len(failed) >= MAX_FAILED_IN_A_ROW:
+                _, knobs, reason = failed[-1]
+                shown = ", ".join(f"{k}={v:.3g}" for k, v in knobs.items())
+                raise SearchFailedError(
+                    f"search stopped: {len(failed)} trials in a row failed ({reason}, last at {shown}; trials "
+                    f"{', '.join(str(n) for n, _, _ in failed)}). The model gives NaN or inf there: check the prior "
+                    "(a statistic that overflows the model's dtype?), the data, or narrow search.ranges"
+                )
     finally:
         if bar is not None:
             bar.close()
@@ -442,4 +481,4 @@ def best_knobs(study: optuna.Study) -> dict[str, float]:
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         raise ValueError(f"study {study.study_name!r} has no complete trial yet")
     trial = study.best_trial
-    return {k: float(v) for k, v in trial.user_attrs.get("knobs", trial.params).items()}
+    return knobs_of(trial.user_attrs.get("knobs", trial.params))

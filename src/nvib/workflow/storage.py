@@ -109,6 +109,12 @@ def open_storage(
             if attempt == 4:
                 raise
             time.sleep(0.2 * (attempt + 1))
+        except sqlalchemy.exc.DatabaseError as err:  # after its subclasses above (damaged file)
+            reason = " ".join(str(getattr(err, "orig", err)).split())
+            raise StorageError(
+                f"the Optuna storage {safe} is not a readable study database ({reason}): the file is damaged or "
+                "not Optuna's. Fix: move it away and rerun (its trials are lost), or use a new run directory"
+            ) from None
     raise AssertionError("unreachable")
 
 

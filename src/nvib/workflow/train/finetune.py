@@ -21,7 +21,8 @@ from nvib.core.config import KINDS, SUFFIX, NVConfig
 from nvib.core.convert import LAYERS, configure, convert, enable_per_token_variance, is_converted, nv_layers
 from nvib.core.io import save
 from nvib.core.prior import EmpiricalPrior
-from nvib.workflow.data import BatchKind, Example, batches
+from nvib.workflow.data import BatchKind, Example, batches, fingerprint
+from nvib.workflow.identity import weights_fingerprint
 from nvib.workflow.models import batch_kind
 from nvib.workflow.train.trainer import (
     KLClip,
@@ -361,6 +362,8 @@ def finetune(
         **{name: options[name] for name in SAME_RUN_OPTIONS},
         "schedule": dataclasses.asdict(options["schedule"]),
         "examples": len(examples),
+        "data": fingerprint(examples),
+        "model": f"{getattr(model.config, '_name_or_path', '') or type(model).__name__} {weights_fingerprint(model)}",
     }
     settings = json.loads(json.dumps(settings, default=str))
     checkpoint_dir = out / CHECKPOINTS
