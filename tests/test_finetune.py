@@ -444,6 +444,13 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
     assert (tmp_path / "b" / CHECKPOINTS / "checkpoint-2").is_dir()
     with pytest.raises(ValueError, match="different settings.*lr"):
         finetune(stock_model(BART), data, tok, output_dir=tmp_path / "b", **{**kw, "lr": 2e-3})
+    other = stock_model(BART)
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)  # another model of the same architecture
+    with pytest.raises(ValueError, match="different settings.*model"):
+        finetune(other, data, tok, output_dir=tmp_path / "b", **kw)
+    with pytest.raises(ValueError, match=r"different settings \(data"):
+        finetune(stock_model(BART), examples(8)[::-1], tok, output_dir=tmp_path / "b", **kw)
     resumed = finetune(stock_model(BART, dropout=True), data, tok, output_dir=tmp_path / "b", **kw)
     log = json.loads((tmp_path / "b" / RUN_LOG).read_text())
     assert max(entry["step"] for entry in log) == 4

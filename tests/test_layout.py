@@ -57,3 +57,24 @@ def test_the_check_finds_a_private_import(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text("from nvib.core.layer import _x\nfrom nvib.core import masks\nmasks._SPLIT_BIAS.clear()\n")
     assert len(_private_uses(bad)) == 2
+
+
+def test_import_nvib_needs_only_torch_transformers_safetensors() -> None:
+    """`import nvib` and a convert/prior round trip work where optuna, pydantic, rouge-score and rich are missing
+    (the GPU machine of issue 25 has none of them)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for m in ('optuna', 'pydantic', 'rouge_score', 'rich', 'typer', 'sacrebleu'): sys.modules[m] = None\n"
+        "import torch, transformers as tf, nvib\n"
+        "cfg = tf.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,"
+        " num_key_value_heads=2, intermediate_size=64)\n"
+        "model = tf.LlamaForCausalLM(cfg).eval()\n"
+        "ids = torch.randint(0, 64, (2, 8))\n"
+        "prior = nvib.EmpiricalPrior.estimate(model, [{'input_ids': ids}], progress=False)\n"
+        "nvib.convert(model, nvib.NVConfig(alpha_tau_d=0.0, stdev_tau_d=0.5), prior=prior)(ids)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
-from cases import ROTARY
+from cases import ROTARY, TINY
 from runs import run_config, save_tiny_model, write_config
 from test_cli import assert_user_error, invoke
 from test_prior import batches
@@ -126,3 +126,31 @@ def test_knobs_of_any_numeric_type_and_exact_bound_errors() -> None:
     assert config.alpha_tau_d == -2.0 and type(config.stdev_tau_e) is float
     with pytest.raises(ValueError, match=r"got 100\.0001"):
         nvib.NVConfig(stdev_tau_d=100.0001)
+
+
+def test_merging_overlapping_data_is_refused() -> None:
+    """A full prior with one of its own shards, or shards of one corpus cut with other batch sizes: refused."""
+    case = ROTARY[0]
+    torch.manual_seed(0)
+    model = case.build().eval()
+    big = case.inputs(batch=12, src=9)
+    rows = [{k: v[i : i + 1] for k, v in big.items()} for i in range(12)]
+    cat = lambda rs: {k: torch.cat([r[k] for r in rs]) for k in rs[0]}  # noqa: E731
+    full = EmpiricalPrior.estimate(model, [cat(rows[i : i + 4]) for i in range(0, 12, 4)], progress=False)
+    half = EmpiricalPrior.estimate(model, [cat(rows[i : i + 3]) for i in range(0, 6, 3)], progress=False)
+    other = EmpiricalPrior.estimate(model, [cat(rows[i : i + 3]) for i in range(6, 12, 3)], progress=False)
+    merged = EmpiricalPrior.merge(half, other)  # disjoint: fine, and equal to the full prior
+    for name, s in full.sites.items():
+        torch.testing.assert_close(merged.sites[name].mean, s.mean, atol=1e-10, rtol=0)
+    with pytest.raises(nvib.PriorMismatchError, match="overlapping data"):
+        EmpiricalPrior.merge(full, half)
+    again = EmpiricalPrior.estimate(model, [cat(rows[0:2]), cat(rows[2:6])], progress=False)  # other batches
+    with pytest.raises(nvib.PriorMismatchError, match="overlapping data"):
+        EmpiricalPrior.merge(half, again)
+
+
+@pytest.mark.parametrize("case", [ROTARY[0], TINY[0]], ids=lambda c: c.name)
+def test_output_attentions_warns(case) -> None:
+    model = nvib.convert(case.build().eval())
+    with pytest.warns(UserWarning, match="does not return attention weights"):
+        model(**case.inputs(), output_attentions=True)

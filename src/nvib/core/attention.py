@@ -32,7 +32,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from nvib.core.architectures import Site
 from nvib.core.layer import NVIBLayer
-from nvib.core.masks import FLASH_CPU, can_split, key_mask, nv_mask, split_bias
+from nvib.core.masks import FLASH_CPU, can_split, key_mask, nv_mask, split_bias, warn_if_weights_asked
 
 ATTN_NAME = "nvib"
 C_LIMIT = 1e4  # |c_n| bound so the bias channel stays finite in float16 (e^-1e4 is already 0)
@@ -380,6 +380,7 @@ def nv_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
             position_bias=position_bias, **kwargs,
         )  # fmt: skip
+    warn_if_weights_asked(kwargs)
     if not slot.layer.training:
         slot.end_call()
     B, _, Q, _ = query.shape

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any
 
 import transformers
-from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -49,17 +49,23 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
     return out
 
 
-class SavedInfo(BaseModel):
-    """The schema of ``nv_config.json``: what `save` writes and `load` accepts."""
+@functools.cache
+def saved_info_schema() -> type:
+    """The schema of ``nv_config.json``: what `save` writes and `load` accepts (a pydantic model, imported on first
+    use so that `import nvib` needs only torch, transformers and safetensors: issue 25)."""
+    from pydantic import BaseModel, ConfigDict
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    class SavedInfo(BaseModel):
+        model_config = ConfigDict(extra="ignore", frozen=True)
 
-    nv_config: dict[str, Any]
-    model_class: str
-    sites: list[str]
-    prior: str | None = None
-    per_token_variance: bool = False
-    stdev_unit: str = "prior"  # the unit the knobs were evaluated in (spec §12); files before it used §3's
+        nv_config: dict[str, Any]
+        model_class: str
+        sites: list[str]
+        prior: str | None = None
+        per_token_variance: bool = False
+        stdev_unit: str = "prior"  # the unit the knobs were evaluated in (spec §12); files before it used §3's
+
+    return SavedInfo
 
 
 def load(path: str | Path, **from_pretrained_kwargs) -> nn.Module:
@@ -103,9 +109,11 @@ def load(path: str | Path, **from_pretrained_kwargs) -> nn.Module:
     return model.eval()
 
 
-def _read_info(file: Path) -> SavedInfo:
+def _read_info(file: Path):
+    from pydantic import ValidationError
+
     try:
-        return SavedInfo.model_validate_json(file.read_bytes())
+        return saved_info_schema().model_validate_json(file.read_bytes())
     except ValidationError as err:
         e = err.errors(include_url=False)[0]
         where = ".".join(str(p) for p in e["loc"])

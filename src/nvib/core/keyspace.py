@@ -28,7 +28,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from nvib.core.architectures import Site
 from nvib.core.kl import kl_dirichlet, kl_gaussian
 from nvib.core.layer import TINY_VARIANCE, PriorWeight, sample_log_gamma, variance_scale
-from nvib.core.masks import FLASH_CPU, can_split, key_mask, nv_mask
+from nvib.core.masks import FLASH_CPU, can_split, key_mask, nv_mask, warn_if_weights_asked
 
 ATTN_NAME = "nvib-key"
 C_LIMIT = 1e4  # |c_n| bound so the bias stays finite in float16 (e^-1e4 is already 0)
@@ -213,6 +213,7 @@ def nv_key_attention(
     slot: KeySlot | None = getattr(module, "_nv_slot", None)
     if slot is None:  # a model that shares its config with a converted one stays stock
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
+    warn_if_weights_asked(kwargs)
     B, _, Q, _ = query.shape
     N = key.shape[2]
     if attention_mask is not None and attention_mask.shape[-1] > N:

@@ -3,6 +3,8 @@ for the CPU split path (the prior merged after a fused tokens-only kernel call, 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 from transformers.masking_utils import sdpa_mask
@@ -66,6 +68,16 @@ def split_bias(mask, position_bias, query: torch.Tensor, n_tokens: int, is_causa
     if ours:
         _SPLIT_BIAS[mask] = (made_for, bias)
     return bias, prior_bias
+
+
+def warn_if_weights_asked(kwargs: dict) -> None:
+    """NV attention returns no attention weights (like stock sdpa): say so when `output_attentions=True` asks."""
+    if kwargs.get("output_attentions"):
+        warnings.warn(
+            "NV attention does not return attention weights: output_attentions=True returns none (as stock "
+            "sdpa does); nvib.record_prior_mass(model) reports the attention on the prior",
+            stacklevel=3,
+        )
 
 
 def nv_mask(*args, **kwargs):

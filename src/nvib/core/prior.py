@@ -14,7 +14,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -176,8 +175,63 @@ def _batch_digest(digest, batch: Mapping[str, torch.Tensor]) -> None:
         digest.update(value.detach().to("cpu").contiguous().numpy().tobytes())
 
 
+EXAMPLE_SKETCH = 1024  # smallest per-example hashes kept per shard: merges refuse shards that share examples
+
+
+def example_hashes(batch: Mapping[str, torch.Tensor]) -> list[int]:
+    """A 64-bit hash per example (row) of a tokenised batch, from its real tokens only (input ids under the
+    attention mask, then the decoder ids or labels under theirs): the same for any batch size or padding."""
+    ids = batch.get("input_ids")
+    if ids is None:
+        return []
+    mask = batch.get("attention_mask")
+    target = batch.get("decoder_input_ids")
+    target_mask = batch.get("decoder_attention_mask")
+    if target is None and batch.get("labels") is not None:
+        target = batch["labels"]
+        target_mask = target != -100
+    out = []
+    for r in range(ids.shape[0]):
+        parts = [ids[r] if mask is None else ids[r][mask[r].bool()]]
+        if target is not None:
+            parts.append(target[r] if target_mask is None else target[r][target_mask[r].bool()])
+        digest = hashlib.sha256()
+        for p in parts:
+            digest.update(p.to("cpu", torch.int64).numpy().tobytes() + b"|")
+        out.append(int.from_bytes(digest.digest()[:8], "big"))
+    return out
+
+
 class PriorMismatchError(ValueError):
     pass
+
+
+class _NoBar:
+    """What `estimate` asks of a progress bar, doing nothing (no rich import without a bar)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, *args, **kwargs) -> int:
+        return 0
+
+    def update(self, *args, **kwargs) -> None:
+        return None
+
+
+def _progress_bar(progress: bool):
+    if not progress:
+        return _NoBar()
+    # imported here: `import nvib` needs only torch, transformers and safetensors (issue 25)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("prior"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[tokens]} tokens"),
+    )  # fmt: skip
 
 
 def _valid_mask(kind: str, batch: Mapping[str, torch.Tensor], z: torch.Tensor, pad_id, seq2seq: bool):
@@ -281,17 +335,15 @@ class EmpiricalPrior:
         if is_converted(model):
             set_knobs(model, NVConfig())  # the pretrained computation (spec §5)
         device = next(model.parameters()).device
-        complete, fingerprint = True, hashlib.sha256()
-        bar = Progress(
-            TextColumn("prior"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[tokens]} tokens"), disable=not progress,
-        )  # fmt: skip
+        complete, fingerprint, examples = True, hashlib.sha256(), set()
+        bar = _progress_bar(progress)
         try:
             with bar:
                 task = bar.add_task("prior", total=total, tokens=0)
                 for batch in batches:
                     current["batch"] = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
                     _batch_digest(fingerprint, current["batch"])
+                    examples = set(sorted(examples | set(example_hashes(batch)))[:EXAMPLE_SKETCH])
                     model(**current["batch"], use_cache=False)
                     tokens = max((s.count for s in stats.values()), default=0)
                     bar.update(task, advance=1, tokens=tokens)
@@ -320,6 +372,7 @@ class EmpiricalPrior:
                     "data_sha256": fingerprint.hexdigest(),
                     "shard": list(shard) if shard is not None else None,
                     "tokens": max(v.count for v in stats.values()),
+                    "examples": [f"{h:016x}" for h in sorted(examples)],  # the smallest example hashes
                 }
             ],
         }
@@ -522,4 +575,21 @@ def _check_disjoint_shards(priors: tuple[EmpiricalPrior, ...]) -> list[dict] | N
                 )
             seen[fingerprint] = i
             shards.append(record)
+    _check_no_shared_examples(priors)
     return shards
+
+
+def _check_no_shared_examples(priors: tuple[EmpiricalPrior, ...]) -> None:
+    """Refuse priors whose example sketches (each shard's `EXAMPLE_SKETCH` smallest example hashes) share at least a
+    tenth of the smaller one (and 2 hashes): they share data (a prior merged with one of its own shards, shards cut
+    with other batch sizes). A few duplicate examples in a corpus pass; so may a small overlap among many examples."""
+    records = [(i, set(r.get("examples") or ())) for i, p in enumerate(priors) for r in p.metadata.get("shards") or []]
+    for a, (i, first) in enumerate(records):
+        for j, second in records[a + 1 :]:
+            shared = len(first & second)
+            if i != j and shared >= max(2, 0.1 * min(len(first), len(second))):
+                raise PriorMismatchError(
+                    f"cannot merge: priors {i} and {j} were estimated on overlapping data ({shared} shared examples "
+                    "among the ones compared), which would count them twice. Fix: merge priors of disjoint shards "
+                    "of the same data (--shard i/n with one batch size), each once"
+                )

@@ -11,8 +11,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 CHUNK = 1 << 20
 
 
@@ -63,17 +61,3 @@ def check_identity(path: Path, identity: Mapping[str, Any], fix: str) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(dict(identity), indent=2) + "\n")
-
-
-def weights_fingerprint(module) -> str:
-    """SHA-256 (16 hex digits) of a module's parameter names, shapes, sums and first 64 entries: tells models
-    apart without hashing every byte (the NV layers, which training adds, are left out)."""
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "nvib_layers" in name:
-                continue
-            flat = p.detach().reshape(-1)
-            digest.update(f"{name}{tuple(p.shape)}{float(flat.double().sum()):.6e}".encode())
-            digest.update(flat[:64].float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]

@@ -20,9 +20,8 @@ from transformers.trainer_utils import get_last_checkpoint
 from nvib.core.config import KINDS, SUFFIX, NVConfig
 from nvib.core.convert import LAYERS, configure, convert, enable_per_token_variance, is_converted, nv_layers
 from nvib.core.io import save
-from nvib.core.prior import EmpiricalPrior
+from nvib.core.prior import EmpiricalPrior, weights_hash
 from nvib.workflow.data import BatchKind, Example, batches, fingerprint
-from nvib.workflow.identity import weights_fingerprint
 from nvib.workflow.models import batch_kind
 from nvib.workflow.train.trainer import (
     KLClip,
@@ -363,7 +362,7 @@ def finetune(
         "schedule": dataclasses.asdict(options["schedule"]),
         "examples": len(examples),
         "data": fingerprint(examples),
-        "model": f"{getattr(model.config, '_name_or_path', '') or type(model).__name__} {weights_fingerprint(model)}",
+        "model": f"{getattr(model.config, '_name_or_path', '') or type(model).__name__} {weights_hash(model)[:16]}",
     }
     settings = json.loads(json.dumps(settings, default=str))
     checkpoint_dir = out / CHECKPOINTS
