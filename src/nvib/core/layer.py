@@ -60,7 +60,7 @@ def variance_scale(
 
     "prior" (spec §3): λ = τ_σ². "bias" (spec §12): Std_n(B_n) = τ_σ nats, B_n = ½Σ_d (1 − r_d) z_nd²/ν, w_d =
     (1 − r_d)/ν, found by bisection on log λ (float64): computed on the prior's token `sample` [K, ..., D] where it
-    has one, else Var(B) ≈ ¼Σ_d w_d² Var(z_d²)·(ς/ς_diag)² (the diagonal estimate, off by up to 50% at LayerNorm
+    has one, else Var(B) ≈ ¼Σ_d w_d² Var(z_d²)·(ς/ς_diag)² (the diagonal estimate, off by up to 89% at LayerNorm
     sites: benchmarks/stdev_unit.py)."""
     s0sq, spread = s0sq.to(torch.float64), spread.to(torch.float64)
     shape = s0sq.shape[:-1]
