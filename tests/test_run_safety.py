@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -149,8 +150,27 @@ def test_merging_overlapping_data_is_refused() -> None:
         EmpiricalPrior.merge(half, again)
 
 
-@pytest.mark.parametrize("case", [ROTARY[0], TINY[0]], ids=lambda c: c.name)
-def test_output_attentions_warns(case) -> None:
-    model = nvib.convert(case.build().eval())
-    with pytest.warns(UserWarning, match="does not return attention weights"):
-        model(**case.inputs(), output_attentions=True)
+@pytest.mark.parametrize("case", [ROTARY[0], TINY[0], TINY[4]], ids=lambda c: c.name)
+def test_output_attentions_returns_the_weights_on_the_tokens(case) -> None:
+    """At the default the NV weights are the stock eager ones; at a finite τ_α each row's sum is 1 − its prior mass."""
+    torch.manual_seed(0)
+    stock = case.build().eval()
+    stock.set_attn_implementation("eager")
+    inputs = case.inputs()
+    with torch.no_grad():
+        ref = stock(**inputs, output_attentions=True)
+        nv = nvib.convert(copy.deepcopy(stock))
+        got = nv(**inputs, output_attentions=True)
+        names = [n for n in ("attentions", "encoder_attentions", "decoder_attentions", "cross_attentions") if n in ref]
+        valid = inputs["attention_mask"].bool()[:, None, :, None]  # queries of real tokens
+        for name in names:
+            for a, b in zip(getattr(got, name), getattr(ref, name), strict=True):
+                assert a.shape == b.shape
+                if name in ("attentions", "encoder_attentions") and a.shape[-2] == valid.shape[-2]:
+                    a, b = a * valid, b * valid
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            nvib.configure(nv, nvib.NVConfig(alpha_tau_e=-5.0, alpha_tau_c=-5.0, alpha_tau_d=-5.0))
+        sums = torch.stack(getattr(nv(**inputs, output_attentions=True), names[0])).sum(-1)
+    assert bool((sums < 1 - 1e-5).any()) and bool((sums <= 1 + 1e-5).all())

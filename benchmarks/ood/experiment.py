@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         type=Path,
         help="markdown file to update (default: benchmarks/RESULTS.md; OUT/RESULTS.md with --quick)",
     )
+    parser.add_argument("--section", default="ood", help="the section of RESULTS to write (a rerun keeps the first)")
     args = parser.parse_args(argv)
     if args.quick:
         args.trials, args.dev, args.test, args.prior_examples, args.seeds = 10, 32, 150, 1000, 1
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"results: {args.out / 'results.json'}, outputs: {args.out / 'outputs'}, table: {args.results}")
     from attention_speed import update_section  # benchmarks/attention_speed.py
 
-    update_section(args.results, "ood", table)
+    update_section(args.results, args.section, table)
 
 
 def scores(outputs: list[Output], base: list[Output], refs: list[str], is_base: bool) -> dict:
@@ -356,7 +357,7 @@ def render(rows: dict, args, elapsed: float, info: dict) -> str:
         return ", ".join(f"{d} {r[key]}" for d, r in rows.items())
 
     lines = [
-        "## ood",
+        f"## {args.section}",
         "",
         f"Out-of-domain benchmark (`python benchmarks/ood/experiment.py{' --quick' if args.quick else ''}`). Base "
         f"model: BERT2BERT from all-MiniLM-L6-v2 fine-tuned {recipe['steps']} steps (batch {recipe['batch_size']}) "

@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterator
 
 from torch import nn
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +162,17 @@ def _fused_projection(model: nn.Module | None) -> str | None:
     return None
 
 
+def _half(model: nn.Module) -> str:
+    """ "encoder." or "decoder." for a standalone half of an encoder-decoder model (`BartDecoder`, a T5 stack), which
+    its site patterns then match as inside the whole model; "" for a whole model."""
+    name = type(model).__name__
+    if not isinstance(model, PreTrainedModel):
+        return ""
+    if name.endswith("Stack"):
+        return "decoder." if getattr(model.config, "is_decoder", False) else "encoder."
+    return next((half.lower() + "." for half in ("Encoder", "Decoder") if name.endswith(half)), "")
+
+
 def _parts(model: nn.Module) -> Iterator[tuple[str, object, str | None]]:
     """(module-name prefix, config, forced kind of 'self' sites) for each sub-model."""
     config = getattr(model, "config", None)
@@ -181,6 +192,7 @@ def find_sites(model: nn.Module) -> list[Site]:
     """All attention modules of `model` with their site name and kind, in module order."""
     sites: list[Site] = []
     modules = dict(model.named_modules())
+    half = _half(model)
     for prefix, config, forced in _parts(model):
         arch = architecture_of(config, model)
         if getattr(config, "add_cross_attention", False) and "cross" not in arch.sites:
@@ -194,7 +206,7 @@ def find_sites(model: nn.Module) -> list[Site]:
             if not name.startswith(prefix):
                 continue
             for kind, pattern in arch.sites.items():
-                match = re.search(pattern, name[len(prefix) :])
+                match = re.search(pattern, half + name[len(prefix) :])
                 if match is None:
                     continue
                 kind = self_kind if kind == "self" else kind

@@ -30,9 +30,10 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
+from nvib.core import kernels
 from nvib.core.architectures import Site
 from nvib.core.layer import NVIBLayer
-from nvib.core.masks import FLASH_CPU, can_split, key_mask, nv_mask, split_bias, warn_if_weights_asked
+from nvib.core.masks import FLASH_CPU, can_split, compiling, key_mask, nv_mask, split_bias
 
 ATTN_NAME = "nvib"
 C_LIMIT = 1e4  # |c_n| bound so the bias channel stays finite in float16 (e^-1e4 is already 0)
@@ -59,6 +60,12 @@ class Slot:
     mass_log: list | None = None  # record_prior_mass: (Σ a_m0, number of queries) per call
     # cross-attention: (weakref to the cached key, folded, key with prior, value with prior); dropped with the key
     with_prior: tuple | None = None
+    module: nn.Module | None = None  # the attention module: its train/eval mode is the NV layer's at this module
+
+    @property
+    def training(self) -> bool:
+        """Sampling (spec §8) follows the attention module's mode, so `model.get_decoder().eval()` reaches it."""
+        return self.module.training
 
     @property
     def width(self) -> int:
@@ -88,6 +95,9 @@ class Slot:
 
     def fold(self) -> dict:
         """Fast-form weights (spec §6), rebuilt only when a parameter (in-place update), dtype or device changed."""
+        if compiling():  # traced: no version checks or memos, and no data-dependent shortcuts (`_build`)
+            self.last = self._build(static=True)
+            return self.last
         ts = self._tensors()
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
         if not grad and self.folded is not None and _state(ts) == self.folded_key:
@@ -104,7 +114,7 @@ class Slot:
         """Validate the folded weights once per module call. The query projection starts every call (self- and
         cross-attention, cached or not); the key/value projections and the attention of that call then use `last`.
         """
-        if not self.layer.training:
+        if not self.training:
             self.fold()
             self.checked = True
 
@@ -117,8 +127,9 @@ class Slot:
         self.call_weights()
         self.checked = False
 
-    def _build(self) -> dict:
-        """Small per-site/per-module tensors; the pretrained weights are used as they are."""
+    def _build(self, static: bool = False) -> dict:
+        """Small per-site/per-module tensors; the pretrained weights are used as they are. `static`: every term
+        kept (none skipped for being 0 or 1), so the structure does not depend on the values (torch.compile)."""
         (_, _), (wk, bk), (wv, bv) = self.qkv_weights()
         dtype, H, E = wk.dtype, self.heads, self.head_dim
         t = self.layer.fast_terms()  # float64
@@ -140,17 +151,18 @@ class Slot:
             )
         # G = W_v diag(σ²/β) W_kᵀ per head; the prior's G_0 enters weighted by a_m0, the tokens' by 1 − a_m0.
         g0 = (wv_h * t.prior_ratio) @ wk_h.transpose(1, 2)
-        g = (wv_h * t.ratio) @ wk_h.transpose(1, 2) if bool(t.ratio.max() > 1e-9) else None
+        g = (wv_h * t.ratio) @ wk_h.transpose(1, 2) if static or bool(t.ratio.max() > 1e-9) else None
         key_scale, key_shift = t.key_scale.to(dtype), t.key_shift.to(dtype)
         g_t, d_t = (None if g is None else g.transpose(1, 2).to(dtype)), (g0 if g is None else g0 - g).transpose(1, 2)
+        quad = static or bool(t.c_quad.abs().max() > 1e-6 * self.layer.alpha_w2.abs().max())
         return dict(
             general=False,
             # k̃ = W_k(key_scale ⊙ z + key_shift) + b_k: transform z, not the weights (spec §6 with W_μ = τ_μ I)
-            scale=None if bool((key_scale == 1).all()) else key_scale,
-            shift=None if bool((key_shift == 0).all()) else key_shift,
-            c_lin=t.c_lin.to(f) if bool(t.c_lin.abs().max() > 0) else None,
+            scale=key_scale if static or not bool((key_scale == 1).all()) else None,
+            shift=key_shift if static or not bool((key_shift == 0).all()) else None,
+            c_lin=t.c_lin.to(f) if static or bool(t.c_lin.abs().max() > 0) else None,
             # w_2 − τ_μ²/(2β) is 0 at τ_σ = 0 but for float round-off of w_2: then skip the z⊙z pass
-            c_quad=t.c_quad.to(f) if bool(t.c_quad.abs().max() > 1e-6 * self.layer.alpha_w2.abs().max()) else None,
+            c_quad=t.c_quad.to(f) if quad else None,
             prior_k=prior_k.to(dtype),
             prior_v=prior_v.to(dtype),
             prior_k_col=(prior_k * self.scaling).to(dtype)[:, :, None],  # s_m0 = q_m · this, [H, E+1, 1]
@@ -213,7 +225,7 @@ class Slot:
         if which == "q":
             self.begin_call()
             return self._with_channel(self._linear("q", x), 1.0 / self.scaling)
-        if self.layer.training:
+        if self.training:
             return self._project_train(which, x)
         w = self.call_weights()
         if w["general"]:
@@ -237,7 +249,7 @@ class Slot:
 
     def _project_train(self, which: str, x: torch.Tensor) -> torch.Tensor:
         """Spec §8: keys/values of a sampled z̃, with log γ − ‖z̃‖²/(2√E) as the key's bias channel."""
-        z_t, bias, prior_z, prior_bias = self.layer.sample(x)
+        z_t, bias, prior_z, prior_bias = self.layer.sample(x, (id(self), which))
         if which == "k":
             out, prior = (
                 self._with_channel(self._linear("k", z_t), bias),
@@ -260,17 +272,17 @@ class Slot:
 
     def prepend_prior(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, H, N, E+1] with the prior component at n = 0."""
-        if self.layer.training:
+        if self.training:
             prior_k, prior_v = self.prior_kv
         else:
             w = self.last
-            memo = self.with_prior
+            memo = None if compiling() else self.with_prior
             if memo is not None and memo[0]() is key and memo[1] is w:
                 return memo[2], memo[3]
             B = key.shape[0]
             prior_k, prior_v = (w[n].view(1, self.heads, 1, -1).expand(B, -1, -1, -1) for n in ("prior_k", "prior_v"))
         out = torch.cat([prior_k, key], 2), torch.cat([prior_v, value], 2)
-        if self.kind == "cross" and not self.layer.training:
+        if self.kind == "cross" and not self.training and not compiling():
             self.with_prior = (weakref.ref(key, self._forget), w, *out)
         return out
 
@@ -311,8 +323,9 @@ class Slot:
             r = r[..., E:]
         return torch.addcmul(o, a0, r)
 
-    def general_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask) -> torch.Tensor:
-        """Spec §4 with per-token variances: q/k/v [B, H, *, width] (prior at n = 0) -> [B, Q, H, E].
+    def general_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask, want_weights=False):
+        """Spec §4 with per-token variances: q/k/v [B, H, *, width] (prior at n = 0) -> [B, Q, H, E] and, if
+        `want_weights`, the attention on the tokens [B, H, Q, N] (else None).
 
         Costs eager attention plus B·H·Q·(N+1)·P multiply-adds for Σ_n a_mn σ²_n/β_n and 2·B·H·Q·E·P for the lift
         u = W_kᵀq and the projection back: the lifting the fast form avoids. Heads go in groups, each group's
@@ -341,7 +354,7 @@ class Slot:
             u = torch.bmm(q[:, hs].transpose(0, 1).reshape(n, B * Q, E), w["wk_h"][hs])  # W_kᵀ q, [n, B·Q, P]
             u.view(n, B, Q, P).mul_(weights.transpose(0, 1))
             o[:, :, hs] += torch.bmm(u, w["wv_h"][hs]).view(n, B, Q, E).permute(1, 2, 0, 3)
-        return o.to(query.dtype)
+        return o.to(query.dtype), a[..., 1:].to(query.dtype) if want_weights else None
 
     def correct(self, out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """The attention output over prior and tokens [B, H, Q, E+1] (a_m0 in the last channel) → the corrected
@@ -350,7 +363,7 @@ class Slot:
         o, a0 = out[..., :-1], out[..., -1:]
         if self.mass_log is not None:
             self.mass_log.append((float(a0.float().sum()), a0.numel()))
-        if self.layer.training:
+        if self.training:
             return o
         B, Q, H, E = o.shape
         q = query.transpose(1, 2)[..., :-1].reshape(B * Q, H, E).transpose(0, 1)  # [H, B·Q, E]
@@ -373,29 +386,30 @@ def nv_attention_forward(
     position_bias: torch.Tensor | None = None,
     **kwargs,
 ):
-    """NV attention: q/k/v [B, H, *, E+1] from `Slot.project`; returns ([B, Q, H, E], None)."""
+    """NV attention: q/k/v [B, H, *, E+1] from `Slot.project`; returns ([B, Q, H, E], the attention on the tokens
+    [B, H, Q, N] if output_attentions asks for it (the prior has the rest of each row), else None)."""
     slot: Slot | None = getattr(module, "_nv_slot", None)
     if slot is None:  # a model that shares its config with a converted one stays stock
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
             position_bias=position_bias, **kwargs,
         )  # fmt: skip
-    warn_if_weights_asked(kwargs)
-    if not slot.layer.training:
+    weights = bool(kwargs.get("output_attentions"))
+    if not slot.training:
         slot.end_call()
     B, _, Q, _ = query.shape
-    if can_split(query) and not slot.spare and not slot.layer.training:
+    if can_split(query) and not slot.spare and not slot.training and not weights:
         causal = bool(getattr(module, "is_causal", False))
         bias, prior_bias = split_bias(attention_mask, position_bias, query, key.shape[2], causal)
         return slot.attend_split(query, key, value, bias, prior_bias), None
     key, value = slot.prepend_prior(key, value)
-    if slot.spare and slot.layer.training:  # sampling (spec §8) needs no ratios
+    if slot.spare and slot.training:  # sampling (spec §8) needs no ratios
         query, key, value = (t[..., : slot.head_dim + 1] for t in (query, key, value))
     n_tokens = key.shape[2] - 1
     if attention_mask is not None and attention_mask.shape[-1] > n_tokens:
         attention_mask = attention_mask[..., -n_tokens:]  # some models size masks by the cache incl. prior
     allowed = key_mask(attention_mask, B, Q, n_tokens, bool(getattr(module, "is_causal", False)), query.device)
-    if slot.layer.training:
+    if slot.training:
         slot.layer.compute_kl(None if allowed is None else allowed[:, 0].any(1).expand(B, -1))
     mask = None
     if allowed is not None:
@@ -404,12 +418,25 @@ def nv_attention_forward(
         bias = position_bias if position_bias.shape[-1] == n_tokens + 1 else F.pad(position_bias, (1, 0))
         bias = bias.to(query.dtype)
         mask = bias if mask is None else torch.where(mask, bias, torch.finfo(query.dtype).min)
-    if slot.spare and not slot.layer.training:
-        return slot.general_attention(query, key, value, mask), None
-    out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=slot.scaling
-    )
+    if slot.spare and not slot.training:
+        return slot.general_attention(query, key, value, mask, weights)
+    dropout = dropout if module.training else 0.0
+    if weights:
+        out, a = explicit_attention(query, key, value, mask, slot.scaling, dropout)
+        return slot.correct(out, query), a
+    out = kernels.sdpa(query, key, value, mask, slot.scaling, dropout)
     return slot.correct(out, query), None
+
+
+def explicit_attention(query, key, value, mask, scale: float, dropout: float = 0.0):
+    """Softmax attention with its weights, for output_attentions: q/k/v [B, H, *, C] with the prior at n = 0, `mask`
+    boolean or additive [., ., Q, 1+N] -> ([B, H, Q, C], the attention on the tokens [B, H, Q, N])."""
+    f = torch.promote_types(query.dtype, torch.float32)
+    scores = query.to(f) @ key.to(f).transpose(-1, -2) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask.to(f)
+    a = F.dropout(scores.softmax(-1), dropout) if dropout else scores.softmax(-1)
+    return (a @ value.to(f)).to(query.dtype), a[..., 1:].to(query.dtype)
 
 
 def register() -> None:
@@ -445,7 +472,7 @@ def install(site: Site, layer: NVIBLayer) -> Slot:
     proj = (getattr(module, arch.fused_qkv),) if fused else tuple(getattr(module, n) for n in (arch.q, arch.k, arch.v))
     heads = proj[0].weight.shape[0 if not fused else 1] // (E * (3 if fused else 1))
     spare = math.ceil(layer.dim / (2 * heads)) if layer.per_token_variance else 0
-    slot = Slot(layer, site.kind, heads, E, scaling, proj, fused, spare)
+    slot = Slot(layer, site.kind, heads, E, scaling, proj, fused, spare, module=module)
     object.__setattr__(module, "_nv_slot", slot)
     setattr(module, arch.head_dim_attr, slot.width)
     if fused:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
 import transformers
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from nvib.core.architectures import find_sites
@@ -17,36 +16,9 @@ from nvib.core.config import NVConfig
 from nvib.core.convert import convert
 from nvib.core.layer import LAYERS, nv_layers
 from nvib.core.prior import EmpiricalPrior
+from nvib.core.saving import NV_CONFIG, NV_WEIGHTS, save
 
-NV_CONFIG = "nv_config.json"
-NV_WEIGHTS = "nv_layers.safetensors"
-PRIOR = "prior.safetensors"
-
-
-def save(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
-    """Write the pretrained weights the usual HF way, plus nv_config.json, the NV layers and the prior."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    layers = nv_layers(model)
-    plain = {k: v for k, v in model.state_dict().items() if not k.startswith(LAYERS + ".")}
-    model.save_pretrained(out, state_dict=plain)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    nv_state = {k: v.contiguous() for k, v in model._modules[LAYERS].state_dict().items()}
-    save_file(nv_state, str(out / NV_WEIGHTS))
-    prior: EmpiricalPrior | None = model.__dict__.get("nv_prior")
-    if prior is not None:
-        prior.save(out / PRIOR)
-    info = {
-        "nv_config": model.nv_config.to_dict(),
-        "stdev_unit": model.nv_config.stdev_unit or next(iter(layers.values())).STDEV_UNIT,  # the unit it ran in
-        "sites": sorted(layers),
-        "model_class": type(model).__name__,
-        "prior": PRIOR if prior is not None else None,
-        "per_token_variance": any(layer.per_token_variance for layer in layers.values()),
-    }
-    (out / NV_CONFIG).write_text(json.dumps(info, indent=2) + "\n")
-    return out
+__all__ = ["NV_CONFIG", "load", "save", "saved_info_schema"]
 
 
 @functools.cache

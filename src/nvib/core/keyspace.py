@@ -25,10 +25,11 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
+from nvib.core import kernels
 from nvib.core.architectures import Site
 from nvib.core.kl import kl_dirichlet, kl_gaussian
 from nvib.core.layer import TINY_VARIANCE, PriorWeight, sample_log_gamma, variance_scale
-from nvib.core.masks import FLASH_CPU, can_split, key_mask, nv_mask, warn_if_weights_asked
+from nvib.core.masks import FLASH_CPU, can_split, compiling, key_mask, nv_mask
 
 ATTN_NAME = "nvib-key"
 C_LIMIT = 1e4  # |c_n| bound so the bias stays finite in float16 (e^-1e4 is already 0)
@@ -99,15 +100,16 @@ class KeySpaceLayer(PriorWeight, nn.Module):
         self.alpha_bias.copy_(bias)
         return clamped
 
-    def terms(self) -> dict[str, torch.Tensor | None]:
-        """The fast-form terms of §10 in float64 (differentiable in the layer's parameters)."""
+    def terms(self, static: bool = False) -> dict[str, torch.Tensor | None]:
+        """The fast-form terms of §10 in float64 (differentiable in the layer's parameters); `static`: the variance
+        terms kept at τ_σ = 0 too (a structure that does not depend on values, for torch.compile)."""
         f = torch.float64
         var = self.logvar_bias.to(f).exp()
         beta = var + self.noise
         m0, beta0 = self.prior_mean.to(f), self.prior_var.to(f) + self.noise
         token_const = self.alpha_bias.to(f) - 0.5 * beta.log().sum(-1)
         c0 = self.prior_log_alpha.to(f) - 0.5 * (m0 * m0 / beta0).sum(-1) - 0.5 * beta0.log().sum(-1)
-        tiny = bool(var.max() <= 1e-9 * self.noise)  # τ_σ = 0: √E/β = 1 and c_n = const to round-off
+        tiny = not static and bool(var.max() <= 1e-9 * self.noise)  # τ_σ = 0: √E/β = 1 and c_n = const to round-off
         return dict(
             query_scale=None if tiny else self.noise / beta,  # [G, E]
             key_weight=None if tiny else 0.5 * (1 / self.noise - 1 / beta),  # [G, E]
@@ -132,10 +134,11 @@ class KeySlot:
     folded_key: tuple | None = None
     mass_log: list | None = None  # record_prior_mass: (Σ a_m0, number of queries) per call
     unrotated: torch.Tensor | None = None  # training: this forward's unrotated keys [B, N, G, E]
+    module: nn.Module | None = None  # the attention module: its train/eval mode decides sampling (spec §8)
 
     def capture(self, _module, _args, out: torch.Tensor) -> None:
         """Forward hook on the key norm (or k projection): keep the unrotated keys for KL_G in training."""
-        if not self.layer.training:
+        if not self.module.training:
             self.unrotated = None
             return
         G, E = self.layer.heads, self.head_dim
@@ -145,12 +148,13 @@ class KeySlot:
 
     def fold(self, dtype: torch.dtype) -> dict:
         """Terms in the attention's dtype, [Hq, E]-expanded where queries use them; rebuilt when anything changed."""
+        static = compiling()  # traced: rebuilt in the graph, every term kept (no data-dependent shortcut)
         tensors = [*self.layer.parameters(), *self.layer.buffers()]
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)  # then rebuilt every call
-        key = (dtype, *((0 if t.is_inference() else t._version, t.data_ptr()) for t in tensors))
+        grad = static or torch.is_grad_enabled() and any(t.requires_grad for t in tensors)  # then rebuilt every call
+        key = None if grad else (dtype, *((0 if t.is_inference() else t._version, t.data_ptr()) for t in tensors))
         if not grad and self.folded is not None and key == self.folded_key:
             return self.folded
-        t = self.layer.terms()
+        t = self.layer.terms(static)
         rep = self.heads // self.layer.heads
         f = torch.promote_types(dtype, torch.float32)
         folded = dict(
@@ -159,7 +163,7 @@ class KeySlot:
             prior_key=t["prior_key"].to(dtype),
             prior_c=t["prior_c"].to(f),
             prior_value=t["prior_value"].to(dtype),
-            same_c=bool((t["prior_c"] == t["prior_c"][0]).all().detach()),  # one bias row serves every head
+            same_c=not static and bool((t["prior_c"] == t["prior_c"][0]).all().detach()),  # one row serves all heads
             scaling=self.scaling,
         )
         if not grad:
@@ -176,15 +180,14 @@ def _bias_mask(allowed: torch.Tensor | None, bias: torch.Tensor, q_len: int, dty
     return torch.where(allowed, bias, torch.finfo(dtype).min)
 
 
-def _attend(query, key, value, mask, slot: KeySlot, dropout: float, softcap: float | None) -> torch.Tensor:
-    """Attention with an additive mask [B, G' (1 or G), Q, N]; GQA by grouping. Returns [B, Hq, Q, E]."""
+def _attend(query, key, value, mask, slot: KeySlot, dropout: float, softcap: float | None, weights: bool = False):
+    """Attention with an additive mask [B, G' (1 or G), Q, 1+N] over the prior and the tokens; GQA by grouping.
+    Returns [B, Hq, Q, E] and, if `weights`, the attention on the tokens [B, Hq, Q, N] (the prior has the rest)."""
     G, Hq = key.shape[1], query.shape[1]
     if mask.shape[1] not in (1, Hq):
         mask = mask.repeat_interleave(Hq // G, 1)
-    if softcap is None and slot.mass_log is None:
-        return F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, dropout_p=dropout, scale=slot.scaling, enable_gqa=G != Hq
-        )
+    if softcap is None and slot.mass_log is None and not weights:
+        return kernels.sdpa(query, key, value, mask, slot.scaling, dropout), None
     key, value = (t.repeat_interleave(Hq // G, 1) for t in (key, value))
     scores = (query @ key.transpose(-1, -2)).float() * slot.scaling
     if softcap is not None:
@@ -194,7 +197,7 @@ def _attend(query, key, value, mask, slot: KeySlot, dropout: float, softcap: flo
         sees = (mask[..., 1:] > torch.finfo(mask.dtype).min / 2).any(-1).expand_as(a[..., 0])
         slot.mass_log.append((float(a[..., 0][sees].sum()), int(sees.sum())))
     a = F.dropout(a, dropout) if dropout else a
-    return a.to(value.dtype) @ value
+    return a.to(value.dtype) @ value, a[..., 1:].to(query.dtype) if weights else None
 
 
 def nv_key_attention(
@@ -209,36 +212,54 @@ def nv_key_attention(
     **kwargs,
 ):
     """Key-space NV attention: query [B, Hq, Q, E], key/value [B, G, N, E] as the module hands them over (rotated,
-    from its cache); returns ([B, Q, Hq, E], None)."""
+    from its cache); returns ([B, Q, Hq, E], the attention on the tokens [B, Hq, Q, N] if output_attentions asks
+    for it, else None)."""
     slot: KeySlot | None = getattr(module, "_nv_slot", None)
     if slot is None:  # a model that shares its config with a converted one stays stock
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
-    warn_if_weights_asked(kwargs)
+    weights = bool(kwargs.get("output_attentions"))
     B, _, Q, _ = query.shape
     N = key.shape[2]
     if attention_mask is not None and attention_mask.shape[-1] > N:
         attention_mask = attention_mask[..., -N:]
     allowed = key_mask(attention_mask, B, Q, N, bool(getattr(module, "is_causal", True)), query.device)
     dropout = dropout if module.training else 0.0
-    if slot.layer.training:
-        out = _train_attention(slot, query, key, value, allowed, dropout, softcap)
-        return out.transpose(1, 2), None
+    if slot.module.training:
+        out, a = _train_attention(slot, query, key, value, allowed, dropout, softcap, weights)
+        return out.transpose(1, 2), a
     w = slot.fold(query.dtype)
     G, E = key.shape[1], key.shape[3]
     if w["query_scale"] is not None:
         query = query * w["query_scale"][:, None, :]
-    if _can_split(query, softcap, slot, dropout):
+    if _can_split(query, softcap, slot, dropout) and not weights:
         return _attend_split(query, key, value, allowed, w).transpose(1, 2), None
     key = torch.cat([w["prior_key"][None, :, None, :].expand(B, G, 1, E), key], 2)
     value = torch.cat([w["prior_value"][None, :, None, :].expand(B, G, 1, E), value], 2)
     prior_c = w["prior_c"][None, :, None].expand(B, G, 1)
+    if softcap is None and not weights and slot.mass_log is None:
+        return _attend_bias_channel(query, key, value, allowed, prior_c, w, dropout).transpose(1, 2), None
     if w["key_weight"] is None:
         bias = F.pad(prior_c[:, :1] if w["same_c"] else prior_c, (0, N))  # [B, 1 or G, 1+N]
     else:
         c = token_bias(key[:, :, 1:], w["key_weight"])
         bias = torch.cat([prior_c, c], -1)
     mask = _bias_mask(allowed, bias, Q, query.dtype)
-    return _attend(query, key, value, mask, slot, dropout, softcap).transpose(1, 2), None
+    out, a = _attend(query, key, value, mask, slot, dropout, softcap, weights)
+    return out.transpose(1, 2), a
+
+
+def _attend_bias_channel(query, key, value, allowed, prior_c, w: dict, dropout: float) -> torch.Tensor:
+    """Keys/values [B, G, 1+N, E] with the prior at n = 0: the per-key bias c_n (prior_c [B, G, 1] for n = 0) rides
+    in one more key channel against a query channel of 1/s, so the mask stays the boolean [B, 1, Q, 1+N] of the
+    tokens (no per-head [B, G, Q, N] bias is built). -> [B, Hq, Q, E]"""
+    B, G, N1, E = key.shape
+    kw = w["key_weight"]
+    c = key.new_zeros(()).expand(B, G, N1 - 1) if kw is None else token_bias(key[:, :, 1:], kw)
+    bias = torch.cat([prior_c.to(c.dtype), c], -1).clamp(-C_LIMIT, C_LIMIT)
+    key = torch.cat([key, bias[..., None].to(key.dtype)], -1)
+    query = F.pad(query, (0, 1), value=1.0 / w["scaling"])
+    mask = None if allowed is None else F.pad(allowed, (1, 0), value=True)  # the prior is never hidden (spec §10)
+    return kernels.sdpa(query, key, value, mask, w["scaling"], dropout)
 
 
 def token_bias(key: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -276,7 +297,7 @@ def _attend_split(query, key, value, allowed, w: dict) -> torch.Tensor:
     return out.reshape(B, Hq, Q, E)
 
 
-def _train_attention(slot: KeySlot, query, key, value, allowed, dropout: float, softcap) -> torch.Tensor:
+def _train_attention(slot: KeySlot, query, key, value, allowed, dropout: float, softcap, weights: bool = False):
     """Spec §8 in key space: sampled keys k̃ = k̂ + σ ⊙ ε (σ is constant on rotary pairs, so this has the law of
     R_n(μ_n + σε)), scores s·q̂·k̃ + log γ − ‖k̃‖²/(2√E); the prior's key sampled from N(m_0, s_0²); KL terms."""
     layer, B, G, N, E = slot.layer, key.shape[0], key.shape[1], key.shape[2], key.shape[3]
@@ -293,7 +314,7 @@ def _train_attention(slot: KeySlot, query, key, value, allowed, dropout: float, 
     keys = torch.cat([k0[:, :, None], k_t], 2).to(key.dtype)
     values = torch.cat([layer.prior_value.to(value.dtype)[None, :, None].expand(B, G, 1, E), value], 2)
     mask = _bias_mask(allowed, torch.cat([bias0[..., None], bias], -1), query.shape[2], query.dtype)
-    out = _attend(query, keys, values, mask, slot, dropout, softcap)
+    out = _attend(query, keys, values, mask, slot, dropout, softcap, weights)
     _set_kl(slot, log_alpha, allowed, B, N)
     return out
 
@@ -338,7 +359,7 @@ def install(site: Site, layer: KeySpaceLayer) -> KeySlot:
     module, arch = site.module, site.arch
     E = int(getattr(module, arch.head_dim_attr))
     heads = getattr(module, arch.q).weight.shape[0] // E
-    slot = KeySlot(layer, site.kind, heads, E, float(module.scaling), arch.key_layout)
+    slot = KeySlot(layer, site.kind, heads, E, float(module.scaling), arch.key_layout, module=module)
     slot.hook = getattr(module, arch.key_source).register_forward_hook(slot.capture)
     object.__setattr__(module, "_nv_slot", slot)
     return slot

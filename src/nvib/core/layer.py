@@ -42,6 +42,8 @@ def set_knobs(model: nn.Module, config) -> list[str]:
     mixtures ("site" or "site head g") whose τ_σ was clamped at the largest spread the site allows (§12)."""
     clamped = []
     for layer in nv_layers(model).values():
+        if layer.prior_mean.is_meta:  # no values yet: `to_empty` then transformers' init_weights sets them
+            continue
         unit = config.stdev_unit or layer.STDEV_UNIT
         flags = layer.reset(
             config.alpha_tau(layer.kind), config.stdev_tau(layer.kind), config.mu_tau, config.alpha_scale_min,
@@ -142,6 +144,12 @@ class PriorWeight:
         """δ_0: the prior's score advantage over an average in-domain token at b_α = 0, float64 (per head)."""
         beta = self.logvar_bias.detach().to(torch.float64).exp() + self.noise
         return prior_offset(self.prior_mean, self.prior_var, beta, self.noise)
+
+    @torch.no_grad()
+    def set_default_prior(self) -> None:
+        """The prior of a layer made without an estimated one: N(0, I), log-count 0 (spread 1), Var(z²) = 2."""
+        ones = torch.ones_like(self.prior_var)
+        self.set_prior(torch.zeros_like(ones), ones, 0.0, 1.0, sq_var=2 * ones)
 
     def prior_weight(self) -> float:
         """e^(δ_0 − b_α): the prior's weight relative to an average in-domain token (largest over heads); 0 when
@@ -264,11 +272,12 @@ class NVIBLayer(PriorWeight, nn.Module):
         with β̄ = σ̄² + √E the shared form and δ = 1/β̄ − 1/β_n,
         c_n = c_lin·z + c_quad·(z⊙z) + ½Σ δ μ_n² − ½Σ log(β_n/β̄).
         """
-        versions = tuple(
+        traced = torch.compiler.is_compiling()  # then no memos (keyed by identity and versions)
+        versions = None if traced else tuple(
             (0 if t.is_inference() else t._version, t.data_ptr(), t.dtype)
             for t in (*self._parameters.values(), *self._buffers.values())
             if t is not None
-        )
+        )  # fmt: skip
         memo = self._terms
         if memo is not None and memo[0]() is z and memo[1] == versions and not torch.is_grad_enabled():
             return memo[2]
@@ -283,13 +292,14 @@ class NVIBLayer(PriorWeight, nn.Module):
         c = zf @ k["c_lin"] + (zf * zf) @ k["c_quad"]
         c = c + 0.5 * (dvar / (beta * beta0) * mu * mu).sum(-1) - 0.5 * torch.log1p(dvar / beta0).sum(-1)
         terms = TokenTerms(point=self.noise * mu / beta, ratio=(var0 + dvar) / beta, c=c)
-        self._terms = (weakref.ref(z, self._drop_terms), versions, terms)  # released with z
+        if not traced:
+            self._terms = (weakref.ref(z, self._drop_terms), versions, terms)  # released with z
         return terms
 
     def _token_constants(self, f: torch.dtype, versions: tuple) -> dict[str, torch.Tensor]:
         """The parameters `token_terms` needs, in dtype f; kept between calls while no parameter changes."""
         memo = self._constants
-        if memo is not None and memo[0] == (f, versions) and not torch.is_grad_enabled():
+        if versions is not None and memo is not None and memo[0] == (f, versions) and not torch.is_grad_enabled():
             return memo[1]
         fast = self.fast_terms()
         var0 = self.logvar_bias.to(f).exp()
@@ -302,7 +312,7 @@ class NVIBLayer(PriorWeight, nn.Module):
             c_lin=fast.c_lin.to(f),
             c_quad=fast.c_quad.to(f),
         )
-        if not torch.is_grad_enabled():
+        if versions is not None and not torch.is_grad_enabled():
             self._constants = ((f, versions), consts)
         return consts
 
@@ -322,14 +332,20 @@ class NVIBLayer(PriorWeight, nn.Module):
 
     # ---- training (spec §8) -------------------------------------------------------------------
 
-    def sample(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def sample(self, z: torch.Tensor, caller=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One reparameterised sample for key vectors z [B, N, P], shared by every module of the site.
 
         Returns z̃ [B, N, P], the per-key score bias log γ − ‖z̃‖²/(2√E) [B, N] (float32), and the same
         two for the prior component: z̃_0 [B, P], bias_0 [B].
+
+        The sample is drawn by the first `caller` (module and projection) that sees z and reused by the others. When
+        the caller that drew it asks again for the same z (activation checkpointing recomputing that module, with the
+        RNG state restored) it is drawn again, so a recomputation repeats the original's operations and noise; a
+        memo without gradients is not reused where gradients are wanted (reentrant checkpointing's first pass).
         """
-        if self._sample is not None and self._sample[0] is z:
-            return self._sample[1]
+        memo = self._sample
+        if memo is not None and memo[0] is z and memo[3] != caller and memo[4] == _wants_grad(z, self):
+            return memo[1]
         mu, logvar, log_alpha = self.posterior(z)
         z_tilde = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
         m0 = self.prior_mean.to(mu.dtype).expand(z.shape[0], -1)
@@ -339,7 +355,7 @@ class NVIBLayer(PriorWeight, nn.Module):
         prior_bias = sample_log_gamma(prior_log_alpha) - (prior_tilde * prior_tilde).sum(-1) / (2 * self.noise)
         prior_bias = prior_bias + self.prior_gate.to(prior_bias.dtype)
         out = (z_tilde.to(z.dtype), bias, prior_tilde.to(z.dtype), prior_bias)
-        self._sample = (z, out, (mu, logvar, log_alpha))
+        self._sample = (z, out, (mu, logvar, log_alpha), caller, _wants_grad(z, self))
         self.kl_gaussian = self.kl_dirichlet = None
         return out
 
@@ -350,10 +366,15 @@ class NVIBLayer(PriorWeight, nn.Module):
         mu, logvar, log_alpha = self._sample[2]
         if valid is None:
             valid = torch.ones(log_alpha.shape, dtype=torch.bool, device=log_alpha.device)
+        valid = valid[:, -log_alpha.shape[1] :]  # over a filled cache: this call's tokens, the ones sampled
         self.kl_gaussian = kl_gaussian(
             mu, logvar, log_alpha, valid, self.prior_mean, self.prior_var, self.prior_log_alpha
         ).mean()
         self.kl_dirichlet = kl_dirichlet(log_alpha, valid, self.prior_log_alpha).mean()
+
+
+def _wants_grad(z: torch.Tensor, layer: nn.Module) -> bool:
+    return torch.is_grad_enabled() and (z.requires_grad or layer.mu_scale.requires_grad)
 
 
 def prior_offset(m0: torch.Tensor, s0sq: torch.Tensor, beta: torch.Tensor, noise: float) -> torch.Tensor:

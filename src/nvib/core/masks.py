@@ -3,11 +3,11 @@ for the CPU split path (the prior merged after a fused tokens-only kernel call, 
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 from transformers.masking_utils import sdpa_mask
+
+from nvib.core import kernels
 
 # Evaluation on CPU attends to the tokens with the fused kernel that also returns the log-sum-exp of the scores, and
 # merges the prior component afterwards (`Slot.attend_split`): no per-call copy of the keys and values with the prior
@@ -18,6 +18,11 @@ FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu
 SPLIT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # masks made by `nv_mask` (new in every forward, never updated in place) -> (what the bias was made for, bias)
 _SPLIT_BIAS = WeakIdKeyDictionary()
+
+
+def compiling() -> bool:
+    """Whether torch.compile is tracing: then no memos keyed by tensor identity or version (they break the graph)."""
+    return torch.compiler.is_compiling()
 
 
 def key_mask(mask: torch.Tensor | None, batch: int, q_len: int, n_tokens: int, is_causal: bool, device):
@@ -38,7 +43,7 @@ def can_split(query: torch.Tensor) -> bool:
         SPLIT_PRIOR
         and FLASH_CPU is not None
         and not torch.is_grad_enabled()
-        and query.device.type == "cpu"
+        and kernels.device_type(query) == "cpu"
         and query.dtype in SPLIT_DTYPES
     )
 
@@ -50,7 +55,7 @@ def split_bias(mask, position_bias, query: torch.Tensor, n_tokens: int, is_causa
     else (a user's 4D mask may be a buffer refilled in place) is converted each time."""
     B, _, Q, _ = query.shape
     made_for = (n_tokens, Q, query.dtype)
-    ours = mask is not None and position_bias is None and mask in _SPLIT_BIAS
+    ours = mask is not None and position_bias is None and not compiling() and mask in _SPLIT_BIAS
     kept = _SPLIT_BIAS[mask] if ours else None
     if kept is not None and kept[0] == made_for:
         return kept[1], None
@@ -70,19 +75,9 @@ def split_bias(mask, position_bias, query: torch.Tensor, n_tokens: int, is_causa
     return bias, prior_bias
 
 
-def warn_if_weights_asked(kwargs: dict) -> None:
-    """NV attention returns no attention weights (like stock sdpa): say so when `output_attentions=True` asks."""
-    if kwargs.get("output_attentions"):
-        warnings.warn(
-            "NV attention does not return attention weights: output_attentions=True returns none (as stock "
-            "sdpa does); nvib.record_prior_mass(model) reports the attention on the prior",
-            stacklevel=3,
-        )
-
-
 def nv_mask(*args, **kwargs):
     kwargs["allow_is_causal_skip"] = False
     mask = sdpa_mask(*args, **kwargs)
-    if mask is not None:
+    if mask is not None and not compiling():
         _SPLIT_BIAS[mask] = None  # ours: `split_bias` may keep the bias it makes from it
     return mask
