@@ -13,11 +13,11 @@ from cases import MINILM
 DEMO_DATA = Path(__import__("nvib").__file__).parent / "demo_data"
 
 
-def save_tiny_model(path: Path, kind: str = "seq2seq") -> Path:
+def save_tiny_model(path: Path, kind: str = "seq2seq", seed: int = 0) -> Path:
     """A random tiny BART (seq2seq), GPT-2 (causal_lm) or Llama (llama) with MiniLM's tokenizer, saved under `path`."""
     tokenizer = tf.AutoTokenizer.from_pretrained(MINILM, local_files_only=True)
     special = {"pad_token_id": 0, "bos_token_id": 101, "eos_token_id": 102}
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     if kind == "seq2seq":
         config = tf.BartConfig(
             vocab_size=tokenizer.vocab_size, d_model=32, encoder_layers=2, decoder_layers=2,

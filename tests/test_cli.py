@@ -78,7 +78,7 @@ def test_run_writes_everything(finished_run: tuple[Path, Path]) -> None:
     for plot in ("search_history", "knobs", "prior_stats", "prior_mass", "differences"):
         assert (out / "plots" / f"{plot}.png").is_file(), plot
     scores = json.loads((out / "scores.json").read_text())
-    assert set(scores["results"]) == {"unconverted", "nv_equivalence", "nv_tuned"}
+    assert set(scores["results"]) == {"unconverted", "temperature", "nv_equivalence", "nv_tuned"}  # the default
     for variant in scores["results"]:
         for test_set in ("docstrings", "debian"):
             rows = [json.loads(line) for line in (out / "predictions" / f"{variant}.{test_set}.jsonl").open()]
@@ -93,6 +93,7 @@ def test_run_writes_everything(finished_run: tuple[Path, Path]) -> None:
     assert len(trials(out)) == 4
     report = (out / "report.md").read_text()
     assert "NV tuned" in report and "Prior statistics" in report and "Attention on the prior" in report
+    assert "## Verdict" in report and "the best baseline, temperature" in report
     assert "Output diversity" in report and "sampler seed" in report and " s per trial = " in report
     assert "search metric | nll (the search maximises its negative)" in report
     assert "diversity guard | not needed (likelihood objective)" in report

@@ -296,3 +296,68 @@ def test_bom_and_invalid_utf8(tmp_path: Path) -> None:
     p.write_bytes(b'{"text": "caf\xe9"}\n')
     with pytest.raises(DataError, match="not valid UTF-8"):
         load_examples(p)
+
+
+# ---- datasets by name (issue 22): tested on local folders of the hub datasets' schemas (no hub access here)
+
+
+def _folder(tmp_path: Path, name: str, rows: list[dict], split: str = "test") -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return folder
+
+
+def test_named_dataset_with_a_translation_column(tmp_path: Path) -> None:
+    """The OPUS layout: a `translation` column of {language: text}."""
+    from nvib.workflow.data import HubDataset, load_dataset_examples
+
+    rows = [{"id": str(i), "translation": {"en": f"hello {i}", "fr": f"bonjour {i}"}} for i in range(5)]
+    folder = _folder(tmp_path, "opus", rows)
+    got = load_dataset_examples(HubDataset(str(folder), "test", translation=("en", "fr")), limit=3)
+    assert got == [Example(f"hello {i}", f"bonjour {i}") for i in range(3)]
+    with pytest.raises(DataError, match=r"no 'en'/'de'.*languages: 'en', 'fr'"):
+        load_dataset_examples(HubDataset(str(folder), "test", translation=("en", "de")))
+
+
+def test_named_dataset_with_named_columns_and_a_config(tmp_path: Path) -> None:
+    from nvib.workflow.data import HubDataset, load_dataset_examples
+
+    folder = _folder(tmp_path, "xsum", [{"document": "a long text", "summary": "short", "id": "1"}], split="validation")
+    got = load_dataset_examples(HubDataset(str(folder), "validation", source="document", target="summary"))
+    assert got == [Example("a long text", "short")]
+    with pytest.raises(DataError, match="missing column 'highlights'"):
+        load_dataset_examples(HubDataset(str(folder), "validation", source="document", target="highlights"))
+
+
+def test_named_dataset_that_cannot_be_loaded_names_the_fix(monkeypatch) -> None:
+    from nvib.workflow.data import HubDataset, load_dataset_examples
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError) as err:
+        load_dataset_examples(HubDataset("nvib-test/no-such-dataset", "test", "3.0.0"))
+    message = str(err.value)
+    assert message.startswith("dataset nvib-test/no-such-dataset (3.0.0) [test]: could not be loaded")
+    assert "HF_DATASETS_OFFLINE" in message and "local copy" in message and "\n" not in message
+
+
+def test_run_config_takes_datasets_by_name(tmp_path: Path) -> None:
+    from nvib.workflow.settings import ConfigError, DatasetSection, RunConfig
+
+    raw = {
+        "model": {"path": "m"}, "task": "translation",
+        "data": {
+            "train": {"dataset": "Helsinki-NLP/opus-100", "config": "en-fr", "split": "train",
+                      "translation": ["en", "fr"]},
+            "dev": "dev.jsonl",
+            "test": {"bible": {"dataset": "./bible", "config": "en-fr", "split": "train", "translation": ["en", "fr"]}},
+        },
+    }  # fmt: skip
+    config = RunConfig.from_dict(raw, base_dir=tmp_path)
+    assert isinstance(config.data.train, DatasetSection) and config.data.dev == "dev.jsonl"
+    spec = config.data.test["bible"].spec(tmp_path)
+    assert spec.name == str(tmp_path / "bible") and spec.translation == ("en", "fr")
+    assert config.data.train.spec(tmp_path).name == "Helsinki-NLP/opus-100"
+    bad = {**raw, "data": {**raw["data"], "train": {**raw["data"]["train"], "source": "en"}}}
+    with pytest.raises(ConfigError, match="either translation"):
+        RunConfig.from_dict(bad)

@@ -84,6 +84,29 @@ def test_cuda_path_passes_fused_shapes_and_computes_the_same(name, dtype, sdpa_c
     torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("name", ["bart", "t5", "gpt2"])
+def test_converted_on_a_gpu_the_heads_are_aligned_and_nothing_is_padded_per_call(name, sdpa_calls, monkeypatch):
+    """Converted on a GPU, z-space heads carry E+1 channels rounded up to `kernels.ALIGN` (zero channels), so the
+    cache holds that width and no SDPA call pads q, k or v; outputs and greedy tokens equal a CPU conversion's."""
+    case = BY_NAME[name]
+    inputs = case.inputs()
+    cpu_model = nv_model(name, torch.float32)
+    monkeypatch.setattr(kernels, "FORCE_DEVICE", "cuda")
+    aligned = nv_model(name, torch.float32)
+    widths = _widths(aligned)
+    assert all(w % kernels.ALIGN == 0 for w in widths) and widths != _widths(cpu_model)
+    torch.testing.assert_close(output(aligned, inputs), output(cpu_model, inputs), rtol=1e-5, atol=1e-5)
+    if case.kind != "encoder":
+        assert torch.equal(generate(aligned, inputs, num_beams=1), generate(cpu_model, inputs, num_beams=1))
+    sdpa_calls.clear()
+    output(aligned, inputs)
+    assert sdpa_calls and all(q.shape[-1] in widths and k.shape[-1] in widths for q, k, *_ in sdpa_calls)
+
+
+def _widths(model) -> set[int]:
+    return {m._nv_slot.width for m in model.modules() if "_nv_slot" in m.__dict__}
+
+
 class BigTensors(TorchDispatchMode):
     """Counts the op outputs with at least `limit` elements (the size of a [B, H, Q, K] score tensor)."""
 

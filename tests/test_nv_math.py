@@ -156,14 +156,15 @@ def test_eval_mode_gradients(case, monkeypatch):
         full = gradient(param, True).view(-1)
         i = int(full.abs().argmax())  # the best-conditioned entry: tiny gradients drown in the loss's round-off
         grad = float(full[i])
+        h = 1e-4  # the loss's float64 round-off is ~1e-3 of a difference quotient at h = 1e-6; h² terms are smaller
         with torch.no_grad():
             entry = param.view(-1)[i : i + 1]
-            entry += 1e-6
+            entry += h
             up = float(loss())
-            entry -= 2e-6
+            entry -= 2 * h
             down = float(loss())
-            entry += 1e-6
-        assert grad == pytest.approx((up - down) / 2e-6, rel=1e-5)
+            entry += h
+        assert grad == pytest.approx((up - down) / (2 * h), rel=1e-5)
 
 
 @pytest.mark.parametrize("chunk", [None, 1], ids=["heads-at-once", "head-by-head"])

@@ -93,7 +93,7 @@ def test_config_json_schema() -> None:
     schema = config_schema()
     sections = {name: schema["$defs"][p["$ref"].rsplit("/", 1)[-1]] for name, p in schema["properties"].items()
                 if "$ref" in p}  # fmt: skip
-    assert set(sections) == {"model", "data", "prior", "generation", "search", "evaluation"}
+    assert set(sections) == {"model", "data", "prior", "generation", "search", "baselines", "evaluation"}
     assert schema["additionalProperties"] is False
     assert all(s["additionalProperties"] is False for s in sections.values())
     assert set(schema["required"]) == {"model", "task", "data"} and "base_dir" not in schema["properties"]

@@ -254,7 +254,8 @@ def evaluate_cmd(
     prior: PriorOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
-    """Evaluate the unconverted, NV-equivalence and NV-tuned model on every test set; write the report."""
+    """Evaluate the unconverted model, the baselines (tuned first if needed), NV at equivalence and tuned NV on
+    every test set; write the report."""
     run = _run(RunConfig.load(config), run_dir, None, progress, prior)
     if knobs is not None and not knobs.is_file():
         raise FileNotFoundError(f"no knobs file at {knobs}. Fix: pass the nv_config.json written by `nvib search`")
@@ -275,7 +276,7 @@ def run_cmd(
     metric: MetricOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
-    """Prior -> search -> evaluate -> report in one run directory; rerunning reuses finished stages."""
+    """Prior -> search -> baselines -> evaluate -> report in one run directory; rerunning reuses finished stages."""
     if (config is None) == (not demo):
         raise ValueError(
             "give a config file or --demo (not both). Fix: e.g. `nvib run my_run.yaml` or `nvib run --demo`"

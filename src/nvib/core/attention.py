@@ -52,6 +52,7 @@ class Slot:
     proj: tuple[nn.Module, ...]  # (q, k, v) or (fused,)
     fused: bool
     spare: int = 0  # extra channels per head carrying σ²_n/β_n (general form only)
+    pad: int = 0  # zero channels that round the width up to a multiple of `kernels.ALIGN` (converted on a GPU)
     folded: dict | None = None
     folded_key: tuple | None = None
     last: dict | None = None  # the weights of the current call
@@ -61,6 +62,8 @@ class Slot:
     # cross-attention: (weakref to the cached key, folded, key with prior, value with prior); dropped with the key
     with_prior: tuple | None = None
     module: nn.Module | None = None  # the attention module: its train/eval mode is the NV layer's at this module
+    point_memo: tuple | None = None  # (x, weights, key_scale ⊙ x + key_shift) of this call's key/value projections
+    tails: dict = dataclasses.field(default_factory=dict)  # `_tail` tensors
 
     @property
     def training(self) -> bool:
@@ -69,8 +72,8 @@ class Slot:
 
     @property
     def width(self) -> int:
-        """Channels per head the projections emit: E, the bias/indicator channel, the spare channels."""
-        return self.head_dim + 1 + self.spare
+        """Channels per head the projections emit: E, the bias/indicator channel, the spare and the zero channels."""
+        return self.head_dim + 1 + self.spare + self.pad
 
     # ---- pretrained projections as [out, in] weights ----------------------------------------
 
@@ -125,7 +128,7 @@ class Slot:
     def end_call(self) -> None:
         """Leave this call's folded weights in `last` for its attention, and let the next call validate again."""
         self.call_weights()
-        self.checked = False
+        self.checked, self.point_memo = False, None
 
     def _build(self, static: bool = False) -> dict:
         """Small per-site/per-module tensors; the pretrained weights are used as they are. `static`: every term
@@ -139,13 +142,14 @@ class Slot:
         bv64 = torch.zeros(H * E, dtype=torch.float64, device=wk.device) if bv is None else bv.to(torch.float64)
         prior_k = torch.cat([(wk64 @ t.prior_point + bk64).view(H, E), t.prior_c.expand(H, 1)], 1)
         prior_v = torch.cat([(wv64 @ t.prior_point + bv64).view(H, E), torch.ones_like(prior_k[:, :1])], 1)
+        zeros = prior_k.new_zeros(H, self.pad)  # the zero channels after E+1 (and the spare ones)
         wk_h, wv_h = wk64.view(H, E, -1), wv64.view(H, E, -1)
         if self.spare:  # general form: the prior's σ²/β rides in the spare channels like the tokens'
             first, second = self.split_ratio(t.prior_ratio)
             return dict(
                 general=True,
-                prior_k=torch.cat([prior_k, first], 1).to(dtype),
-                prior_v=torch.cat([prior_v, second], 1).to(dtype),
+                prior_k=torch.cat([prior_k, first.to(prior_k.dtype), zeros], 1).to(dtype),
+                prior_v=torch.cat([prior_v, second.to(prior_k.dtype), zeros], 1).to(dtype),
                 wk_h=wk.view(H, E, -1).to(f),  # u = W_kᵀ q per head
                 wv_h=wv.view(H, E, -1).transpose(1, 2).to(f),
             )
@@ -153,22 +157,32 @@ class Slot:
         g0 = (wv_h * t.prior_ratio) @ wk_h.transpose(1, 2)
         g = (wv_h * t.ratio) @ wk_h.transpose(1, 2) if static or bool(t.ratio.max() > 1e-9) else None
         key_scale, key_shift = t.key_scale.to(dtype), t.key_shift.to(dtype)
-        g_t, d_t = (None if g is None else g.transpose(1, 2).to(dtype)), (g0 if g is None else g0 - g).transpose(1, 2)
+        g_t, d_t = (None if g is None else g.transpose(1, 2)), (g0 if g is None else g0 - g).transpose(1, 2)
         quad = static or bool(t.c_quad.abs().max() > 1e-6 * self.layer.alpha_w2.abs().max())
+        scale = key_scale if static or not bool((key_scale == 1).all()) else None
+        shift = key_shift if static or not bool((key_shift == 0).all()) else None
+        # [s_m0 | G q | (G_0 − G) q + ṽ_0] = q @ q_terms per head, q with its 1/s channel (which reads ṽ_0·s in row E)
+        # and its zero channels: [H, width, 1 + 2E] (1 + E without G)
+        prior_k, prior_v = torch.cat([prior_k, zeros], 1), torch.cat([prior_v, zeros], 1)
+        d_v = F.pad(torch.cat([d_t, prior_v[:, None, :E] * self.scaling], 1), (0, 0, 0, self.pad))
+        parts = [
+            (prior_k * self.scaling)[:, :, None],
+            *([] if g is None else [F.pad(g_t, (0, 0, 0, 1 + self.pad))]),
+            d_v,
+        ]
+        q_terms = torch.cat(parts, 2)
         return dict(
             general=False,
             # k̃ = W_k(key_scale ⊙ z + key_shift) + b_k: transform z, not the weights (spec §6 with W_μ = τ_μ I)
-            scale=key_scale if static or not bool((key_scale == 1).all()) else None,
-            shift=key_shift if static or not bool((key_shift == 0).all()) else None,
+            scale=scale if scale is not None or shift is None else torch.ones_like(shift),
+            shift=shift if shift is not None or scale is None else torch.zeros_like(scale),
             c_lin=t.c_lin.to(f) if static or bool(t.c_lin.abs().max() > 0) else None,
             # w_2 − τ_μ²/(2β) is 0 at τ_σ = 0 but for float round-off of w_2: then skip the z⊙z pass
             c_quad=t.c_quad.to(f) if quad else None,
             prior_k=prior_k.to(dtype),
             prior_v=prior_v.to(dtype),
-            prior_k_col=(prior_k * self.scaling).to(dtype)[:, :, None],  # s_m0 = q_m · this, [H, E+1, 1]
-            prior_v_e=prior_v[:, :-1].to(dtype),
-            # [Gᵀ | (G_0 − G)ᵀ] per head, [H, E, 2E] (or [H, E, E] without G), applied as one batched q @ ·
-            g_both=(d_t if g is None else torch.cat([g_t, d_t], 2)).to(dtype),
+            prior_v_e=prior_v[:, :E].to(dtype),
+            q_terms=q_terms.to(dtype),
             has_g=g is not None,
         )
 
@@ -192,22 +206,33 @@ class Slot:
     def _with_channel(
         self, out: torch.Tensor, extra: torch.Tensor | float, spare: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """[..., H, E] plus one channel per head ([...] or a constant) and the spare channels
-        ([..., H, spare], zeros when None) -> [..., H·width]."""
-        if not self.spare:  # one padded copy instead of building the channel and concatenating
-            if isinstance(extra, float):
-                return F.pad(out, (0, 1), value=extra).flatten(-2)
-            res = F.pad(out, (0, 1))
-            res.select(-1, self.head_dim).copy_(extra.clamp(-C_LIMIT, C_LIMIT)[..., None])
-            return res.flatten(-2)
-        if isinstance(extra, float):
-            channel = out.new_full((*out.shape[:-1], 1), extra)
+        """[..., H, E] plus one channel per head ([...] or a constant), the spare channels ([..., H, spare], zeros
+        when None) and the zero channels -> [..., H·width], in one concatenation."""
+        if isinstance(extra, float) and spare is None:  # the constant and the zeros after it: one cached tensor
+            parts = [out, self._tail(extra, out)]
         else:
-            channel = extra.clamp(-C_LIMIT, C_LIMIT).to(out.dtype)[..., None, None].expand(*out.shape[:-1], 1)
-        parts = [out, channel]
-        if self.spare:
-            parts.append(out.new_zeros((*out.shape[:-1], self.spare)) if spare is None else spare.to(out.dtype))
-        return torch.cat(parts, -1).flatten(-2)
+            channel = self._tail(extra, out)[:1] if isinstance(extra, float) else extra.clamp(-C_LIMIT, C_LIMIT)
+            channel = (channel if channel.dtype == out.dtype else channel.to(out.dtype))[..., None, None]
+            zeros = self._tail(0.0, out)
+            parts = [out, channel, zeros[1:]]
+            if spare is not None:
+                parts[2:] = [spare.to(out.dtype), zeros[1 + self.spare :]]
+        lead = out.shape[:-1]
+        return torch.cat([t.expand(*lead, t.shape[-1]) for t in parts if t.shape[-1]], -1).flatten(-2)
+
+    def _tail(self, value: float, like: torch.Tensor) -> torch.Tensor:
+        """[value, 0, …, 0] of 1 + spare + pad channels in `like`'s dtype and device (kept per value, dtype, device)."""
+
+        def make() -> torch.Tensor:
+            return torch.tensor([value] + [0.0] * (self.spare + self.pad), dtype=like.dtype, device=like.device)
+
+        if compiling():
+            return make()
+        key = (value, like.dtype, like.device)
+        if key not in self.tails:
+            with torch.inference_mode(False):  # a normal tensor: usable inside and outside inference mode
+                self.tails[key] = make()
+        return self.tails[key]
 
     def split_ratio(self, ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """σ²/β [..., P] -> the key's and the value's spare channels, [..., H, spare] each."""
@@ -218,7 +243,7 @@ class Slot:
     def gather_ratio(self, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Inverse of `split_ratio` on keys and values [B, H, N, width]: σ²/β [B, N, P]."""
         E1 = self.head_dim + 1
-        both = torch.cat([key[..., E1:], value[..., E1:]], -1)  # [B, H, N, 2·spare]
+        both = torch.cat([key[..., E1 : E1 + self.spare], value[..., E1 : E1 + self.spare]], -1)  # [B, H, N, 2·spare]
         return both.transpose(1, 2).flatten(2)[..., : self.layer.dim]
 
     def _project1(self, which: str, x: torch.Tensor) -> torch.Tensor:
@@ -235,17 +260,27 @@ class Slot:
             if which == "v":
                 return self._with_channel(self._linear("v", z), 0.0, second)
             return self._with_channel(self._linear("k", z), t.c, first)
-        z = x if w["scale"] is None else x * w["scale"]
-        z = z if w["shift"] is None else z + w["shift"]
+        z = self._key_point(x, w)
         if which == "v":
             return self._with_channel(self._linear("v", z), 0.0)
-        x32, c = x.to(torch.promote_types(x.dtype, torch.float32)), None
+        x32, c = x.to(torch.promote_types(x.dtype, torch.float32)).flatten(0, -2), None  # c_n per token [B·N]
         if w["c_lin"] is not None:
             c = x32 @ w["c_lin"]
         if w["c_quad"] is not None:
-            quad = (x32 * x32) @ w["c_quad"]
-            c = quad if c is None else c + quad
+            c = (x32 * x32) @ w["c_quad"] if c is None else torch.addmv(c, x32 * x32, w["c_quad"])
+        c = None if c is None else c.view(x.shape[:-1])
         return self._with_channel(self._linear("k", z), 0.0 if c is None else c)
+
+    def _key_point(self, x: torch.Tensor, w: dict) -> torch.Tensor:
+        """key_scale ⊙ x + key_shift [..., D], made once per call for the key and the value projections of x."""
+        if w["scale"] is None:
+            return x
+        memo = self.point_memo
+        if memo is not None and memo[0] is x and memo[1] is w:
+            return memo[2]
+        z = torch.addcmul(w["shift"], x, w["scale"])
+        self.point_memo = None if compiling() else (x, w, z)
+        return z
 
     def _project_train(self, which: str, x: torch.Tensor) -> torch.Tensor:
         """Spec §8: keys/values of a sampled z̃, with log γ − ‖z̃‖²/(2√E) as the key's bias channel."""
@@ -300,28 +335,28 @@ class Slot:
         """
         w = self.last
         out, lse = FLASH_CPU(query, key, value, attn_mask=bias, scale=self.scaling)
-        B, H, Q, E1 = query.shape
-        q = query.transpose(1, 2).reshape(B * Q, H, E1).transpose(0, 1)  # [H, B·Q, E+1], a view
+        B, H, Q, C = query.shape
+        q = query.transpose(1, 2).reshape(B * Q, H, C).transpose(0, 1)  # [H, B·Q, width], a view
         lse = lse.transpose(0, 1)  # [H, B, Q]
         if prior_bias is not None:
             lse = lse - prior_bias.squeeze(-1).expand(B, H, Q).transpose(0, 1)
-        a0 = (torch.bmm(q, w["prior_k_col"]).view(H, B, Q).to(lse.dtype) - lse).sigmoid_()
-        a0 = a0.to(out.dtype).permute(1, 2, 0)[..., None]  # [B, Q, H, 1]
+        terms = torch.bmm(q, w["q_terms"])  # [H, B·Q, 1 + ·]: s_m0, then the correction's products
+        s0 = terms[..., 0].view(H, B, Q)
+        a0 = (s0 if s0.dtype == lse.dtype else s0.to(lse.dtype)).sub_(lse).sigmoid_()
+        a0 = (a0 if a0.dtype == out.dtype else a0.to(out.dtype)).permute(1, 2, 0)[..., None]  # [B, Q, H, 1]
         if self.mass_log is not None:
             self.mass_log.append((float(a0.float().sum()), a0.numel()))
-        o = out.transpose(1, 2)[..., :-1]  # [B, Q, H, E]
-        o.lerp_(w["prior_v_e"], a0)
-        return self._add_correction(o, a0, q[..., :-1])
+        # (1 − a_m0)·(o + G q) + a_m0·(ṽ_0 + G_0 q) = lerp(o, ṽ_0 + (G_0 − G) q, a_m0) + G q
+        gq, dv = self._products(terms, B, Q)
+        o = out.transpose(1, 2)[..., : self.head_dim].lerp_(dv, a0)  # [B, Q, H, E], in the kernel's output
+        return o if gq is None else o.add_(gq)
 
-    def _add_correction(self, o: torch.Tensor, a0: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """o + (1 − a_m0)·G q + a_m0·G_0 q (spec §6): o, a0 [B, Q, H, E or 1] (o overwritten), q [H, B·Q, E]."""
-        w = self.last  # what prepend_prior / attend_split used in this same call (rebuilt with gradients too)
-        B, Q, H, E = o.shape
-        r = torch.bmm(q, w["g_both"]).transpose(0, 1).view(B, Q, H, -1)  # [G q | (G_0 − G) q] or (G_0 q)
-        if w["has_g"]:
-            o.add_(r[..., :E])
-            r = r[..., E:]
-        return torch.addcmul(o, a0, r)
+    def _products(self, terms: torch.Tensor, B: int, Q: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """`terms` = q @ q_terms [H, B·Q, 1 + ·] -> (G q or None, ṽ_0 + (G_0 − G) q), each [B, Q, H, E] (without ṽ_0
+        when q lacks its 1/s channel)."""
+        H, E = self.heads, self.head_dim
+        r = terms[..., 1:].transpose(0, 1).view(B, Q, H, -1)
+        return (r[..., :E], r[..., E:]) if self.last["has_g"] else (None, r)
 
     def general_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask, want_weights=False):
         """Spec §4 with per-token variances: q/k/v [B, H, *, width] (prior at n = 0) -> [B, Q, H, E] and, if
@@ -359,15 +394,18 @@ class Slot:
     def correct(self, out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """The attention output over prior and tokens [B, H, Q, E+1] (a_m0 in the last channel) → the corrected
         head outputs [B, Q, H, E] (spec §6)."""
-        out = out.transpose(1, 2)
-        o, a0 = out[..., :-1], out[..., -1:]
+        out, E = out.transpose(1, 2), self.head_dim
+        o, a0 = out[..., :E], out[..., E : E + 1]
         if self.mass_log is not None:
             self.mass_log.append((float(a0.float().sum()), a0.numel()))
         if self.training:
             return o
         B, Q, H, E = o.shape
-        q = query.transpose(1, 2)[..., :-1].reshape(B * Q, H, E).transpose(0, 1)  # [H, B·Q, E]
-        return self._add_correction(o.clone() if torch.is_grad_enabled() else o, a0, q)
+        q = query.transpose(1, 2)[..., :E].reshape(B * Q, H, E).transpose(0, 1)  # [H, B·Q, E]
+        # o holds (1 − a_m0)·o_tokens + a_m0·ṽ_0 already: add G q + a_m0·(G_0 − G) q (q_terms without its ṽ_0 row)
+        gq, d = self._products(torch.bmm(q, self.last["q_terms"][:, :E]), B, Q)
+        o = torch.addcmul(o, a0, d)
+        return o if gq is None else o.add_(gq)
 
 
 def _state(tensors: tuple) -> tuple:
@@ -472,7 +510,11 @@ def install(site: Site, layer: NVIBLayer) -> Slot:
     proj = (getattr(module, arch.fused_qkv),) if fused else tuple(getattr(module, n) for n in (arch.q, arch.k, arch.v))
     heads = proj[0].weight.shape[0 if not fused else 1] // (E * (3 if fused else 1))
     spare = math.ceil(layer.dim / (2 * heads)) if layer.per_token_variance else 0
-    slot = Slot(layer, site.kind, heads, E, scaling, proj, fused, spare, module=module)
+    # converted on a GPU, the width is rounded up with zero channels to the head size the fused kernels take, so the
+    # cache holds that width and no call pads (`kernels.sdpa` still pads a CPU-converted model moved to a GPU)
+    device = kernels.device_type(proj[0].weight)  # (a model on the meta device is not aligned: its device is unknown)
+    pad = -(E + 1 + spare) % kernels.ALIGN if device != "meta" and kernels.needs_fused_shapes(device) else 0
+    slot = Slot(layer, site.kind, heads, E, scaling, proj, fused, spare, pad, module=module)
     object.__setattr__(module, "_nv_slot", slot)
     setattr(module, arch.head_dim_attr, slot.width)
     if fused:

@@ -1,9 +1,10 @@
 """Read user data from local files and turn it into model-ready batches.
 
 Supported inputs (chosen by extension): JSON Lines (``.jsonl``/``.ndjson``), CSV (``.csv``),
-TSV (``.tsv``), and a directory written by HF ``datasets``' ``save_to_disk``. Nothing is ever
-fetched from a hub. Problems are reported as :class:`DataError` naming the file, the line or
-row, what is wrong and how to fix it.
+TSV (``.tsv``), and a directory written by HF ``datasets``' ``save_to_disk``; and a dataset by name
+(:class:`HubDataset`: ``datasets.load_dataset`` with a config, a split and a column mapping, which reads the hub
+unless ``HF_DATASETS_OFFLINE`` is set, or a local folder of data files). Problems are reported as
+:class:`DataError` naming the file (or dataset), the line or row, what is wrong and how to fix it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ __all__ = [
     "BatchKind",
     "DataError",
     "Example",
+    "HubDataset",
     "batches",
+    "load_dataset_examples",
     "load_examples",
 ]
 
@@ -240,6 +243,62 @@ def _read_saved_dataset(
         _make_example(f"{p}, row {i}", {c: rows[c][i] for c in cols}, src, tgt)
         for i in range(n)  # rows are 0-based, as datasets indexes them
     ]
+
+
+@dataclass(frozen=True)
+class HubDataset:
+    """A dataset by name for ``datasets.load_dataset(name, config, split=split)``: a hub id such as
+    ``EdinburghNLP/xsum``, or a local folder of data files. Columns: ``source``/``target``, or ``translation``
+    = (source language, target language) for a ``translation`` column of {language: text} rows (the OPUS layout)."""
+
+    name: str
+    split: str
+    config: str | None = None
+    source: str | None = None
+    target: str | None = None
+    translation: tuple[str, str] | None = None
+
+    def __str__(self) -> str:
+        return f"{self.name}" + (f" ({self.config})" if self.config else "") + f" [{self.split}]"
+
+
+def load_dataset_examples(spec: HubDataset, *, limit: int | None = None) -> list[Example]:
+    """The examples of a named dataset (:class:`HubDataset`), the first ``limit`` of its split."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(spec.name, spec.config, split=spec.split)
+    except Exception as e:  # offline, unknown name, missing config or split: one line naming the fix
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(
+            f"dataset {spec}: could not be loaded ({type(e).__name__}: {reason[:300]}). Fix: check the name, config "
+            "and split on its dataset card; without hub access set HF_DATASETS_OFFLINE=1 to use a cached copy, or "
+            "give a local copy (a folder of data files, a save_to_disk directory or a .jsonl file) instead"
+        ) from None
+    n = len(ds) if limit is None else min(limit, len(ds))
+    ds = ds.select(range(n))
+    if spec.translation is not None:
+        if "translation" not in ds.column_names:
+            raise DataError(
+                f"dataset {spec}: no 'translation' column; columns: {', '.join(ds.column_names)}. Fix: name the "
+                "columns with source/target instead of translation"
+            )
+        pairs = ds["translation"]
+        src, tgt = spec.translation
+        rows = []
+        for i, pair in enumerate(pairs):
+            if not isinstance(pair, Mapping) or src not in pair or tgt not in pair:
+                keys = ", ".join(map(repr, pair)) if isinstance(pair, Mapping) else type(pair).__name__
+                raise DataError(
+                    f"dataset {spec}, row {i}: the translation has no {src!r}/{tgt!r} (languages: {keys}). Fix: "
+                    "give translation: [source language, target language] as the dataset names them"
+                )
+            rows.append(_make_example(f"dataset {spec}, row {i}", pair, src, tgt))
+        return rows
+    src, tgt = _resolve_columns(f"dataset {spec}", ds.column_names, spec.source, spec.target)
+    cols = [src] + ([tgt] if tgt is not None else [])
+    data = ds.select_columns(cols).to_dict()
+    return [_make_example(f"dataset {spec}, row {i}", {c: data[c][i] for c in cols}, src, tgt) for i in range(n)]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -53,8 +53,12 @@ __all__ = [
     "new_progress",
 ]
 
-#: Variant key -> label in the report.
-VARIANTS = {"unconverted": "unconverted", "nv_equivalence": "NV equivalence", "nv_tuned": "NV tuned"}
+#: Variant key -> label in the report (the baselines only where a run tunes them).
+VARIANTS = {
+    "unconverted": "unconverted", "temperature": "temperature", "wise_ft": "WiSE-FT",
+    "nv_equivalence": "NV equivalence", "nv_tuned": "NV tuned",
+}  # fmt: skip
+BASELINES = ("temperature", "wise_ft")
 
 
 def metric(name: str) -> CorpusMetric:
@@ -259,6 +263,10 @@ class Evaluation:
     generation: dict[str, Any]
     predictions: dict[str, dict[str, str]]  # variant -> test set -> file name
     diversity: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # variant -> test set -> stats
+    baselines: dict[str, float] = field(default_factory=dict)  # baseline -> its tuned value
+    best_baseline: str | None = None  # the baseline with the best dev objective
+    against_baseline: dict[str, dict[str, Any]] = field(default_factory=dict)  # test set -> metric -> NV − best
+    verdicts: dict[str, str] = field(default_factory=dict)  # test set -> one plain sentence
 
     @property
     def identical(self) -> bool:
@@ -269,6 +277,9 @@ class Evaluation:
         out["differences"] = {
             v: {ts: {m: asdict(r) for m, r in per.items()} for ts, per in sets.items()}
             for v, sets in self.differences.items()
+        }
+        out["against_baseline"] = {
+            ts: {m: asdict(r) for m, r in per.items()} for ts, per in self.against_baseline.items()
         }
         out["equivalence_identical"] = self.identical
         return out
@@ -290,6 +301,29 @@ def _equivalence_check(task: str, a: Sequence[Output], b: Sequence[Output], scor
     same_text = all(scores_a[m] == scores_b[m] for m in scores_a if m not in LIKELIHOOD_METRICS)
     identical = differing == 0 and same_text
     return {"identical": identical, "differing_predictions": differing, **(close if likelihood else {})}
+
+
+def _outcome(result: Any, metric_name: str) -> int:
+    """+1 if the 95% interval of a difference lies on the better side of 0, -1 on the worse side, 0 if it holds 0."""
+    sign = -1 if metric_name in LOWER_IS_BETTER else 1
+    low, high = sorted((sign * result.ci_low, sign * result.ci_high))
+    return 1 if low > 0 else -1 if high < 0 else 0
+
+
+def verdict(test: str, metric_name: str, vs_unconverted: Any, vs_baseline: Any | None, label: str | None) -> str:
+    """One plain sentence: whether NV tuned beat the unconverted model and the best baseline on ``test``."""
+    words = {1: "beat", 0: "did not beat", -1: "was worse than"}
+
+    def part(what: str, r: Any) -> str:
+        return (
+            f"{words[_outcome(r, metric_name)]} {what} ({metric_name} Δ {r.delta:+.4g}, "
+            f"95% interval [{r.ci_low:+.4g}, {r.ci_high:+.4g}])"
+        )
+
+    text = f"{test}: NV tuned {part('the unconverted model', vs_unconverted)}"
+    if vs_baseline is not None:
+        text += f" and {part(f'the best baseline, {label}', vs_baseline)}"
+    return text + "."
 
 
 def _write_predictions(path: Path, examples: Sequence[Example], outputs: Sequence[Output]) -> None:
@@ -315,11 +349,18 @@ def evaluate_variants(
     bootstrap: int = 1000,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    baselines: Mapping[str, tuple[Any, float]] | None = None,
+    best_baseline: str | None = None,
+    metric_name: str | None = None,
 ) -> Evaluation:
-    """Evaluate the unconverted model, the NV model at equivalence and at ``tuned`` on every test set.
+    """Evaluate the unconverted model, each baseline at its tuned value, the NV model at equivalence and at
+    ``tuned`` on every test set.
 
-    One model object throughout: an NV model is unloaded first, then converted (with ``prior``) and
-    reconfigured; it is left converted at ``tuned``. Writes ``predictions/<variant>.<test set>.jsonl``
+    ``baselines``: name (``temperature``, ``wise_ft``) -> (:class:`nvib.workflow.baselines.Baseline` of the unconverted
+    model, tuned value); ``best_baseline`` (the one with the best dev objective) is what NV tuned is also compared
+    with, and ``metric_name`` (default: the task's likelihood metric) what the one-sentence verdicts read. One model
+    object throughout: an NV model is unloaded first, each baseline set and reset, then the model is converted (with
+    ``prior``) and reconfigured; it is left converted at ``tuned``. Writes ``predictions/<variant>.<test set>.jsonl``
     and ``scores.json`` under ``out_dir``.
     """
     model = evaluator.model
@@ -327,8 +368,12 @@ def evaluate_variants(
     (out / "predictions").mkdir(parents=True, exist_ok=True)
     if is_converted(model):
         unload(model)
-    outputs: dict[str, dict[str, list[Output]]] = {v: {} for v in VARIANTS}
-    seconds: dict[str, dict[str, float]] = {v: {} for v in VARIANTS}
+    baselines = dict(baselines or {})
+    if best_baseline is not None and best_baseline not in baselines:
+        raise ValueError(f"best_baseline {best_baseline!r} is not among the baselines {sorted(baselines)}")
+    present = [v for v in VARIANTS if v not in BASELINES or v in baselines]
+    outputs: dict[str, dict[str, list[Output]]] = {v: {} for v in present}
+    seconds: dict[str, dict[str, float]] = {v: {} for v in present}
     mass: dict[str, dict[str, float]] = {}
 
     def run(variant: str) -> None:
@@ -343,34 +388,58 @@ def evaluate_variants(
             seconds[variant][name] = time.perf_counter() - start
 
     run("unconverted")
+    for name, (baseline, value) in baselines.items():
+        baseline.set(value)
+        try:
+            run(name)
+        finally:
+            baseline.reset()
     convert(model, NVConfig(), prior=prior)
     run("nv_equivalence")
     configure(model, tuned)
     run("nv_tuned")
 
-    results: dict[str, dict[str, dict[str, float]]] = {v: {} for v in VARIANTS}
-    differences: dict[str, dict[str, dict[str, Any]]] = {"nv_equivalence": {}, "nv_tuned": {}}
+    results: dict[str, dict[str, dict[str, float]]] = {v: {} for v in present}
+    differences: dict[str, dict[str, dict[str, Any]]] = {v: {} for v in present if v != "unconverted"}
+    against: dict[str, dict[str, Any]] = {}
     equivalence: dict[str, dict[str, Any]] = {}
-    files: dict[str, dict[str, str]] = {v: {} for v in VARIANTS}
+    files: dict[str, dict[str, str]] = {v: {} for v in present}
+
+    def compare(a: str, b: str, name: str, refs: list) -> dict[str, Any]:
+        """metric(b) − metric(a) on test set `name`, paired bootstrap, per metric."""
+        return {
+            m: paired_bootstrap(
+                metric(m),
+                evaluator.metric_inputs(outputs[a][name], m),
+                evaluator.metric_inputs(outputs[b][name], m),
+                refs,
+                n=bootstrap,
+                seed=seed,
+            )
+            for m in evaluator.metrics
+        }
+
+    verdict_metric = metric_name or next(
+        (m for m in evaluator.metrics if m in LIKELIHOOD_METRICS), evaluator.metrics[0]
+    )
+    verdicts: dict[str, str] = {}
     for name, examples in test_sets.items():
         refs = [ex.target for ex in examples]
-        for variant in VARIANTS:
+        for variant in present:
             results[variant][name] = evaluator.scores(outputs[variant][name], examples)
             file = f"{variant}.{name}.jsonl"
             _write_predictions(out / "predictions" / file, examples, outputs[variant][name])
             files[variant][name] = f"predictions/{file}"
         for variant in differences:
-            differences[variant][name] = {
-                m: paired_bootstrap(
-                    metric(m),
-                    evaluator.metric_inputs(outputs["unconverted"][name], m),
-                    evaluator.metric_inputs(outputs[variant][name], m),
-                    refs,
-                    n=bootstrap,
-                    seed=seed,
-                )
-                for m in evaluator.metrics
-            }
+            differences[variant][name] = compare("unconverted", variant, name, refs)
+        if best_baseline is not None:
+            against[name] = compare(best_baseline, "nv_tuned", name, refs)
+        verdicts[name] = verdict(
+            name, verdict_metric, differences["nv_tuned"][name][verdict_metric],
+            against[name][verdict_metric] if best_baseline is not None else None,
+            VARIANTS[best_baseline] if best_baseline is not None else None,
+        )  # fmt: skip
+        log(verdicts[name])
         equivalence[name] = _equivalence_check(
             evaluator.task,
             outputs["unconverted"][name],
@@ -378,8 +447,8 @@ def evaluate_variants(
             results["unconverted"][name],
             results["nv_equivalence"][name],
         )
-        verdict = "identical" if equivalence[name]["identical"] else "NOT identical"
-        log(f"equivalence on {name}: NV model at equivalence is {verdict} to the unconverted model")
+        same = "identical" if equivalence[name]["identical"] else "NOT identical"
+        log(f"equivalence on {name}: NV model at equivalence is {same} to the unconverted model")
     evaluation = Evaluation(
         task=evaluator.task,
         metrics=evaluator.metrics,
@@ -392,6 +461,10 @@ def evaluate_variants(
         prior_mass=mass,
         generation={**asdict(evaluator.generation), "kwargs": dict(evaluator.generation.kwargs)},
         predictions=files,
+        baselines={n: float(v) for n, (_, v) in baselines.items()},
+        best_baseline=best_baseline,
+        against_baseline=against,
+        verdicts=verdicts,
         diversity={
             v: {n: diversity([o.prediction for o in outs]).as_dict() for n, outs in sets.items()}
             for v, sets in outputs.items()

@@ -232,7 +232,8 @@ class DevObjective:
     metrics run forward passes only. Generation metrics also record the outputs' diversity and, when
     ``min_diversity`` is set, reject knobs whose outputs are less diverse (distinct predictions or distinct-2)
     than ``min_diversity`` × the equivalence model's on the same n examples (computed once, cached). The knobs
-    replace those of ``config`` (its other fields, e.g. ``stdev_unit``, hold for every trial).
+    replace those of ``config`` (its other fields, e.g. ``stdev_unit``, hold for every trial); with ``apply``, the
+    knobs are handed to it instead (a baseline's scalar, :mod:`nvib.workflow.baselines`; ``{}`` = the model as is).
     """
 
     def __init__(
@@ -244,6 +245,7 @@ class DevObjective:
         *,
         min_diversity: float | None = 0.5,
         config: NVConfig = NVConfig(),  # noqa: B008 (frozen)
+        apply: Callable[[Mapping[str, float]], None] | None = None,
     ):
         if metric_name not in evaluator.metrics:
             raise ValueError(
@@ -257,19 +259,26 @@ class DevObjective:
         self.min_diversity = None if self.likelihood else min_diversity
         self.sign = -1.0 if metric_name in LOWER_IS_BETTER else 1.0
         self.cache: dict[tuple[tuple[str, float], ...], dict[int, Output]] = {}
-        self.on_call, self.config = on_call, config
+        self.on_call, self.config, self.apply = on_call, config, apply
         self.n_generated = 0  # examples run through the model, over all calls
 
     def outputs(self, knobs: Mapping[str, float], n: int) -> tuple[list[Output], int]:
         """Outputs on the first n dev examples at ``knobs`` (cached) and the tokens generated to make them."""
         if not 1 <= n <= len(self.examples):
             raise ValueError(f"slice of {n} examples asked, but the dev set has {len(self.examples)}")
-        config = self.config.replace(**{k: float(v) for k, v in knobs.items()})
-        done = self.cache.setdefault(_key(config), {})
+        if self.apply is None:
+            config = self.config.replace(**{k: float(v) for k, v in knobs.items()})
+            key = _key(config)
+        else:
+            key = tuple(sorted((k, float(v)) for k, v in knobs.items()))
+        done = self.cache.setdefault(key, {})
         missing = [i for i in range(n) if i not in done]
         new_tokens = 0
         if missing:
-            configure(self.evaluator.model, config)
+            if self.apply is None:
+                configure(self.evaluator.model, config)
+            else:
+                self.apply(knobs)
             outputs = self.evaluator.outputs(
                 [self.examples[i] for i in missing],
                 f"dev [{n}]",

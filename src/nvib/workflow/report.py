@@ -359,6 +359,8 @@ def write_report(
     prior_mass: Mapping[str, float] | None = None,
     notes: Mapping[str, str] | None = None,
     diversity: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
+    verdicts: Sequence[str] | None = None,
+    against: tuple[str, Mapping[str, Mapping[str, Any]]] | None = None,
 ) -> ReportPaths:
     """Write ``report.md``, ``report.html`` and ``plots/*.png`` under ``run_dir``.
 
@@ -368,8 +370,9 @@ def write_report(
     high)``). ``prior_stats``: site -> {mean, var, log_alpha_mean, log_alpha_std, count}.
     ``prior_mass``: site kind -> attention mass on the prior. ``notes``: extra key/value lines
     (model, data, command...). ``diversity``: variant -> test set -> {distinct, top_share, distinct_2}
-    (:class:`nvib.workflow.metrics.Diversity`). The HTML embeds the PNGs; the Markdown links them; ``differences``
-    are also plotted per test set with their intervals.
+    (:class:`nvib.workflow.metrics.Diversity`). ``verdicts``: one sentence per test set, first in the report;
+    ``against``: (label, test set -> metric -> bootstrap result of NV tuned minus that baseline). The HTML embeds the
+    PNGs; the Markdown links them; ``differences`` are also plotted per test set with their intervals.
     """
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -385,6 +388,21 @@ def write_report(
     if notes:
         rows = [[k, v] for k, v in notes.items()]
         sections.append(("Run", _md_table(["item", "value"], rows), _html_table(["item", "value"], rows)))
+
+    if verdicts:
+        md = "\n".join(f"- {v}" for v in verdicts)
+        ht = "<ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in verdicts) + "</ul>"
+        if against is not None:
+            label, per_set = against
+            header = ["test set", "metric", f"NV tuned − {label} (Δ, 95% paired-bootstrap interval)"]
+            body = [
+                [ts, m, "{:+.4g} [{:+.4g}, {:+.4g}]".format(*_diff_parts(r))]
+                for ts, per in per_set.items()
+                for m, r in per.items()
+            ]
+            md += "\n\n" + _md_table(header, body)
+            ht += _html_table(header, body)
+        sections.append(("Verdict", md, ht))
 
     if results:
         header, body = _results_table(results, differences)

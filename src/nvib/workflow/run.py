@@ -26,7 +26,8 @@ from torch import nn
 from nvib.core.config import NVConfig
 from nvib.core.convert import convert, is_converted, nv_layers, unload
 from nvib.core.prior import EmpiricalPrior
-from nvib.workflow.data import Example, batches, fingerprint, load_examples
+from nvib.workflow.baselines import AttentionTemperature, Baseline, WiseFT, summary, tune
+from nvib.workflow.data import Example, batches, fingerprint, load_dataset_examples, load_examples
 from nvib.workflow.evaluate import (
     LOWER_IS_BETTER,
     VARIANTS,
@@ -41,16 +42,17 @@ from nvib.workflow.metrics import LIKELIHOOD_METRICS
 from nvib.workflow.models import batch_kind, load_model
 from nvib.workflow.report import ReportPaths, write_report
 from nvib.workflow.search import best_knobs, knob_names, load_study, run_search, sampler_seed
-from nvib.workflow.settings import PRIOR_ONLY_ALPHA_TAUS, STDEV_RANGES, RunConfig, SearchSpace
+from nvib.workflow.settings import PRIOR_ONLY_ALPHA_TAUS, STDEV_RANGES, DatasetSection, RunConfig, SearchSpace
 
 __all__ = ["Run", "describe_data", "estimate_prior", "parse_shard", "prior_stats"]
 
-PRIOR_FILE, STUDY_FILE, KNOBS_FILE, CONFIG_FILE, IDENTITY_FILE = (
+PRIOR_FILE, STUDY_FILE, KNOBS_FILE, CONFIG_FILE, IDENTITY_FILE, BASELINES_FILE = (
     "prior.safetensors",
     "study.db",
     "nv_config.json",
     "config.json",
     "run.json",
+    "baselines.json",
 )
 
 
@@ -68,7 +70,7 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 
 
 def describe_data(
-    path: Path,
+    path: Path | str,
     columns: tuple[str | None, str | None],
     max_lens: tuple[int, int],
     limit: int | None,
@@ -76,7 +78,7 @@ def describe_data(
 ) -> str:
     """What a prior's ``data`` metadata says, so a run can tell whether its prior matches its config."""
     parts = [
-        str(path.resolve()),
+        str(path.resolve()) if isinstance(path, Path) else path,
         f"columns={columns[0] or 'auto'}/{columns[1] or 'auto'}",
         f"max_len={max_lens[0]}/{max_lens[1]}",
         f"batch_size={batch_size}",
@@ -188,9 +190,17 @@ class Run:
 
     def examples(self, split: str, name: str | None = None) -> list[Example]:
         d = self.config.data
-        path = {"train": d.train, "dev": d.dev}.get(split) or d.test[name]
+        data = {"train": d.train, "dev": d.dev}.get(split) or d.test[name]
         limit = {"train": d.train_limit, "dev": d.dev_limit}.get(split, d.test_limit)
-        return load_examples(self.config.path(path), d.source_column, d.target_column, limit=limit)
+        if isinstance(data, DatasetSection):
+            return load_dataset_examples(data.spec(self.config.base_dir), limit=limit)
+        return load_examples(self.config.path(data), d.source_column, d.target_column, limit=limit)
+
+    def data_name(self, data: str | DatasetSection) -> str:
+        """A data entry as the run's records name it: the resolved file path, or the dataset's name, config, split."""
+        if isinstance(data, DatasetSection):
+            return str(data.spec(self.config.base_dir))
+        return str(self.config.path(data).resolve())
 
     def evaluator(self, progress) -> Evaluator:
         model, tokenizer = self.loaded
@@ -213,7 +223,7 @@ class Run:
     def _prior_description(self) -> str:
         d = self.config.data
         return describe_data(
-            self.config.path(d.train),
+            self.data_name(d.train),
             (d.source_column, d.target_column),
             (d.max_source_len, d.max_target_len),
             d.train_limit,
@@ -225,9 +235,11 @@ class Run:
         cfg, d = self.config, self.config.data
         model = cfg.path(cfg.model.path)
         files = {"model": model, "tokenizer": cfg.path(cfg.model.tokenizer) if cfg.model.tokenizer else model}
-        files.update(train=cfg.path(d.train), dev=cfg.path(d.dev))
+        datasets = {k: v for k, v in (("train", d.train), ("dev", d.dev)) if isinstance(v, DatasetSection)}
+        files.update({k: cfg.path(v) for k, v in (("train", d.train), ("dev", d.dev)) if k not in datasets})
         return {
             **{f"{k} files": f"{Path(p).name} {file_fingerprint(Path(p))}" for k, p in files.items()},
+            **{f"{k} dataset": self.data_name(v) for k, v in datasets.items()},
             "model kind": cfg.model.kind, "gguf_file": cfg.model.gguf_file, "seed": cfg.model.seed,
             "task": cfg.task, "columns": [d.source_column, d.target_column], "limits": [d.train_limit, d.dev_limit],
             "lengths": [d.max_source_len, d.max_target_len], "lm_separator": d.lm_separator,
@@ -324,7 +336,7 @@ class Run:
         model = self._nv_model(prior)
         self._start()
         dev = self.examples("dev")
-        slices = sorted({min(s, len(dev)) for s in cfg.search.slices})
+        slices = self.dev_slices(dev)
         if slices[-1] < max(cfg.search.slices):
             self.console.print(f"search: the dev set has {len(dev)} examples; slices clipped to {slices}")
         previous = _load_study(self.storage, cfg.search.study_name)
@@ -394,8 +406,63 @@ class Run:
     @property
     def sampler_seed(self) -> int:
         """The TPE seed: derived from the dev data's name (its file and folder) and shifted by search.seed."""
-        dev = self.config.path(self.config.data.dev).resolve()
-        return sampler_seed("/".join(dev.parts[-2:]), self.config.search.seed)
+        dev = self.config.data.dev
+        name = (
+            self.data_name(dev) if isinstance(dev, DatasetSection) else "/".join(Path(self.data_name(dev)).parts[-2:])
+        )
+        return sampler_seed(name, self.config.search.seed)
+
+    def dev_slices(self, dev: Sequence[Example]) -> list[int]:
+        return sorted({min(s, len(dev)) for s in self.config.search.slices})
+
+    def baselines(self) -> tuple[dict[str, tuple[Baseline, float]], str | None]:
+        """Tune the configured baselines on the unconverted model (resuming their studies): name -> (baseline,
+        tuned value), and the name of the one with the best dev objective. Writes baselines.json."""
+        cfg = self.config
+        made: dict[str, Baseline] = {}
+        if cfg.baselines.temperature or cfg.baselines.wise_ft:
+            model, _ = self.loaded
+            if is_converted(model):
+                unload(model)
+            if cfg.baselines.temperature:
+                made["temperature"] = AttentionTemperature(model, *cfg.baselines.temperature_range)
+            if cfg.baselines.wise_ft:
+                section = dataclasses.replace(cfg.model, path=cfg.baselines.wise_ft, gguf_file=None)
+                self.console.print(f"WiSE-FT: loading the pre-fine-tuning model {cfg.path(section.path)}")
+                pretrained, _ = load_model(section, cfg.task, cfg.base_dir)
+                made["wise_ft"] = WiseFT(model, pretrained, *cfg.baselines.wise_ft_range)
+                del pretrained
+        if not made:
+            return {}, None
+        self._start()
+        dev = self.examples("dev")
+        tuned, summaries = {}, {}
+        bar = new_progress(self.progress, self.console)
+        with bar:
+            for name, baseline in made.items():
+                task = bar.add_task(f"baseline {baseline.label}", total=self.n_trials, info=self.config.metric)
+                objective = DevObjective(
+                    self.evaluator(bar), dev, self.config.metric, min_diversity=cfg.search.min_diversity,
+                    apply=baseline.apply,
+                )  # fmt: skip
+                value, study = tune(
+                    baseline, objective, n_trials=self.n_trials, slices=self.dev_slices(dev), storage=self.storage,
+                    study_name=f"{cfg.search.study_name}-{name}", seed=self.sampler_seed,
+                    n_startup_trials=cfg.search.n_startup_trials,
+                    on_trial=lambda n, task=task: bar.update(task, completed=n, info=f"trial {n + 1}"),
+                )  # fmt: skip
+                bar.update(task, completed=self.n_trials)
+                tuned[name], summaries[name] = (baseline, value), summary(study)
+        scored = {n: s["dev_objective"] for n, s in summaries.items() if s["dev_objective"] is not None}
+        best = max(scored, key=scored.get) if scored else None
+        record = {"metric": self.config.metric, "best": best, "baselines": summaries}
+        (self.dir / BASELINES_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        for name, s in summaries.items():
+            self.console.print(
+                f"baseline {VARIANTS[name]}: {s['value']:.4g} after {s['trials']} trials "
+                f"(dev {self.config.metric} {abs(s['dev_objective']):.4f})"
+            )
+        return tuned, best
 
     def tuned_knobs(self) -> NVConfig:
         path = self.dir / KNOBS_FILE
@@ -411,6 +478,7 @@ class Run:
         cfg = self.config
         prior = self.prior(required=True)
         tuned = knobs or self.tuned_knobs()
+        baselines, best = self.baselines()
         self._start()
         tests = {name: self.examples("test", name) for name in cfg.data.test}
         bar, start = new_progress(self.progress, self.console), time.perf_counter()
@@ -424,6 +492,9 @@ class Run:
                 bootstrap=cfg.evaluation.bootstrap,
                 seed=cfg.evaluation.seed,
                 log=bar.console.print,
+                baselines=baselines,
+                best_baseline=best,
+                metric_name=cfg.metric,
             )
         self.console.print(_results_table(evaluation))
         self.console.print(f"evaluation: {time.perf_counter() - start:.0f} s -> {self.dir / 'scores.json'}")
@@ -437,8 +508,8 @@ class Run:
         notes = {
             "model": f"{cfg.path(cfg.model.path)} ({cfg.model.kind})",
             "task": cfg.task,
-            "train (prior)": str(cfg.path(cfg.data.train)),
-            "dev (search)": str(cfg.path(cfg.data.dev)),
+            "train (prior)": self.data_name(cfg.data.train),
+            "dev (search)": self.data_name(cfg.data.dev),
             "search metric": cfg.metric
             + (" (the search maximises its negative)" if cfg.metric in LOWER_IS_BETTER else ""),
             "diversity guard": "not needed (likelihood objective)"
@@ -452,8 +523,13 @@ class Run:
             "sampler seed": f"{self.sampler_seed} (from the dev data's name and search.seed={cfg.search.seed})",
             "generation": ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg.generation).items()),
         }
-        results = differences = mass = diversity = None
+        results = differences = mass = diversity = verdicts = against = None
         if evaluation is not None:
+            verdicts = list(evaluation.verdicts.values())
+            if evaluation.best_baseline is not None:
+                against = (VARIANTS[evaluation.best_baseline], evaluation.against_baseline)
+            for name, value in evaluation.baselines.items():
+                notes[f"baseline {VARIANTS[name]}"] = f"{value:.4g} (tuned like the knobs: same objective and dev data)"
             notes["equivalence"] = ", ".join(
                 f"{name}: {'identical' if e['identical'] else 'NOT identical'}"
                 for name, e in evaluation.equivalence.items()
@@ -481,12 +557,14 @@ class Run:
             prior_mass=mass,
             notes=notes,
             diversity=diversity,
+            verdicts=verdicts,
+            against=against,
         )
         self.console.print(f"report: {paths.markdown} and {paths.html}")
         return paths
 
     def all(self) -> Evaluation:
-        """prior -> search -> evaluate -> report."""
+        """prior -> search -> baselines and evaluation -> report."""
         self._start()
         self.prior()
         self.search()
@@ -513,12 +591,12 @@ def _tokens(prior: EmpiricalPrior) -> int:
 
 def _results_table(evaluation: Evaluation) -> Table:
     table = Table(caption="(Δ vs unconverted; 95% bootstrap intervals in scores.json and report.md)")
-    for column in ("test set", "metric", *VARIANTS.values()):
+    for column in ("test set", "metric", *(VARIANTS[v] for v in evaluation.results)):
         table.add_column(column, justify="left" if column in ("test set", "metric") else "right")
     for name in evaluation.equivalence:
         for m in evaluation.metrics:
             cells = []
-            for variant in VARIANTS:
+            for variant in evaluation.results:
                 cell = f"{evaluation.results[variant][name][m]:.2f}"
                 diff = evaluation.differences.get(variant, {}).get(name, {}).get(m)
                 if diff is not None:

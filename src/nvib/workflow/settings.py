@@ -26,6 +26,7 @@ from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
 from nvib.core.config import KNOBS, bounds
+from nvib.workflow.data import HubDataset
 
 __all__ = [
     "DEFAULT_OBJECTIVE",
@@ -38,8 +39,10 @@ __all__ = [
     "SearchSpace",
     "STDEV_RANGES",
     "PRIOR_ONLY_ALPHA_TAUS",
+    "BaselinesSection",
     "ConfigError",
     "DataSection",
+    "DatasetSection",
     "EvaluationSection",
     "GenerationSection",
     "ModelSection",
@@ -164,13 +167,44 @@ class ModelSection:
 
 
 @dataclass(frozen=True, config=_CONFIG)
+class DatasetSection:
+    """A dataset by name, loaded with ``datasets.load_dataset(dataset, config, split=split)``: a hub id as its
+    dataset card gives it, or a local folder of data files. Columns: ``source`` and ``target``, or ``translation``:
+    [source language, target language] for a ``translation`` column of {language: text} rows."""
+
+    dataset: Str
+    split: Str
+    config: Str | None = None
+    source: Str | None = None
+    target: Str | None = None
+    translation: Annotated[tuple[Str, Str], BeforeValidator(_two_values)] | None = None
+
+    def __post_init__(self) -> None:
+        if self.translation is not None and (self.source or self.target):
+            raise ValueError("give either translation: [source language, target language] or source/target, not both")
+        if self.target is not None and self.source is None:
+            raise ValueError("target was given without source. Fix: name the source column too")
+
+    def spec(self, base_dir: str | Path = ".") -> HubDataset:
+        """The loader's view; a ``./``- or ``../``-relative name is a local folder relative to ``base_dir``."""
+        name = self.dataset
+        if name.startswith(("./", "../")):
+            name = str(resolve_path(name, base_dir))
+        return HubDataset(name, self.split, self.config, self.source, self.target, self.translation)
+
+
+Data = Str | DatasetSection
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class DataSection:
     """``train``: in-domain data the empirical prior is estimated on; ``dev``: what the knobs are tuned
-    on; ``test``: name -> file of each test set. Files are JSONL/CSV/TSV or a ``save_to_disk`` directory."""
+    on; ``test``: name -> data of each test set. Each is a file (JSONL/CSV/TSV or a ``save_to_disk`` directory) or
+    a dataset by name (:class:`DatasetSection`: ``{dataset, config, split, source, target}``)."""
 
-    train: Str
-    dev: Str
-    test: dict[Str, Str]
+    train: Data
+    dev: Data
+    test: dict[Str, Data]
     source_column: Str | None = None
     target_column: Str | None = None
     max_source_len: PositiveInt = 512
@@ -272,6 +306,27 @@ class SearchSection:
 
 
 @dataclass(frozen=True, config=_CONFIG)
+class BaselinesSection:
+    """The baselines tuned beside NV with the same objective, dev data and trial budget
+    (:mod:`nvib.workflow.baselines`): ``temperature`` (one attention temperature, on by default) in
+    ``temperature_range``; ``wise_ft``: a local HF model directory of the pre-fine-tuning checkpoint (relative to
+    the config), which turns WiSE-FT on (weights interpolated towards it, the fine-tuned share in ``wise_ft_range``)."""
+
+    temperature: bool = True
+    temperature_range: Range = (0.5, 2.0)
+    wise_ft: Str | None = None
+    wise_ft_range: Range = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        low, high = self.temperature_range
+        if not 0 < low < 1 < high:
+            raise ValueError(f"temperature_range must hold 1 with 0 < low < 1 < high, got [{low:g}, {high:g}]")
+        low, high = self.wise_ft_range
+        if not 0 <= low < high == 1:
+            raise ValueError(f"wise_ft_range must be [low, 1] with 0 <= low < 1, got [{low:g}, {high:g}]")
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class EvaluationSection:
     bootstrap: PositiveInt = 1000
     seed: Int = 0
@@ -283,7 +338,7 @@ _INTERNAL = ("base_dir", "source", "raw")
 @dataclass(frozen=True, config=_CONFIG)
 class RunConfig:
     """A run: ``model``, ``task`` (summarisation / translation / lm), ``data``, and optional ``prior``,
-    ``generation``, ``search``, ``evaluation`` sections and ``run_dir`` (relative to the working
+    ``generation``, ``search``, ``baselines``, ``evaluation`` sections and ``run_dir`` (relative to the working
     directory; default ``runs/<config file name>``)."""
 
     model: ModelSection
@@ -292,6 +347,7 @@ class RunConfig:
     prior: PriorSection = PriorSection()
     generation: GenerationSection = GenerationSection()
     search: SearchSection = SearchSection()
+    baselines: BaselinesSection = BaselinesSection()
     evaluation: EvaluationSection = EvaluationSection()
     run_dir: Str | None = None
     # not config keys (_INTERNAL): where relative paths start, the file it came from, the raw mapping
@@ -460,8 +516,11 @@ def _unknown_key(loc: tuple[Any, ...], source: str) -> ConfigError:
 
 def _config_error(err: ValidationError, source: str) -> ConfigError:
     """The first error of ``err`` as one line: where, what was expected, what was given, the fix."""
-    e = err.errors(include_url=False)[0]
-    kind, loc, value = e["type"], tuple(e["loc"]), e.get("input")
+    errors = err.errors(include_url=False)
+    # a data entry is a file name or a dataset mapping: report the branch that matches what was given
+    e = next((x for x in errors if not (x["type"] == "string_type" and isinstance(x.get("input"), Mapping))), errors[0])
+    kind, value = e["type"], e.get("input")
+    loc = tuple(part for part in e["loc"] if part not in ("str", "DatasetSection"))
     where, ctx = _where(loc), e.get("ctx") or {}
     if kind in ("unexpected_keyword_argument", "extra_forbidden"):
         return _unknown_key(loc, source)
