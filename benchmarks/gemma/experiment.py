@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -327,12 +328,13 @@ def main(argv: list[str] | None = None) -> None:
             # logits only at one position: the 262k-vocabulary head is not what the prior needs
             yield {"input_ids": ids, "attention_mask": mask, "logits_to_keep": torch.tensor([0])}
 
+    prior_total = math.ceil(args.prior_examples / 4)  # batches of `prior_batches`, for the progress bar
     prior_path = args.out / f"prior-{base_key}.safetensors"  # the τσ range does not change the prior
 
     def estimate() -> dict:
         with torch.inference_mode():
             data = f"debian 3-shot prompts x{args.prior_examples}"
-            prior = nvib.EmpiricalPrior.estimate(model, prior_batches(), data=data, progress=False)
+            prior = nvib.EmpiricalPrior.estimate(model, prior_batches(), data=data, total=prior_total, progress=True)
         prior.save(prior_path)
         return {"tokens": prior.metadata["tokens"]}
 
@@ -397,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
                 study = run_search(
                     obj, {"decoder"}, n_trials=args.trials, storage=storage, direction="minimize",
                     study_name=f"nv-{d}-{prompt}-{key}", slices=[len(dev[d]) // 2, len(dev[d])], seed=args.seed + i,
-                    progress=False, space=space, start_points=start_points,
+                    progress=True, space=space, start_points=start_points,
                     objective_info={"metric": "nll", "dev": f"{d}[:{len(dev[d])}]", "demonstrations": prompt},
                 )  # fmt: skip
                 result = scored_at(best_knobs(study), d, prompt)

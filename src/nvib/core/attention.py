@@ -208,6 +208,8 @@ class Slot:
     ) -> torch.Tensor:
         """[..., H, E] plus one channel per head ([...] or a constant), the spare channels ([..., H, spare], zeros
         when None) and the zero channels -> [..., H·width], in one concatenation."""
+        if isinstance(extra, float) and spare is None and not self.spare + self.pad:
+            return F.pad(out, (0, 1), value=extra).flatten(-2)  # a constant channel: one padded copy, the fastest
         if isinstance(extra, float) and spare is None:  # the constant and the zeros after it: one cached tensor
             parts = [out, self._tail(extra, out)]
         else:

@@ -457,11 +457,11 @@ class Run:
         best = max(scored, key=scored.get) if scored else None
         record = {"metric": self.config.metric, "best": best, "baselines": summaries}
         (self.dir / BASELINES_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        sign = -1 if self.config.metric in LOWER_IS_BETTER else 1  # the studies maximise
         for name, s in summaries.items():
-            self.console.print(
-                f"baseline {VARIANTS[name]}: {s['value']:.4g} after {s['trials']} trials "
-                f"(dev {self.config.metric} {abs(s['dev_objective']):.4f})"
-            )
+            found = "no complete trial" if s["value"] is None else f"{s['value']:.4g}"
+            dev = "" if s["value"] is None else f" (dev {self.config.metric} {sign * s['dev_objective']:.4f})"
+            self.console.print(f"baseline {VARIANTS[name]}: {found} after {s['trials']} trials{dev}")
         return tuned, best
 
     def tuned_knobs(self) -> NVConfig:
