@@ -14,7 +14,8 @@ DEMO_DATA = Path(__import__("nvib").__file__).parent / "demo_data"
 
 
 def save_tiny_model(path: Path, kind: str = "seq2seq", seed: int = 0) -> Path:
-    """A random tiny BART (seq2seq), GPT-2 (causal_lm) or Llama (llama) with MiniLM's tokenizer, saved under `path`."""
+    """A random tiny BART (seq2seq), Marian (marian), GPT-2 (causal_lm) or Llama (llama) with MiniLM's tokenizer,
+    saved under `path`."""
     tokenizer = tf.AutoTokenizer.from_pretrained(MINILM, local_files_only=True)
     special = {"pad_token_id": 0, "bos_token_id": 101, "eos_token_id": 102}
     torch.manual_seed(seed)
@@ -25,6 +26,13 @@ def save_tiny_model(path: Path, kind: str = "seq2seq", seed: int = 0) -> Path:
             max_position_embeddings=128, decoder_start_token_id=101, forced_eos_token_id=None, **special,
         )  # fmt: skip
         model = tf.BartForConditionalGeneration(config)
+    elif kind == "marian":
+        config = tf.MarianConfig(
+            vocab_size=tokenizer.vocab_size, d_model=32, encoder_layers=2, decoder_layers=2,
+            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+            max_position_embeddings=128, decoder_start_token_id=0, **special,
+        )  # fmt: skip
+        model = tf.MarianMTModel(config)
     elif kind == "llama":  # rotary decoder-only, key space (spec §10)
         config = tf.LlamaConfig(
             vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

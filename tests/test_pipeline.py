@@ -102,6 +102,7 @@ def test_config_json_schema() -> None:
     assert sections["prior"]["properties"]["batch_size"]["minimum"] == 1
     text = describe_schema()
     assert "model: path (required), kind='auto'" in text and "gguf_file=None" in text
+    assert "prompt (optional): template=" in text and "demonstrations=None" in text
 
 
 def test_gguf_file_loads_the_model_and_tokenizer(tmp_path: Path) -> None:

@@ -25,10 +25,13 @@ Protocol (fixed before any number was seen):
 - `wiki` (whole articles) is left out: 29 dev / 58 test pairs are below the protocol's sizes, it has no train
   split for demonstrations, and its 200-word documents do not fit three to a prompt; `wikipara` (the same
   articles, one pair per paragraph, 500 dev / 1000 test) is the Wikipedia domain.
-- The demonstrations' KV cache is computed once per prompt and knob setting and copied for every batch; a check
+- The demonstrations' KV cache is computed once per prompt and knob setting and copied for every batch (the
+  product's few-shot prompt, `nvib.workflow.prompting`, as `nvib run` uses it with a `prompt:` section); a check
   at start-up requires the shared and unshared NLL to agree to 1e-4 nats/token and greedy outputs to be identical,
   for the stock model and for NV at a regularised setting, and the NV model at the equivalence knobs to give the
-  stock NLL.
+  stock NLL. Scoring, search objective and temperature baseline are the product's (`Evaluator`, `DevObjective`,
+  `baselines.tune`); this script keeps the protocol, its resumable state and the table.
+  `benchmarks/gemma/gemma.yaml` is the same comparison for one tuning domain through `nvib run`.
 
 Every finished step is stored in OUT/state.json (keyed by the budget) and the Optuna studies in OUT/studies.db,
 so an interrupted run resumes where it stopped.
@@ -51,14 +54,17 @@ import optuna
 import torch
 
 import nvib
+from nvib.workflow.baselines import AttentionTemperature, tune
+from nvib.workflow.data import Example
+from nvib.workflow.evaluate import Evaluator, new_progress
+from nvib.workflow.objectives import DevObjective
+from nvib.workflow.prompting import FewShotPrompt, SharedPrefix, check_sharing, draw_demonstrations, prior_batches
 from nvib.workflow.search import SearchSpace, best_knobs, run_search
-from nvib.workflow.settings import PRIOR_ONLY_ALPHA_TAUS, STDEV_RANGES
+from nvib.workflow.settings import PRIOR_ONLY_ALPHA_TAUS, STDEV_RANGES, GenerationArgs
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
-from engine import PrefixRunner, Scored, check_sharing, stop_tokens  # noqa: E402
 from gemma3_model import load_gemma3  # noqa: E402
-from measures import NLL, summarise  # noqa: E402
-from prompts import Encoded, PromptBuilder, pick_demos, read_pairs  # noqa: E402
+from measures import summarise  # noqa: E402
 from tables import render  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,6 +79,9 @@ REGULARISED = {"alpha_tau_d": 0.0, "stdev_tau_d": 0.3}  # the sharing check's NV
 # most e^-3 of a token. The equivalence point (10) is tried first and widens the range to it (nvib.workflow.search).
 ALPHA_RANGE, STDEV_RANGE = (-3.0, 3.0), STDEV_RANGES["prior"]
 PROTOCOL = {"dev": 64, "trials": 20, "test": 300}
+TEMPLATE = "Text: {source}\nSummary: {target}"  # one line in, one line out: generation stops at the newline
+#: Demonstrations are drawn among the first POOL train pairs with DEMO_WORDS document words (a short prefix).
+POOL, DEMO_WORDS = 20000, (15, 40)
 QUICK = {"dev": 8, "trials": 5, "test": 16, "prior_examples": 12}  # ≤ 10 min on 2 cores, first GGUF load included
 
 
@@ -128,60 +137,21 @@ def _digest(budget: dict) -> str:
     return hashlib.sha256(json.dumps(budget, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def set_temperature(model, temperature: float, original: dict[str, float]) -> None:
-    """Divide every attention score by `temperature` (the attention modules' `scaling`)."""
-    for name, module in model.named_modules():
-        if name in original:
-            module.scaling = original[name] / temperature
+def pairs(path: Path, limit: int) -> list[tuple[str, Example]]:
+    """(id, example) of the first `limit` pairs of one split file (`{"id", "document", "summary"}` per line)."""
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            out.append((row["id"], Example(row["document"], row["summary"])))
+            if len(out) >= limit:
+                break
+    return out
 
 
-class DevNLL:
-    """Search objective: mean target NLL (nats/token) of the first n dev items at a setting; cached per item."""
-
-    def __init__(self, runner: PrefixRunner, items: list[Encoded], apply: Callable[[dict], None], batch: int):
-        self.runner, self.items, self.apply, self.batch = runner, items, apply, batch
-        self.cache: dict[tuple, dict[int, Scored]] = {}
-        self.current: tuple | None = None
-        self.calls = 0
-
-    def __call__(self, knobs: dict[str, float], n: int) -> float:
-        key = tuple(sorted((k, float(v)) for k, v in knobs.items()))
-        done = self.cache.setdefault(key, {})
-        missing = [i for i in range(n) if i not in done]
-        if missing:
-            if key != self.current:
-                self.apply(dict(knobs))
-                self.runner.reset()
-                self.current = key
-            done.update(zip(missing, self.runner.nll([self.items[i] for i in missing], self.batch), strict=True))
-            self.calls += 1
-        return NLL([[done[i].nll, done[i].n] for i in range(n)], [None] * n)
-
-
-def tune_temperature(objective: DevNLL, n_trials: int, slices: list[int], storage: str, name: str, seed: int):
-    """One-knob study with the NV search's sampler, pruner and slices (the same budget)."""
-    study = optuna.create_study(
-        study_name=name, storage=storage, direction="minimize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=seed),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0),
-    )  # fmt: skip
-    if not study.trials:
-        study.enqueue_trial({"temperature": 1.0})
-
-    def trial_fn(trial: optuna.Trial) -> float:
-        knobs = {"temperature": trial.suggest_float("temperature", *TEMPERATURE)}
-        value = float("nan")
-        for i, n in enumerate(slices):
-            value = objective(knobs, n)
-            trial.report(value, step=n)
-            if i < len(slices) - 1 and trial.should_prune():
-                raise optuna.TrialPruned()
-        return value
-
-    done = [t for t in study.trials if t.state.is_finished()]
-    if n_trials > len(done):
-        study.optimize(trial_fn, n_trials=n_trials - len(done))
-    return study
+def _nll(study: optuna.Study, value: float) -> float:
+    """A trial value as NLL: the product's objectives are maximised (−NLL); the first runs' studies minimised."""
+    return -value if study.direction == optuna.study.StudyDirection.MAXIMIZE else value
 
 
 def best_prior_only(study: optuna.Study) -> dict | None:
@@ -193,18 +163,19 @@ def best_prior_only(study: optuna.Study) -> dict | None:
     ]  # fmt: skip
     if not trials:
         return None
-    best = min(trials, key=lambda t: t.value)  # ties: the first
+    best = min(trials, key=lambda t: _nll(study, t.value))  # ties: the first
     return dict(best.params)
 
 
 def study_summary(study: optuna.Study) -> dict:
+    """Trials, pruned trials, and the dev NLL of the best and of the first (the enqueued identity) trial."""
     trials = [t for t in study.trials if t.state.is_finished()]
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     return {
         "n_trials": len(trials),
         "n_pruned": len(trials) - len(complete),
-        "best_value": study.best_value,
-        "first_value": complete[0].value if complete else None,  # the enqueued identity point
+        "best_value": _nll(study, study.best_value),
+        "first_value": _nll(study, complete[0].value) if complete else None,
         "trial_seconds": [t.duration.total_seconds() for t in trials if t.duration],
     }
 
@@ -271,83 +242,62 @@ def main(argv: list[str] | None = None) -> None:
 
     model, tokenizer = load_gemma3()
     load_seconds, load_cpu = time.time() - t_start, time.process_time()
-    builder = PromptBuilder(tokenizer, args.max_input_tokens)
     train = {d: args.data / d / "train.jsonl" for d in DOMAINS}
-    demos = {IN_DOMAIN: pick_demos(read_pairs(train[IN_DOMAIN], 20000), 3, args.seed)}
-    dev, test = {}, {}
-    for d in args.domains:
-        if d != IN_DOMAIN:
-            demos[d] = pick_demos(read_pairs(train[d], 20000), 3, args.seed)
-        dev[d] = read_pairs(args.data / d / "dev.jsonl", args.dev)
-        test[d] = read_pairs(args.data / d / "test.jsonl", args.test)
-    prefixes = {d: builder.prefix(ds) for d, ds in demos.items()}
-    encoded = {d: ([builder.encode(p) for p in dev[d]], [builder.encode(p) for p in test[d]]) for d in args.domains}
-    # Rows are padded between the suffix and what follows; the sliding window counts cache slots, so the longest
-    # padded row must stay inside it for the shared and unshared forms to see the same keys.
-    window = getattr(model.config, "sliding_window", None) or 10**9
-    for d, (dv, ts) in encoded.items():
-        for prompt in {IN_DOMAIN, d}:
-            longest = len(prefixes[prompt]) + max(len(e.suffix) for e in dv + ts)
-            longest += max(args.max_new_tokens, *(len(e.target) for e in dv + ts))
-            if longest > window:
-                sys.exit(f"{d} prompts with {prompt} demonstrations reach {longest} tokens, beyond the sliding "
-                         f"window ({window}): lower --max-input-tokens")  # fmt: skip
-    log("prefix tokens:", {d: len(p) for d, p in prefixes.items()}, "budget:", budget)
+    pool = {d: pairs(train[d], POOL) for d in {IN_DOMAIN, *args.domains}}
+    ids = {id(e): i for rows in pool.values() for i, e in rows}
+    demos = {d: draw_demonstrations([e for _, e in pool[d]], 3, args.seed, DEMO_WORDS) for d in pool}
+    dev = {d: [e for _, e in pairs(args.data / d / "dev.jsonl", args.dev)] for d in args.domains}
+    test = {d: [e for _, e in pairs(args.data / d / "test.jsonl", args.test)] for d in args.domains}
+    prompts = {
+        d: FewShotPrompt(tokenizer, TEMPLATE, demonstrations=ds, max_source_tokens=args.max_input_tokens)
+        for d, ds in demos.items()
+    }
+    log("prefix tokens:", {d: len(p.prefix) for d, p in prompts.items()}, "budget:", budget)
 
-    scalings = {n: m.scaling for n, m in model.named_modules() if hasattr(m, "scaling") and hasattr(m, "k_proj")}
-    stop = stop_tokens(tokenizer, model.config.vocab_size)
-    runners = {d: PrefixRunner(model, tokenizer, p, stop) for d, p in prefixes.items()}
+    def evaluator(prompt: str, batch: int, bar=None) -> Evaluator:
+        """The product's evaluator behind one domain's demonstrations (greedy, stopped at the newline)."""
+        generation = GenerationArgs(max_new_tokens=args.max_new_tokens, batch_size=batch)
+        return Evaluator(model, tokenizer, "summarisation", generation, max_source_len=args.max_input_tokens,
+                         max_target_len=10**6, prompt=prompts[prompt], progress=bar)  # fmt: skip
 
     def test_eval(domain: str, prompt: str) -> dict:
-        runners[prompt].reset()
-        scored, preds = runners[prompt].evaluate(encoded[domain][1], args.max_new_tokens, args.batch)
-        return {"nll": [[s.nll, s.n] for s in scored], "preds": preds}
+        with new_progress() as bar:
+            outputs = evaluator(prompt, args.batch, bar).outputs(test[domain], f"{domain} test · {prompt} demos")
+        return {"nll": [[o.nll, o.nll_tokens] for o in outputs], "preds": [o.prediction for o in outputs]}
 
     # ---- stock model: unconverted, temperature, target demonstrations
-    check_items = encoded[IN_DOMAIN][0][:2] + encoded[args.domains[-1]][0][:1]
+    check_items = [prompts[IN_DOMAIN].encode(e) for e in dev[IN_DOMAIN][:2] + dev[args.domains[-1]][:1]]
+    engine = SharedPrefix(model, prompts[IN_DOMAIN])
 
     def stock_check() -> dict:
-        result = check_sharing(runners[IN_DOMAIN], check_items, max_new_tokens=args.max_new_tokens)
-        return {**result, "nll": [[s.nll, s.n] for s in runners[IN_DOMAIN].nll(check_items)]}
+        result = check_sharing(engine, check_items, args.max_new_tokens)
+        return {**result, "nll": [[s.nll, s.n] for s in engine.nll(check_items)]}
 
     checks = {"stock": state.get("check stock", stock_check, "check")}
     log("sharing check (stock):", checks["stock"])
 
     # ---- NV: prior on in-domain prompts, conversion, checks, tuning
-    def prior_batches():
-        used = {p.id for p in demos[IN_DOMAIN]}
-        pairs = [p for p in read_pairs(train[IN_DOMAIN], args.prior_examples + 3) if p.id not in used]
-        pairs = pairs[: args.prior_examples]
-        for j in range(0, len(pairs), 4):
-            rows = [prefixes[IN_DOMAIN] + (e := builder.encode(p)).suffix + e.target for p in pairs[j : j + 4]]
-            width = max(map(len, rows))
-            ids = torch.full((len(rows), width), runners[IN_DOMAIN].pad)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, row in enumerate(rows):
-                ids[r, : len(row)], mask[r, : len(row)] = torch.tensor(row), 1
-            # logits only at one position: the 262k-vocabulary head is not what the prior needs
-            yield {"input_ids": ids, "attention_mask": mask, "logits_to_keep": torch.tensor([0])}
-
-    prior_total = math.ceil(args.prior_examples / 4)  # batches of `prior_batches`, for the progress bar
+    used = {ids[id(e)] for e in demos[IN_DOMAIN]}
+    prior_pairs = [e for i, e in pool[IN_DOMAIN][: args.prior_examples + 3] if i not in used][: args.prior_examples]
+    prior_total = math.ceil(len(prior_pairs) / 4)  # batches of 4 prompts, for the progress bar
     prior_path = args.out / f"prior-{base_key}.safetensors"  # the τσ range does not change the prior
 
     def estimate() -> dict:
         with torch.inference_mode():
             data = f"debian 3-shot prompts x{args.prior_examples}"
-            prior = nvib.EmpiricalPrior.estimate(model, prior_batches(), data=data, total=prior_total, progress=True)
+            batches = prior_batches(model, prompts[IN_DOMAIN], prior_pairs, 4)
+            prior = nvib.EmpiricalPrior.estimate(model, batches, data=data, total=prior_total, progress=True)
         prior.save(prior_path)
         return {"tokens": prior.metadata["tokens"]}
 
     def nv_checks() -> dict:
         """NV at the identity knobs gives the stock NLL; sharing holds at a regularised setting."""
-        runners[IN_DOMAIN].reset()
-        at_identity = runners[IN_DOMAIN].nll(check_items)
-        stock = checks["stock"]["nll"]
-        gap = max(abs(a.nll - b[0]) / a.n for a, b in zip(at_identity, stock, strict=True))
+        engine.reset()
+        at_identity = engine.nll(check_items)
+        gap = max(abs(a.nll - b[0]) / a.n for a, b in zip(at_identity, checks["stock"]["nll"], strict=True))
         nvib.configure(model, nv_config(REGULARISED))
-        runners[IN_DOMAIN].reset()
         try:
-            shared = check_sharing(runners[IN_DOMAIN], check_items, max_new_tokens=args.max_new_tokens)
+            shared = check_sharing(engine, check_items, args.max_new_tokens)
         finally:
             nvib.configure(model, nvib.NVConfig())
         return {"identity_nll_gap": gap, "regularised": {"knobs": REGULARISED, **shared}}
@@ -366,21 +316,35 @@ def main(argv: list[str] | None = None) -> None:
             checks["nv"] = state.get("check nv", nv_checks, "check")
             log("sharing check (NV):", checks["nv"])
 
+    def dev_objective(d: str, prompt: str, bar, label: str, **kwargs) -> DevObjective:
+        """Mean target NLL of d's first n dev pairs behind `prompt`'s demonstrations (maximised as −NLL); each
+        trial advances `label`'s row of the rich `bar` (a trial starts with the first slice)."""
+        task = bar.add_task(label, total=args.trials, info="trials")
+        first = len(dev[d]) // 2
+
+        def on_call(knobs: dict, n: int) -> None:
+            if n == first:
+                bar.advance(task)
+
+        return DevObjective(evaluator(prompt, args.nll_batch), dev[d], "nll", on_call, min_diversity=None, **kwargs)
+
     def stock_systems(i: int, d: str) -> None:
         state.get(f"{d}/unconverted", lambda d=d: test_eval(d, IN_DOMAIN), "test")
         log(d, "unconverted done")
 
         def temperature(d=d, i=i) -> dict:
-            apply = lambda k: set_temperature(model, k["temperature"], scalings)  # noqa: E731
-            obj = DevNLL(runners[IN_DOMAIN], encoded[d][0], apply, args.nll_batch)
-            study = tune_temperature(obj, args.trials, [len(dev[d]) // 2, len(dev[d])], storage,
-                                     f"temp-{d}-{key}", args.seed + i)  # fmt: skip
-            t = study.best_params["temperature"]
-            set_temperature(model, t, scalings)
+            baseline = AttentionTemperature(model, *TEMPERATURE)
+            with new_progress() as bar:
+                t, study = tune(
+                    baseline, dev_objective(d, IN_DOMAIN, bar, f"{d} temperature", apply=baseline.apply),
+                    n_trials=args.trials, slices=[len(dev[d]) // 2, len(dev[d])], storage=storage,
+                    study_name=f"temp-{d}-{key}", seed=args.seed + i,
+                )  # fmt: skip
+            baseline.set(t)
             try:
                 result = {"temperature": t, "search": study_summary(study), **test_eval(d, IN_DOMAIN)}
             finally:
-                set_temperature(model, 1.0, scalings)
+                baseline.reset()
             return result
 
         state.get(f"{d}/temperature", temperature, "temperature")
@@ -393,19 +357,19 @@ def main(argv: list[str] | None = None) -> None:
             if system == "NV + target demos" and d == IN_DOMAIN:
                 continue
 
-            def tune(d=d, i=i, prompt=prompt, system=system) -> dict:
-                obj = DevNLL(runners[prompt], encoded[d][0], lambda k: nvib.configure(model, nv_config(k)),
-                             args.nll_batch)  # fmt: skip
-                study = run_search(
-                    obj, {"decoder"}, n_trials=args.trials, storage=storage, direction="minimize",
-                    study_name=f"nv-{d}-{prompt}-{key}", slices=[len(dev[d]) // 2, len(dev[d])], seed=args.seed + i,
-                    progress=True, space=space, start_points=start_points,
-                    objective_info={"metric": "nll", "dev": f"{d}[:{len(dev[d])}]", "demonstrations": prompt},
-                )  # fmt: skip
+            def search(d=d, i=i, prompt=prompt, system=system) -> dict:
+                with new_progress() as bar:
+                    study = run_search(
+                        dev_objective(d, prompt, bar, f"{d} {system}", config=nv_config({})), {"decoder"},
+                        n_trials=args.trials, storage=storage, study_name=f"nv-{d}-{prompt}-{key}",
+                        slices=[len(dev[d]) // 2, len(dev[d])], seed=args.seed + i, progress=False, space=space,
+                        start_points=start_points,
+                        objective_info={"metric": "nll", "dev": f"{d}[:{len(dev[d])}]", "demonstrations": prompt},
+                    )  # fmt: skip
                 result = scored_at(best_knobs(study), d, prompt)
                 return {**result, "search": study_summary(study), "prior_only": best_prior_only(study)}
 
-            tuned = state.get(f"{d}/{system}", tune, "nv")
+            tuned = state.get(f"{d}/{system}", search, "nv")
             log(d, system, "done")
             if tuned.get("prior_only") is not None:
                 state.get(f"{d}/{system}, prior only", lambda d=d, p=prompt, k=tuned["prior_only"]: scored_at(k, d, p),
@@ -433,7 +397,7 @@ def main(argv: list[str] | None = None) -> None:
     # ---- report
     rows, details, against = {}, {}, {}
     for d in args.domains:
-        refs = [p.summary for p in test[d]]
+        refs = [e.target for e in test[d]]
         got = {s: state.data[f"{d}/{s}"] for s in SYSTEMS if f"{d}/{s}" in state.data}
         if d == IN_DOMAIN:
             got["target demos"], got["NV + target demos"] = got["unconverted"], got["NV tuned"]
@@ -450,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
             "prior_only": {s: (got[f"{s}, prior only"]["knobs"], got[f"{s}, prior only"]["prior_mass"])
                            for s in NV_SYSTEMS if f"{s}, prior only" in got},
             "search": {s: got[s]["search"] for s in ("NV tuned", "temperature", "NV + target demos")},
-            "demos": [p.id for p in demos[d if d in demos else IN_DOMAIN]],
+            "demos": [ids[id(e)] for e in demos[d if d in demos else IN_DOMAIN]],
         }  # fmt: skip
         (args.out / "predictions").mkdir(exist_ok=True)
         (args.out / "predictions" / f"{d}.json").write_text(

@@ -24,8 +24,11 @@ import nvib
 from nvib.core.keyspace import KeySpaceLayer, token_bias
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
+from experiment import DEMO_WORDS, POOL, TEMPLATE  # noqa: E402
 from gemma3_model import load_gemma3  # noqa: E402
-from prompts import PromptBuilder, pick_demos, read_pairs  # noqa: E402
+
+from nvib.workflow.data import load_examples  # noqa: E402
+from nvib.workflow.prompting import FewShotPrompt, draw_demonstrations  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 STDEVS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.3)
@@ -42,11 +45,10 @@ def main(argv: list[str] | None = None) -> None:
     prior_path = args.prior or max((ROOT / "runs" / "gemma").glob("prior-*.safetensors"), key=newest)
 
     model, tokenizer = load_gemma3()
-    builder = PromptBuilder(tokenizer)
-    demos = pick_demos(read_pairs(args.data / "debian" / "train.jsonl", 20000), 3, 0)
-    prefix = builder.prefix(demos)
-    rows = [prefix + (e := builder.encode(p)).suffix + e.target
-            for p in read_pairs(args.data / "debian" / "dev.jsonl", args.examples)]  # fmt: skip
+    demos = draw_demonstrations(load_examples(args.data / "debian" / "train.jsonl", limit=POOL), 3, 0, DEMO_WORDS)
+    prompt = FewShotPrompt(tokenizer, TEMPLATE, demonstrations=demos, max_source_tokens=128)
+    rows = [prompt.prefix + (e := prompt.encode(x)).suffix + e.target
+            for x in load_examples(args.data / "debian" / "dev.jsonl", limit=args.examples)]  # fmt: skip
 
     keys: dict[int, list[torch.Tensor]] = {}
     queries: dict[int, list[torch.Tensor]] = {}

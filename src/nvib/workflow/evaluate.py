@@ -35,6 +35,7 @@ from nvib.workflow.metrics import (
     paired_bootstrap,
 )
 from nvib.workflow.objectives import DEFAULT_MAX_LOGITS, DevObjective, Output, target_nll
+from nvib.workflow.prompting import FewShotPrompt, SharedPrefix
 from nvib.workflow.settings import DEFAULT_OBJECTIVE, TASK_METRICS, TASKS, GenerationArgs
 
 __all__ = [
@@ -109,17 +110,25 @@ class Evaluator:
         lm_separator: str = "\n",
         progress: Progress | None = None,
         max_logits: int = DEFAULT_MAX_LOGITS,
+        prompt: FewShotPrompt | None = None,
     ):
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+        if prompt is not None and (task == "lm" or generation.num_beams != 1 or generation.kwargs):
+            raise ValueError(
+                "a few-shot prompt scores targets and decodes greedily (its prefix cache is shared). Fix: use task "
+                "summarisation or translation, generation.num_beams 1 and no generation.kwargs, or drop the prompt"
+            )
         self.model, self.tokenizer, self.task, self.generation = model, tokenizer, task, generation
         self.max_source_len, self.max_target_len, self.lm_separator = (
             max_source_len,
             max_target_len,
             lm_separator,
         )
-        self.progress, self.max_logits = progress, max_logits
+        self.progress, self.max_logits, self.prompt = progress, max_logits, prompt
         self.seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+        if prompt is not None and self.seq2seq:
+            raise ValueError("a few-shot prompt is for decoder-only models. Fix: drop the prompt section")
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -162,6 +171,9 @@ class Evaluator:
         out: list[Output] = []
         self.model.eval()
         try:
+            if self.prompt is not None:
+                advance = (lambda n: bar.update(task_id, advance=n)) if bar is not None else None
+                return self._prompted(examples, generate, score, advance)
             for chunk in _chunks(examples, self.generation.batch_size):
                 with torch.inference_mode():
                     out += run(chunk)
@@ -172,6 +184,22 @@ class Evaluator:
             if bar is not None:
                 bar.remove_task(task_id)
         return out
+
+    def _prompted(
+        self, examples: Sequence[Example], generate: bool, score: bool, advance: Callable[[int], None] | None
+    ) -> list[Output]:
+        """Outputs behind the few-shot prompt's shared prefix (its cache made once for this call: the model may
+        have changed since the last)."""
+        engine = SharedPrefix(self.model, self.prompt, on_batch=advance)  # type: ignore[arg-type]
+        items = [self.prompt.encode(ex) for ex in examples]  # type: ignore[union-attr]
+        size = self.generation.batch_size
+        if not generate:
+            return [Output(None, 0, s.nll, s.n) for s in engine.nll(items, size)]
+        scored, ids = engine.evaluate(items, self.generation.max_new_tokens, size, score=score)
+        texts = [self.prompt.prediction(g) for g in ids]  # type: ignore[union-attr]
+        if scored is None:
+            return [Output(t, len(g)) for t, g in zip(texts, ids, strict=True)]
+        return [Output(t, len(g), s.nll, s.n) for t, g, s in zip(texts, ids, scored, strict=True)]
 
     def _generate(self, chunk: Sequence[Example]) -> list[Output]:
         model, tok, gen = self.model, self.tokenizer, self.generation

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,36 +14,69 @@ from torch import nn
 from nvib.workflow.data import BatchKind
 from nvib.workflow.settings import ModelSection, resolve_path
 
-__all__ = ["batch_kind", "load_model"]
+__all__ = ["HUB_ID", "batch_kind", "load_model", "model_location"]
+
+
+#: ``owner/name`` as the Hugging Face hub spells a repository id.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def model_location(value: str, base_dir: str | Path = ".") -> Path | str:
+    """Where a config's model (or tokenizer) comes from: a local directory (relative to the config), or, when
+    there is none and ``value`` reads ``owner/name``, that hub id (loaded from the hub, or its local cache
+    under ``HF_HUB_OFFLINE=1``)."""
+    path = resolve_path(value, base_dir)
+    return value if not path.exists() and HUB_ID.match(value) and not value.startswith(".") else path
 
 
 def load_model(section: ModelSection, task: str | None = None, base_dir: str | Path = ".") -> tuple[nn.Module, Any]:
-    """(model in eval mode, tokenizer) from local files only; with ``section.gguf_file``, from that GGUF file
-    in ``section.path`` (dequantised to float32; the model then saves like any other)."""
-    path = resolve_path(section.path, base_dir)
+    """(model in eval mode, tokenizer) from a local directory or a hub id (:func:`model_location`); with
+    ``section.gguf_file``, from that GGUF file in the local ``section.path`` (dequantised to float32; the model
+    then saves like any other)."""
+    path = model_location(section.path, base_dir)
+    if isinstance(path, str):
+        if section.gguf_file is not None:
+            raise ValueError(f"model.gguf_file needs a local model.path, got the hub id {path!r}. Fix: download it")
+        try:
+            return _load(section, task, base_dir, path, {}, local=False)
+        except OSError as e:  # no network, unknown id, gated repository: one line naming the fixes
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FileNotFoundError(
+                f"model {path!r}: could not be loaded from the hub ({reason[:300]}). Fix: check the id; without hub "
+                f"access set HF_HUB_OFFLINE=1 to use a cached copy, or download it (`hf download {path} --local-dir "
+                "DIR`) and set model.path to DIR"
+            ) from None
     gguf = _gguf_args(section, path)
     if not gguf and not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"no model at {path} (expected a directory with config.json). "
             "Fix: set the model path to a local Hugging Face model directory (or model.gguf_file to a .gguf "
-            "file in it); nothing is downloaded"
+            "file in it), or to a hub id such as facebook/bart-large-xsum"
         )
-    config = tf.AutoConfig.from_pretrained(path, local_files_only=True, **gguf)
+    return _load(section, task, base_dir, path, gguf, local=True)
+
+
+def _load(
+    section: ModelSection, task: str | None, base_dir: str | Path, path: Path | str, gguf: dict, *, local: bool
+) -> tuple[nn.Module, Any]:
+    only = {"local_files_only": True} if local else {}
+    config = tf.AutoConfig.from_pretrained(path, **only, **gguf)
     kind = section.kind if section.kind != "auto" else _detect_kind(config, task, path)
     if gguf and kind == "bert2bert":
         raise ValueError("model.gguf_file cannot warm-start bert2bert. Fix: use kind seq2seq or causal_lm")
-    tok_path = resolve_path(section.tokenizer, base_dir) if section.tokenizer else path
-    tokenizer = tf.AutoTokenizer.from_pretrained(tok_path, local_files_only=True, **({} if section.tokenizer else gguf))
+    tok_path = model_location(section.tokenizer, base_dir) if section.tokenizer else path
+    tok_only = {"local_files_only": True} if isinstance(tok_path, Path) else {}
+    tokenizer = tf.AutoTokenizer.from_pretrained(tok_path, **tok_only, **({} if section.tokenizer else gguf))
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # decoder-only models (GPT-2) ship without one
     if kind == "seq2seq":
-        model = tf.AutoModelForSeq2SeqLM.from_pretrained(path, local_files_only=True, **gguf)
+        model = tf.AutoModelForSeq2SeqLM.from_pretrained(path, **only, **gguf)
     elif kind == "causal_lm":
-        model = tf.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **gguf)
+        model = tf.AutoModelForCausalLM.from_pretrained(path, **only, **gguf)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(section.seed)
-            model = tf.EncoderDecoderModel.from_encoder_decoder_pretrained(path, path, local_files_only=True)
+            model = tf.EncoderDecoderModel.from_encoder_decoder_pretrained(path, path, **only)
         special = {
             "decoder_start_token_id": tokenizer.cls_token_id,
             "eos_token_id": tokenizer.sep_token_id,
@@ -90,7 +124,7 @@ def _gguf_args(section: ModelSection, path: Path) -> dict[str, str]:
     return {"gguf_file": name}
 
 
-def _detect_kind(config: Any, task: str | None, path: Path) -> str:
+def _detect_kind(config: Any, task: str | None, path: Path | str) -> str:
     if getattr(config, "is_encoder_decoder", False) or config.model_type == "encoder-decoder":
         return "seq2seq"
     architectures = getattr(config, "architectures", None) or []

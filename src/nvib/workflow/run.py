@@ -10,9 +10,11 @@ The config schema is :mod:`nvib.workflow.settings`; model loading is :mod:`nvib.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -24,7 +26,7 @@ from rich.table import Table
 from torch import nn
 
 from nvib.core.config import NVConfig
-from nvib.core.convert import convert, is_converted, nv_layers, unload
+from nvib.core.convert import configure, convert, is_converted, nv_layers, unload
 from nvib.core.prior import EmpiricalPrior
 from nvib.workflow.baselines import AttentionTemperature, Baseline, WiseFT, summary, tune
 from nvib.workflow.data import Example, batches, fingerprint, load_dataset_examples, load_examples
@@ -39,21 +41,27 @@ from nvib.workflow.evaluate import (
 )
 from nvib.workflow.identity import check_identity, file_fingerprint
 from nvib.workflow.metrics import LIKELIHOOD_METRICS
-from nvib.workflow.models import batch_kind, load_model
+from nvib.workflow.models import batch_kind, load_model, model_location
+from nvib.workflow.prompting import FewShotPrompt, SharedPrefix, check_sharing, draw_demonstrations, prior_batches
 from nvib.workflow.report import ReportPaths, write_report
 from nvib.workflow.search import best_knobs, knob_names, load_study, run_search, sampler_seed
 from nvib.workflow.settings import PRIOR_ONLY_ALPHA_TAUS, STDEV_RANGES, DatasetSection, RunConfig, SearchSpace
 
 __all__ = ["Run", "describe_data", "estimate_prior", "parse_shard", "prior_stats"]
 
-PRIOR_FILE, STUDY_FILE, KNOBS_FILE, CONFIG_FILE, IDENTITY_FILE, BASELINES_FILE = (
+PRIOR_FILE, STUDY_FILE, KNOBS_FILE, CONFIG_FILE, IDENTITY_FILE, BASELINES_FILE, PROMPT_CHECK_FILE = (
     "prior.safetensors",
     "study.db",
     "nv_config.json",
     "config.json",
     "run.json",
     "baselines.json",
+    "prompt_check.json",
 )
+#: The NV setting at which the few-shot prompt's sharing check runs (beside the stock model): a real prior weight
+#: and noise, so the check covers the NV paths, not only the identity.
+CHECK_KNOBS = {"alpha_tau": 0.0, "stdev_tau": 0.1}
+CHECK_EXAMPLES = 3
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -100,10 +108,12 @@ def estimate_prior(
     shard: tuple[int, int] | None = None,
     lm_separator: str = "\n",
     progress: bool = True,
+    prompt: FewShotPrompt | None = None,
 ) -> EmpiricalPrior:
     """Estimate the empirical prior over ``examples``; with ``shard=(i, n)`` only over batches i, i+n, ...
 
-    Shards of the same data and batch size merge (``EmpiricalPrior.merge``) into the full-data prior.
+    Shards of the same data and batch size merge (``EmpiricalPrior.merge``) into the full-data prior. With a
+    few-shot ``prompt``, each example is seen as the prompt uses it (prefix, suffix and target).
     """
     n_batches = math.ceil(len(examples) / batch_size)
     if shard is not None:
@@ -118,8 +128,11 @@ def estimate_prior(
         examples = [ex for j in chosen for ex in examples[j * batch_size : (j + 1) * batch_size]]
         description += f" shard={i}/{n}"
         n_batches = len(chosen)
-    kind = batch_kind(model)
-    it = batches(examples, tokenizer, batch_size, max_source_len, max_target_len, kind, lm_separator=lm_separator)
+    if prompt is not None:
+        it = prior_batches(model, prompt, examples, batch_size)
+    else:
+        kind = batch_kind(model)
+        it = batches(examples, tokenizer, batch_size, max_source_len, max_target_len, kind, lm_separator=lm_separator)
     return EmpiricalPrior.estimate(model, it, data=description, total=n_batches, progress=progress, shard=shard)
 
 
@@ -173,13 +186,14 @@ class Run:
         self.prior_path = self.dir / PRIOR_FILE
         self.given_prior: Path | None = None  # a prior file the user passed (`--prior`): read only, never written
         self._prior: EmpiricalPrior | None = None
+        self._prompt_check: dict[str, Any] | None = None
 
     # -- shared pieces
 
     @cached_property
     def loaded(self) -> tuple[nn.Module, Any]:
         cfg = self.config
-        self.console.print(f"loading model [bold]{cfg.path(cfg.model.path)}[/bold]")
+        self.console.print(f"loading model [bold]{model_location(cfg.model.path, cfg.base_dir)}[/bold]")
         model, tokenizer = load_model(cfg.model, cfg.task, cfg.base_dir)
         if cfg.model.kind == "bert2bert":
             self.console.print(
@@ -192,9 +206,63 @@ class Run:
         d = self.config.data
         data = {"train": d.train, "dev": d.dev}.get(split) or d.test[name]
         limit = {"train": d.train_limit, "dev": d.dev_limit}.get(split, d.test_limit)
+        return self._read(data, limit)
+
+    def _read(self, data: str | DatasetSection, limit: int | None) -> list[Example]:
         if isinstance(data, DatasetSection):
             return load_dataset_examples(data.spec(self.config.base_dir), limit=limit)
+        d = self.config.data
         return load_examples(self.config.path(data), d.source_column, d.target_column, limit=limit)
+
+    @cached_property
+    def prompt(self) -> FewShotPrompt | None:
+        """The config's few-shot prompt for this run's tokenizer (demonstrations drawn), or None."""
+        section = self.config.prompt
+        if section is None:
+            return None
+        _, tokenizer = self.loaded
+        demos: list[Example] = []
+        if (given := section.demonstrations) is not None:
+            demos = draw_demonstrations(self._read(given.data, given.pool), given.k, given.seed, given.source_words)
+        d = self.config.data
+        return FewShotPrompt(
+            tokenizer, section.template, prefix=section.prefix, demonstrations=demos, separator=section.separator,
+            stop=section.stop, bos=section.bos, max_source_tokens=d.max_source_len, max_target_tokens=d.max_target_len,
+        )  # fmt: skip
+
+    def check_prompt(self) -> dict[str, Any] | None:
+        """The few-shot prompt's start-up check, once per run: on the first dev examples, the shared prefix gives
+        the unshared NLL (1e-4 nats/token) and the same greedy outputs, for the stock model and for NV at
+        `CHECK_KNOBS`. Leaves the model converted at the identity knobs; writes prompt_check.json."""
+        cfg = self.config
+        if self.prompt is None or not cfg.prompt.check or self._prompt_check is not None:
+            return self._prompt_check
+        model, _ = self.loaded
+        items = [self.prompt.encode(e) for e in self.examples("dev")[:CHECK_EXAMPLES]]
+        engine, new = SharedPrefix(model, self.prompt), cfg.generation.max_new_tokens
+        if is_converted(model):
+            unload(model)
+        result = {"prefix_tokens": len(self.prompt.prefix), "stock": check_sharing(engine, items, new)}
+        model = self._nv_model(self.prior(required=True))
+        kinds = {layer.kind for layer in nv_layers(model).values()}
+        knobs = {k: CHECK_KNOBS["alpha_tau" if k.startswith("alpha") else "stdev_tau"] for k in knob_names(kinds)}
+        with warnings.catch_warnings():  # a clamped stdev_tau (spec §12) is no news: the user did not choose it
+            warnings.simplefilter("ignore", UserWarning)
+            configure(model, self.base_knobs.replace(**knobs))
+        try:
+            result["nv"] = {"knobs": knobs, **check_sharing(engine, items, new)}
+        finally:
+            configure(model, self.base_knobs)
+        self._start()
+        (self.dir / PROMPT_CHECK_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        gaps = max(result[s][g] for s in ("stock", "nv") for g in ("nll_gap", "evaluate_nll_gap"))
+        self.console.print(
+            f"prompt: {len(self.prompt.demonstrations)} demonstrations, prefix of {len(self.prompt.prefix)} tokens "
+            f"shared; check on {len(items)} dev examples, stock and NV: NLL gap {gaps:.1e} nats/token, greedy "
+            "outputs identical"
+        )
+        self._prompt_check = result
+        return result
 
     def data_name(self, data: str | DatasetSection) -> str:
         """A data entry as the run's records name it: the resolved file path, or the dataset's name, config, split."""
@@ -214,6 +282,7 @@ class Run:
             max_target_len=d.max_target_len,
             lm_separator=d.lm_separator,
             progress=progress,
+            prompt=self.prompt,
         )
 
     @property
@@ -222,27 +291,36 @@ class Run:
 
     def _prior_description(self) -> str:
         d = self.config.data
-        return describe_data(
+        text = describe_data(
             self.data_name(d.train),
             (d.source_column, d.target_column),
             (d.max_source_len, d.max_target_len),
             d.train_limit,
             self.config.prior.batch_size,
         )
+        return text if self.config.prompt is None else f"{text} prompt={self._prompt_digest()}"
+
+    def _prompt_digest(self) -> str:
+        """A short hash of the prompt section: a prior or a run made with another prompt is told apart."""
+        section = dataclasses.asdict(self.config.prompt)  # type: ignore[arg-type]
+        return hashlib.sha256(json.dumps(section, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def identity(self) -> dict[str, Any]:
         """What this run's results depend on (`nvib.workflow.identity`): a rerun resumes only the same."""
         cfg, d = self.config, self.config.data
-        model = cfg.path(cfg.model.path)
-        files = {"model": model, "tokenizer": cfg.path(cfg.model.tokenizer) if cfg.model.tokenizer else model}
+        model = model_location(cfg.model.path, cfg.base_dir)
+        tokenizer = model_location(cfg.model.tokenizer, cfg.base_dir) if cfg.model.tokenizer else model
+        files = {k: v for k, v in (("model", model), ("tokenizer", tokenizer)) if isinstance(v, Path)}
+        hub = {f"{k} hub id": v for k, v in (("model", model), ("tokenizer", tokenizer)) if isinstance(v, str)}
         datasets = {k: v for k, v in (("train", d.train), ("dev", d.dev)) if isinstance(v, DatasetSection)}
         files.update({k: cfg.path(v) for k, v in (("train", d.train), ("dev", d.dev)) if k not in datasets})
         return {
-            **{f"{k} files": f"{Path(p).name} {file_fingerprint(Path(p))}" for k, p in files.items()},
+            **{f"{k} files": f"{Path(p).name} {file_fingerprint(Path(p))}" for k, p in files.items()}, **hub,
             **{f"{k} dataset": self.data_name(v) for k, v in datasets.items()},
             "model kind": cfg.model.kind, "gguf_file": cfg.model.gguf_file, "seed": cfg.model.seed,
             "task": cfg.task, "columns": [d.source_column, d.target_column], "limits": [d.train_limit, d.dev_limit],
             "lengths": [d.max_source_len, d.max_target_len], "lm_separator": d.lm_separator,
+            **({"prompt": self._prompt_digest()} if cfg.prompt is not None else {}),
         }  # fmt: skip
 
     def _start(self) -> None:
@@ -299,16 +377,20 @@ class Run:
             unload(model)
         d = self.config.data
         start = time.perf_counter()
+        train = self.examples("train")
+        if self.prompt is not None:  # the demonstrations are in every prompt already
+            train = [e for e in train if e not in set(self.prompt.demonstrations)]
         prior = estimate_prior(
             model,
             tokenizer,
-            self.examples("train"),
+            train,
             batch_size=self.config.prior.batch_size,
             max_source_len=d.max_source_len,
             max_target_len=d.max_target_len,
             description=expected,
             lm_separator=d.lm_separator,
             progress=self.progress,
+            prompt=self.prompt,
         )
         prior.save(self.prior_path)
         if not prior.metadata.get("complete", True):
@@ -333,6 +415,7 @@ class Run:
         """Tune the knobs on the dev set (resuming a stored study); writes nv_config.json."""
         cfg, metric_name = self.config, self.config.metric
         prior = self.prior(required=True)
+        self.check_prompt()
         model = self._nv_model(prior)
         self._start()
         dev = self.examples("dev")
@@ -428,7 +511,8 @@ class Run:
                 made["temperature"] = AttentionTemperature(model, *cfg.baselines.temperature_range)
             if cfg.baselines.wise_ft:
                 section = dataclasses.replace(cfg.model, path=cfg.baselines.wise_ft, gguf_file=None)
-                self.console.print(f"WiSE-FT: loading the pre-fine-tuning model {cfg.path(section.path)}")
+                where = model_location(section.path, cfg.base_dir)
+                self.console.print(f"WiSE-FT: loading the pre-fine-tuning model {where}")
                 pretrained, _ = load_model(section, cfg.task, cfg.base_dir)
                 made["wise_ft"] = WiseFT(model, pretrained, *cfg.baselines.wise_ft_range)
                 del pretrained
@@ -478,6 +562,7 @@ class Run:
         cfg = self.config
         prior = self.prior(required=True)
         tuned = knobs or self.tuned_knobs()
+        self.check_prompt()
         baselines, best = self.baselines()
         self._start()
         tests = {name: self.examples("test", name) for name in cfg.data.test}
@@ -506,7 +591,7 @@ class Run:
         path = self.given_prior or self.prior_path
         prior = self._prior or (EmpiricalPrior.load(path) if path.is_file() else None)
         notes = {
-            "model": f"{cfg.path(cfg.model.path)} ({cfg.model.kind})",
+            "model": f"{model_location(cfg.model.path, cfg.base_dir)} ({cfg.model.kind})",
             "task": cfg.task,
             "train (prior)": self.data_name(cfg.data.train),
             "dev (search)": self.data_name(cfg.data.dev),
@@ -548,7 +633,7 @@ class Run:
             }
         paths = write_report(
             self.dir,
-            title=f"NVIB run: {_model_name(cfg.path(cfg.model.path))} ({cfg.task})",
+            title=f"NVIB run: {_model_name(model_location(cfg.model.path, cfg.base_dir))} ({cfg.task})",
             study=study,
             results=results,
             differences=differences,
@@ -581,7 +666,9 @@ def _load_study(storage: str, name: str) -> optuna.Study | None:
     return load_study(storage, name, heartbeat_interval=None, grace_period=None)
 
 
-def _model_name(path: Path) -> str:
+def _model_name(path: Path | str) -> str:
+    if isinstance(path, str):  # a hub id
+        return path
     return path.parent.name if path.name == "model" else path.name
 
 

@@ -27,6 +27,7 @@ from pydantic_core import PydanticCustomError
 
 from nvib.core.config import KNOBS, bounds
 from nvib.workflow.data import HubDataset
+from nvib.workflow.prompting import Template
 
 __all__ = [
     "DEFAULT_OBJECTIVE",
@@ -43,6 +44,8 @@ __all__ = [
     "ConfigError",
     "DataSection",
     "DatasetSection",
+    "DemonstrationsSection",
+    "PromptSection",
     "EvaluationSection",
     "GenerationSection",
     "ModelSection",
@@ -154,7 +157,9 @@ Range = Annotated[tuple[Float, Float], BeforeValidator(_two_values)]
 
 @dataclass(frozen=True, config=_CONFIG)
 class ModelSection:
-    """``path``: a local HF model directory (nothing is downloaded). ``kind``: ``seq2seq``,
+    """``path``: a local HF model directory (relative to the config), or a hub id such as
+    ``facebook/bart-large-xsum`` where no such directory exists (from the hub, or its cache under
+    ``HF_HUB_OFFLINE=1``); ``tokenizer`` likewise. ``kind``: ``seq2seq``,
     ``causal_lm``, ``bert2bert`` (warm-start an encoder-decoder from an encoder-only model, whose
     cross-attention is newly initialised with ``seed``) or ``auto`` (from the model's config).
     ``gguf_file``: a GGUF file inside ``path`` to load the weights (and tokenizer) from."""
@@ -220,6 +225,40 @@ class DataSection:
         for name in self.test:
             if not name or any(c in name for c in "/\\") or name.startswith("."):
                 raise ValueError(f"test set name {name!r} must be a plain file-name-safe word")
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class DemonstrationsSection:
+    """``k`` demonstrations drawn with ``seed`` from ``data`` (a file or a dataset, read with the data section's
+    columns): among its first ``pool`` examples (all if null) whose source has ``source_words`` = [low, high]
+    words (any if null)."""
+
+    data: Data
+    k: PositiveInt = 3
+    seed: Int = 0
+    pool: PositiveInt | None = None
+    source_words: Annotated[tuple[NonNegativeInt, NonNegativeInt], BeforeValidator(_two_values)] | None = None
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class PromptSection:
+    """A few-shot prompt for a causal LM (:mod:`nvib.workflow.prompting`): every example is ``template`` with its
+    ``{source}`` and ``{target}`` (only the target is scored), after a prefix shared by all: BOS (``bos``), the
+    literal ``prefix`` text, and the ``demonstrations`` each followed by ``separator``. The prefix's KV cache is
+    computed once per knob setting; ``check`` holds shared against unshared at start-up (1e-4 nats/token,
+    identical greedy outputs). Generation is greedy and ends at ``stop`` (or EOS); the prediction is the text
+    before it. Sources and targets are cut to ``data.max_source_len`` / ``max_target_len`` tokens."""
+
+    template: Str = "{source}\n{target}"
+    prefix: Str = ""
+    demonstrations: DemonstrationsSection | None = None
+    separator: Str = "\n\n"
+    stop: Str | None = "\n"
+    bos: bool = True
+    check: bool = True
+
+    def __post_init__(self) -> None:
+        Template.parse(self.template)
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -310,7 +349,8 @@ class BaselinesSection:
     """The baselines tuned beside NV with the same objective, dev data and trial budget
     (:mod:`nvib.workflow.baselines`): ``temperature`` (one attention temperature, on by default) in
     ``temperature_range``; ``wise_ft``: a local HF model directory of the pre-fine-tuning checkpoint (relative to
-    the config), which turns WiSE-FT on (weights interpolated towards it, the fine-tuned share in ``wise_ft_range``)."""
+    the config) or a hub id, which turns WiSE-FT on (weights interpolated towards it, the fine-tuned share in
+    ``wise_ft_range``)."""
 
     temperature: bool = True
     temperature_range: Range = (0.5, 2.0)
@@ -338,8 +378,8 @@ _INTERNAL = ("base_dir", "source", "raw")
 @dataclass(frozen=True, config=_CONFIG)
 class RunConfig:
     """A run: ``model``, ``task`` (summarisation / translation / lm), ``data``, and optional ``prior``,
-    ``generation``, ``search``, ``baselines``, ``evaluation`` sections and ``run_dir`` (relative to the working
-    directory; default ``runs/<config file name>``)."""
+    ``generation``, ``search``, ``baselines``, ``evaluation``, ``prompt`` (few-shot, causal LMs) sections and
+    ``run_dir`` (relative to the working directory; default ``runs/<config file name>``)."""
 
     model: ModelSection
     task: Task
@@ -349,6 +389,7 @@ class RunConfig:
     search: SearchSection = SearchSection()
     baselines: BaselinesSection = BaselinesSection()
     evaluation: EvaluationSection = EvaluationSection()
+    prompt: PromptSection | None = None
     run_dir: Str | None = None
     # not config keys (_INTERNAL): where relative paths start, the file it came from, the raw mapping
     base_dir: SkipJsonSchema[Path] = Path(".")
@@ -361,6 +402,12 @@ class RunConfig:
                 f"search.metric {self.search.metric!r} is not computed for task {self.task!r}; "
                 f"choose one of {', '.join(TASK_METRICS[self.task])}"
             )
+        if self.prompt is not None and self.task == "lm":
+            raise ValueError("prompt: a few-shot prompt scores targets; task lm has none. Fix: task summarisation "
+                             "or translation, or drop the prompt section")  # fmt: skip
+        if self.prompt is not None and (self.generation.num_beams != 1 or self.generation.kwargs):
+            raise ValueError("prompt: generation behind a shared prefix is greedy. Fix: generation.num_beams 1 and "
+                             "no generation.kwargs, or drop the prompt section")  # fmt: skip
 
     @property
     def metric(self) -> str:
@@ -441,8 +488,10 @@ def describe_schema() -> str:
 
     lines = [f"top level: {keys(schema)} (task: {', '.join(TASKS)})"]
     for name, prop in schema["properties"].items():
-        if "$ref" in prop:
-            lines.append(f"{name}: {keys(defs[prop['$ref'].rsplit('/', 1)[-1]])}")
+        ref = prop.get("$ref") or next((p["$ref"] for p in prop.get("anyOf", ()) if "$ref" in p), None)
+        if ref is not None:  # a section, or an optional one (prompt: null by default)
+            optional = " (optional)" if "anyOf" in prop else ""
+            lines.append(f"{name}{optional}: {keys(defs[ref.rsplit('/', 1)[-1]])}")
     return "\n".join(lines)
 
 
