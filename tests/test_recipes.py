@@ -8,12 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from runs import DEMO_DATA, save_tiny_model, write_config
 from test_cli import invoke
 
 from nvib.workflow.models import model_location
-from nvib.workflow.settings import RunConfig
+from nvib.workflow.settings import ConfigError, RunConfig
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 FAMILY = {"bart": "seq2seq", "opus-mt": "marian"}  # a model id names its family
@@ -92,3 +93,17 @@ def test_hub_ids_and_local_paths(tmp_path: Path, monkeypatch) -> None:
     result = invoke("run", write_config(tmp_path / "r.yaml", config), "--run-dir", tmp_path / "out", "--no-progress")
     assert result.exit_code != 0 and "nvib-tests/no-such-model" in result.output and "HF_HUB_OFFLINE" in result.output
     assert "Traceback" not in result.output
+
+
+def test_model_device(tmp_path: Path) -> None:
+    from nvib.workflow.models import device
+
+    assert device("cpu") == torch.device("cpu")
+    assert device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    config = yaml.safe_load(RECIPES[0].read_text())
+    config["model"]["device"] = "gpu0"
+    with pytest.raises(ConfigError, match="'gpu0' is not a torch device"):
+        RunConfig.from_dict(config)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            device("cuda")

@@ -14,7 +14,7 @@ from torch import nn
 from nvib.workflow.data import BatchKind
 from nvib.workflow.settings import ModelSection, resolve_path
 
-__all__ = ["HUB_ID", "batch_kind", "load_model", "model_location"]
+__all__ = ["HUB_ID", "batch_kind", "device", "load_model", "model_location"]
 
 
 #: ``owner/name`` as the Hugging Face hub spells a repository id.
@@ -96,7 +96,17 @@ def _load(
             del model.config.quantization_config
     model.config._name_or_path = str(path)
     check_vocabulary(model, tokenizer, tok_path)
-    return model.eval(), tokenizer
+    return model.to(device(section.device)).eval(), tokenizer
+
+
+def device(name: str) -> torch.device:
+    """``auto`` -> the first CUDA device if there is one, else the CPU; a CUDA device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    chosen = torch.device(name)
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"model.device is {name!r} but torch sees no CUDA device. Fix: model.device: auto or cpu")
+    return chosen
 
 
 def check_vocabulary(model: nn.Module, tokenizer, tok_path) -> None:

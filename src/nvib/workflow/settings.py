@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import torch
 import yaml
 from annotated_types import Ge, Gt, Le
 from pydantic import BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
@@ -162,13 +163,24 @@ class ModelSection:
     ``HF_HUB_OFFLINE=1``); ``tokenizer`` likewise. ``kind``: ``seq2seq``,
     ``causal_lm``, ``bert2bert`` (warm-start an encoder-decoder from an encoder-only model, whose
     cross-attention is newly initialised with ``seed``) or ``auto`` (from the model's config).
-    ``gguf_file``: a GGUF file inside ``path`` to load the weights (and tokenizer) from."""
+    ``gguf_file``: a GGUF file inside ``path`` to load the weights (and tokenizer) from. ``device``: where the
+    model runs (``auto``: the first CUDA device if there is one, else the CPU; or a torch device such as ``cuda:1``)."""
 
     path: Str
     kind: ModelKind = "auto"
     tokenizer: Str | None = None
     seed: Int = 0
     gguf_file: Str | None = None
+    device: Str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(
+                    f"device {self.device!r} is not a torch device. Fix: auto, cpu, cuda or cuda:N"
+                ) from None
 
 
 @dataclass(frozen=True, config=_CONFIG)
