@@ -38,7 +38,7 @@ def load_model(section: ModelSection, task: str | None = None, base_dir: str | P
         if section.gguf_file is not None:
             raise ValueError(f"model.gguf_file needs a local model.path, got the hub id {path!r}. Fix: download it")
         try:
-            return _load(section, task, base_dir, path, {}, local=False)
+            return _load(section, task, base_dir, path, {})
         except OSError as e:  # no network, unknown id, gated repository: one line naming the fixes
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise FileNotFoundError(
@@ -53,13 +53,14 @@ def load_model(section: ModelSection, task: str | None = None, base_dir: str | P
             "Fix: set the model path to a local Hugging Face model directory (or model.gguf_file to a .gguf "
             "file in it), or to a hub id such as facebook/bart-large-xsum"
         )
-    return _load(section, task, base_dir, path, gguf, local=True)
+    return _load(section, task, base_dir, path, gguf)
 
 
 def _load(
-    section: ModelSection, task: str | None, base_dir: str | Path, path: Path | str, gguf: dict, *, local: bool
+    section: ModelSection, task: str | None, base_dir: str | Path, path: Path | str, gguf: dict
 ) -> tuple[nn.Module, Any]:
-    only = {"local_files_only": True} if local else {}
+    """The loading itself; a hub id (``path`` a str) may download, a local directory never does."""
+    only = {"local_files_only": True} if isinstance(path, Path) else {}
     config = tf.AutoConfig.from_pretrained(path, **only, **gguf)
     kind = section.kind if section.kind != "auto" else _detect_kind(config, task, path)
     if gguf and kind == "bert2bert":
