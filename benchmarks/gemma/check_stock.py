@@ -44,7 +44,10 @@ def main() -> None:
             pool = load_examples(data / domain / "train.jsonl", limit=given.pool)
             demos = draw_demonstrations(pool, given.k, given.seed, given.source_words)
             prompts["target demos"] = FewShotPrompt(
-                debian.tokenizer, config.prompt.template, demonstrations=demos, max_source_tokens=128
+                debian.tokenizer,
+                config.prompt.template,
+                demonstrations=demos,
+                max_source_tokens=config.data.max_source_len,
             )
         for system, prompt in prompts.items():
             evaluator.prompt = prompt

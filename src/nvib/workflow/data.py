@@ -29,6 +29,8 @@ __all__ = [
     "batches",
     "load_dataset_examples",
     "load_examples",
+    "pad_and_mask",
+    "pad_id",
 ]
 
 #: Column pairs tried, in order, when no column names are given. ``None`` target = no target.
@@ -325,7 +327,13 @@ def _mask(seqs: Sequence[Sequence[int]]) -> torch.Tensor:
     return _pad([[1] * len(s) for s in seqs], 0)
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_and_mask(seqs: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded [B, T] ids and their [B, T] 0/1 attention mask."""
+    return _pad(seqs, value), _mask(seqs)
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id padding is written with: pad, else EOS, else UNK, else 0 (always masked out)."""
     for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
         value = getattr(tokenizer, attr, None)
         if value is not None:
@@ -359,19 +367,19 @@ def batches(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if kind not in ("seq2seq", "lm", "encoder"):
         raise ValueError(f"kind must be 'seq2seq', 'lm' or 'encoder', got {kind!r}")
-    pad_id = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     for chunk in _chunks(examples, batch_size):
         sources = [ex.source for ex in chunk]
         if kind == "encoder":
             ids = tokenizer(sources, truncation=True, max_length=max_source_len)["input_ids"]
-            yield {"input_ids": _pad(ids, pad_id), "attention_mask": _mask(ids)}
+            yield {"input_ids": _pad(ids, pad), "attention_mask": _mask(ids)}
         elif kind == "seq2seq":
             targets = _targets(chunk, kind)
             ids = tokenizer(sources, truncation=True, max_length=max_source_len)["input_ids"]
             labels = tokenizer(text_target=targets, truncation=True, max_length=max_target_len)["input_ids"]
-            yield {"input_ids": _pad(ids, pad_id), "attention_mask": _mask(ids), "labels": _pad(labels, -100)}
+            yield {"input_ids": _pad(ids, pad), "attention_mask": _mask(ids), "labels": _pad(labels, -100)}
         else:
-            yield _lm_batch(chunk, tokenizer, max_source_len, max_target_len, lm_separator, pad_id)
+            yield _lm_batch(chunk, tokenizer, max_source_len, max_target_len, lm_separator, pad)
 
 
 def _targets(chunk: Sequence[Example], kind: str) -> list[str]:
@@ -385,14 +393,14 @@ def _targets(chunk: Sequence[Example], kind: str) -> list[str]:
 
 
 def _lm_batch(
-    chunk: Sequence[Example], tokenizer: Any, max_source_len: int, max_target_len: int, sep: str, pad_id: int
+    chunk: Sequence[Example], tokenizer: Any, max_source_len: int, max_target_len: int, sep: str, pad: int
 ) -> dict[str, torch.Tensor]:
     has_target = [ex.target is not None for ex in chunk]
     if any(has_target) and not all(has_target):
         raise DataError("kind='lm': either every example has a target or none has. Fix: check the data.")
     if not all(has_target):
         ids = tokenizer([ex.source for ex in chunk], truncation=True, max_length=max_source_len)["input_ids"]
-        return {"input_ids": _pad(ids, pad_id), "attention_mask": _mask(ids), "labels": _pad(ids, -100)}
+        return {"input_ids": _pad(ids, pad), "attention_mask": _mask(ids), "labels": _pad(ids, -100)}
     prompts = tokenizer([ex.source + sep for ex in chunk], truncation=True, max_length=max_source_len)
     answers = tokenizer([ex.target for ex in chunk], add_special_tokens=False)["input_ids"]
     eos = getattr(tokenizer, "eos_token_id", None)
@@ -405,7 +413,7 @@ def _lm_batch(
         answer = answer[:max_target_len]
         seqs.append(list(prompt) + answer)
         labels.append([-100] * len(prompt) + answer)
-    return {"input_ids": _pad(seqs, pad_id), "attention_mask": _mask(seqs), "labels": _pad(labels, -100)}
+    return {"input_ids": _pad(seqs, pad), "attention_mask": _mask(seqs), "labels": _pad(labels, -100)}
 
 
 def fingerprint(examples: Sequence[Example]) -> str:

@@ -29,7 +29,7 @@ import torch
 import transformers as tf
 from torch import nn
 
-from nvib.workflow.data import Example
+from nvib.workflow.data import Example, pad_and_mask, pad_id
 
 __all__ = [
     "Encoded", "FewShotPrompt", "Scored", "SharedPrefix", "SharingError", "Template", "check_sharing",
@@ -158,17 +158,6 @@ def draw_demonstrations(
 # the engine
 
 
-def _pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to [B, T] ids and a [B, T] 0/1 mask."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
-
-
 def _by_length(items: Sequence[Encoded], batch_size: int) -> list[list[int]]:
     """Index batches of similar suffix+target length (less padding); longest first."""
     order = sorted(range(len(items)), key=lambda i: -(len(items[i].suffix) + len(items[i].target)))
@@ -195,7 +184,7 @@ class SharedPrefix:
             raise ValueError("a few-shot prompt is for decoder-only models. Fix: drop the prompt section")
         self.model, self.prompt, self.on_batch = model, prompt, on_batch
         tok = prompt.tokenizer
-        self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.pad = pad_id(tok)
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos = tok.eos_token_id if eos is None else eos
         self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
@@ -277,7 +266,7 @@ class SharedPrefix:
         out: list[Scored | None] = [None] * len(items)
         p = len(self.prompt.prefix)
         for idx in _by_length(items, batch_size):
-            ids, mask = _pad([items[i].suffix + items[i].target for i in idx], self.pad)
+            ids, mask = pad_and_mask([items[i].suffix + items[i].target for i in idx], self.pad)
             full = torch.cat([torch.ones(len(idx), p, dtype=torch.long), mask], dim=1)
             pos = (p + torch.arange(ids.shape[1])).expand(len(idx), -1)
             hidden = self._forward(ids, full, pos, self._prefix_cache(len(idx)))
@@ -302,7 +291,7 @@ class SharedPrefix:
         generated: list[list[int]] = [[] for _ in items]
         p = len(self.prompt.prefix)
         for idx in _by_length(items, batch_size):
-            ids, mask = _pad([items[i].suffix for i in idx], self.pad)
+            ids, mask = pad_and_mask([items[i].suffix for i in idx], self.pad)
             lengths = mask.sum(1)
             cache = self._prefix_cache(len(idx))
             mask = torch.cat([torch.ones(len(idx), p, dtype=torch.long), mask], dim=1)
@@ -311,7 +300,7 @@ class SharedPrefix:
             last = hidden[torch.arange(len(idx)), lengths.to(hidden.device) - 1]  # [B, D]: predicts target token 0
             pos = (p + lengths).unsqueeze(1)  # [B, 1]: position of the next token
             if score:
-                tgt, tmask = _pad([items[i].target or [self.pad] for i in idx], self.pad)
+                tgt, tmask = pad_and_mask([items[i].target or [self.pad] for i in idx], self.pad)
                 th = self._forward(tgt, torch.cat([mask, tmask], 1), pos + torch.arange(tgt.shape[1]),
                                    copy.deepcopy(cache))  # fmt: skip
                 both = torch.cat([last.unsqueeze(1), th], dim=1)  # both[:, j] predicts target token j
@@ -387,9 +376,9 @@ def check_sharing(
 def prior_batches(model: nn.Module, prompt: FewShotPrompt, examples: Sequence[Example], batch_size: int) -> Any:
     """Batches of whole prompts (prefix + suffix + target, right-padded) for ``EmpiricalPrior.estimate``: the prior
     sees the in-domain prompts as they are used. The LM head runs on one position only (``logits_to_keep``)."""
-    pad = prompt.tokenizer.pad_token_id if prompt.tokenizer.pad_token_id is not None else 0
+    pad = pad_id(prompt.tokenizer)
     narrow = "logits_to_keep" in inspect.signature(model.forward).parameters
     for start in range(0, len(examples), batch_size):
         encoded = [prompt.encode(e) for e in examples[start : start + batch_size]]
-        ids, mask = _pad([prompt.prefix + e.suffix + e.target for e in encoded], pad)
+        ids, mask = pad_and_mask([prompt.prefix + e.suffix + e.target for e in encoded], pad)
         yield {"input_ids": ids, "attention_mask": mask, **({"logits_to_keep": torch.tensor([0])} if narrow else {})}

@@ -379,7 +379,8 @@ class Run:
         start = time.perf_counter()
         train = self.examples("train")
         if self.prompt is not None:  # the demonstrations are in every prompt already
-            train = [e for e in train if e not in set(self.prompt.demonstrations)]
+            demonstrations = set(self.prompt.demonstrations)
+            train = [e for e in train if e not in demonstrations]
         prior = estimate_prior(
             model,
             tokenizer,
