@@ -14,7 +14,7 @@ from runs import DEMO_DATA, run_config, save_tiny_model, write_config
 from test_cli import invoke
 
 import nvib
-from nvib.workflow.data import Example, load_examples
+from nvib.workflow.data import Example, load_examples, pad_and_mask
 from nvib.workflow.evaluate import Evaluator
 from nvib.workflow.prompting import (
     FewShotPrompt,
@@ -24,7 +24,7 @@ from nvib.workflow.prompting import (
     Template,
     check_sharing,
     draw_demonstrations,
-    prior_batches,
+    prompt_prior,
 )
 from nvib.workflow.settings import ConfigError, GenerationArgs, RunConfig
 
@@ -36,15 +36,18 @@ def tokenizer():
     return tf.AutoTokenizer.from_pretrained(MINILM, local_files_only=True)
 
 
-def tiny(kind: str, vocab: int) -> tf.PreTrainedModel:
+def tiny(kind: str, vocab: int, window: int = 128) -> tf.PreTrainedModel:
     torch.manual_seed(0)
+    if kind == "gpt2":  # z-space sites
+        config = tf.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=256, pad_token_id=0)
+        return tf.GPT2LMHeadModel(config).eval()
     common = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=64, max_position_embeddings=256, pad_token_id=0, bos_token_id=101,
                   eos_token_id=102)  # fmt: skip
     if kind == "llama":  # a dynamic cache
         return tf.LlamaForCausalLM(tf.LlamaConfig(**common)).eval()
     layers = ["sliding_attention", "sliding_attention", "full_attention"]  # sliding-window cache layers
-    config = tf.Gemma3TextConfig(**common, head_dim=8, sliding_window=128, layer_types=layers)
+    config = tf.Gemma3TextConfig(**common, head_dim=8, sliding_window=window, layer_types=layers)
     return tf.Gemma3ForCausalLM(config).eval()
 
 
@@ -118,7 +121,7 @@ def test_shared_prefix_is_the_unshared_prompt_stock_and_nv(kind: str, tokenizer)
     assert stock["greedy_identical"] and stock["nll_gap"] < 1e-5
     nll = [s.nll for s in engine.nll(items)]
 
-    prior = nvib.EmpiricalPrior.estimate(model, prior_batches(model, engine.prompt, examples(8), 4), progress=False)
+    prior = prompt_prior(model, engine.prompt, examples(8), 4, progress=False)
     nvib.convert(model, prior=prior)
     engine.reset()
     assert [s.nll for s in engine.nll(items)] == pytest.approx(nll, abs=1e-4)  # identity knobs: the stock model
@@ -127,6 +130,43 @@ def test_shared_prefix_is_the_unshared_prompt_stock_and_nv(kind: str, tokenizer)
     assert max(abs(a.nll - b) for a, b in zip(engine.nll(items), nll, strict=True)) > 1e-3  # the knobs act
     nv = check_sharing(engine, items, max_new_tokens=6, tol=1e-5)
     assert nv["greedy_identical"]
+
+
+@pytest.mark.parametrize(("kind", "window"), [("llama", 0), ("gpt2", 0), ("gemma3", 128), ("gemma3", 16)])
+def test_prior_behind_the_shared_prefix_is_the_whole_prompts_prior(kind: str, window: int, tokenizer) -> None:
+    """The prefix's cache shared in prior estimation: its tokens count once per row, as in the whole prompts, and
+    every statistic is the whole prompts' to round-off (window 16: the prompts pass Gemma's sliding window)."""
+    model = tiny(kind, tokenizer.vocab_size, window)
+    prompt = _engine(model, tokenizer).prompt
+    data = examples(7)
+    pad = prompt.tokenizer.pad_token_id
+
+    def whole_prompts():
+        for start in range(0, len(data), 3):
+            encoded = [prompt.encode(e) for e in data[start : start + 3]]
+            ids, mask = pad_and_mask([prompt.prefix + e.suffix + e.target for e in encoded], pad)
+            yield {"input_ids": ids, "attention_mask": mask}
+
+    whole = nvib.EmpiricalPrior.estimate(model, whole_prompts(), progress=False)
+    if kind == "llama":  # a converted model: estimated at the identity knobs, its cache continued as the stock one
+        nvib.convert(model, prior=whole, config=nvib.NVConfig(alpha_tau_d=0.0, stdev_tau_d=0.1))
+    shared = prompt_prior(model, prompt, data, 3, progress=False)
+    assert set(shared.sites) == set(whole.sites)
+    for name, w in whole.sites.items():
+        s = shared.sites[name]
+        assert s.count == w.count > len(prompt.prefix) * len(data)
+        for stat in ("mean", "var", "sq_var", "log_alpha_mean", "log_alpha_std", "value_mean"):
+            if getattr(w, stat) is not None:
+                torch.testing.assert_close(getattr(s, stat), getattr(w, stat), rtol=1e-5, atol=1e-7, msg=stat)
+        assert s.sample.shape == w.sample.shape
+
+
+def test_a_shared_prefix_is_refused_for_seq2seq() -> None:
+    config = tf.BartConfig(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                           decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32)  # fmt: skip
+    batch = {"input_ids": torch.tensor([[5, 6, 2]]), "decoder_input_ids": torch.tensor([[2, 5]])}
+    with pytest.raises(ValueError, match="decoder-only"):
+        nvib.EmpiricalPrior.estimate(tf.BartForConditionalGeneration(config), [batch], prefix=[5], progress=False)
 
 
 def test_changed_weights_need_a_reset(tokenizer) -> None:

@@ -58,7 +58,7 @@ from nvib.workflow.baselines import AttentionTemperature, tune
 from nvib.workflow.data import Example
 from nvib.workflow.evaluate import Evaluator, new_progress
 from nvib.workflow.objectives import DevObjective
-from nvib.workflow.prompting import FewShotPrompt, SharedPrefix, check_sharing, draw_demonstrations, prior_batches
+from nvib.workflow.prompting import FewShotPrompt, SharedPrefix, check_sharing, draw_demonstrations, prompt_prior
 from nvib.workflow.search import SearchSpace, best_knobs, run_search
 from nvib.workflow.settings import PRIOR_ONLY_ALPHA_TAUS, STDEV_RANGES, GenerationArgs
 
@@ -285,8 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     def estimate() -> dict:
         with torch.inference_mode():
             data = f"debian 3-shot prompts x{args.prior_examples}"
-            batches = prior_batches(model, prompts[IN_DOMAIN], prior_pairs, 4)
-            prior = nvib.EmpiricalPrior.estimate(model, batches, data=data, total=prior_total, progress=True)
+            prior = prompt_prior(model, prompts[IN_DOMAIN], prior_pairs, 4, data=data, total=prior_total)
         prior.save(prior_path)
         return {"tokens": prior.metadata["tokens"]}
 

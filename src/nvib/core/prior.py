@@ -9,15 +9,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from nvib.core import keyspace
+from nvib.core import caching, keyspace
 from nvib.core.architectures import Site, find_sites
 from nvib.core.config import NVConfig
 from nvib.core.layer import LAYERS, is_converted, set_knobs
@@ -244,9 +246,42 @@ def _valid_mask(kind: str, batch: Mapping[str, torch.Tensor], z: torch.Tensor, p
             mask = None if pad_id is None else batch["decoder_input_ids"] != pad_id
         else:
             mask = batch["labels"] != -100 if "labels" in batch else None
+    if mask is not None and mask.shape[1] > z.shape[1]:  # a continued cache: the mask covers the past tokens too
+        mask = mask[:, -z.shape[1] :]
     if mask is None or mask.shape != z.shape[:2]:
         return torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
     return mask.bool().to(z.device)
+
+
+def _run_prefix(model: nn.Module, prefix: Sequence[int], current: dict[str, Any], fingerprint) -> Any:
+    """The prefix's forward (one row; the hooks keep its z while ``current["prefix_pass"]``) -> its KV cache."""
+    ids = torch.tensor([list(prefix)], device=next(model.parameters()).device)
+    current["batch"], current["prefix_pass"] = {"input_ids": ids}, True
+    _batch_digest(fingerprint, {"prefix": ids})
+    cache = caching.new_cache(model)
+    model(input_ids=ids, **{**_forward_kwargs(model, {}), "use_cache": True, caching.cache_kwarg(model.forward): cache})
+    current["prefix_pass"] = False
+    return cache
+
+
+def _forward_kwargs(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """No cache, and logits at one position only where the model takes ``logits_to_keep`` (the prior reads keys)."""
+    narrow = "logits_to_keep" in inspect.signature(model.forward).parameters and "labels" not in batch
+    return {"use_cache": False, **({"logits_to_keep": 1} if narrow else {})}
+
+
+def _continuing(model: nn.Module, cache: Any, length: int, batch: dict[str, torch.Tensor]) -> tuple[int, dict]:
+    """(rows, forward kwargs) of a batch: without a prefix cache, no cache; with one, a copy per row and the
+    attention mask widened over the prefix (in place), so each row continues the prefix."""
+    kwargs = _forward_kwargs(model, batch)
+    if cache is None:
+        return 0, kwargs
+    if "input_ids" not in batch:
+        raise ValueError("with a shared prefix every batch needs input_ids (the tokens after the prefix)")
+    rows, n = batch["input_ids"].shape
+    mask = batch.get("attention_mask", torch.ones(rows, n, dtype=torch.long, device=batch["input_ids"].device))
+    batch["attention_mask"] = torch.cat([mask.new_ones(rows, length), mask], dim=1)
+    return rows, {**kwargs, "use_cache": True, caching.cache_kwarg(model.forward): caching.expanded(cache, rows)}
 
 
 class EmpiricalPrior:
@@ -271,8 +306,13 @@ class EmpiricalPrior:
         total: int | None = None,
         progress: bool = True,
         shard: tuple[int, int] | None = None,
+        prefix: Sequence[int] = (),
     ) -> EmpiricalPrior:
         """One teacher-forced pass over tokenised `batches` (dicts as the model's forward takes them).
+
+        `prefix`: token ids that begin every row of every batch of a decoder-only LM (a few-shot prompt's shared
+        part), left out of the batches' ``input_ids``: its forward runs once, each batch continues a copy of its KV
+        cache, and its tokens count once per row, so the statistics are those of the whole rows (prefix + row).
 
         Ctrl-C stops the pass and returns the statistics so far (metadata `complete` = False): estimate the
         rest and `merge`, which is exact. The metadata records what it was estimated on: `data`, a sha256 of
@@ -285,11 +325,23 @@ class EmpiricalPrior:
         if pad_id is None and model.config.model_type == "encoder-decoder":
             pad_id = model.config.decoder.pad_token_id
         seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
-        current: dict[str, Mapping] = {}
+        if prefix and seq2seq:
+            raise ValueError("a shared prefix is for decoder-only models. Fix: put the prefix into the batches")
+        current: dict[str, Any] = {"prefix_pass": False, "rows": 0}
+        shared: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # site -> the prefix's z (and values)
 
         def add(site: Site, z: torch.Tensor, values: torch.Tensor | None = None) -> None:
             valid = _valid_mask(site.kind, current["batch"], z, pad_id, seq2seq)
-            new = SiteStats.of(z[valid], site.noise, None if values is None else values[valid])
+            z, values = z[valid], None if values is None else values[valid]
+            if current["prefix_pass"]:
+                shared[site.name] = (z, values)
+                return
+            if site.name in shared:  # the prefix's tokens, once per row
+                pz, pv = shared[site.name]
+                z = torch.cat([pz.repeat(current["rows"], *(1,) * (pz.dim() - 1)), z])
+                if values is not None:
+                    values = torch.cat([pv.repeat(current["rows"], *(1,) * (pv.dim() - 1)), values])
+            new = SiteStats.of(z, site.noise, values)
             stats[site.name] = stats[site.name].merge(new) if site.name in stats else new
 
         def z_hook(site: Site):
@@ -340,11 +392,13 @@ class EmpiricalPrior:
         try:
             with bar:
                 task = bar.add_task("prior", total=total, tokens=0)
+                cache = _run_prefix(model, prefix, current, fingerprint) if prefix else None
                 for batch in batches:
                     current["batch"] = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
                     _batch_digest(fingerprint, current["batch"])
                     examples = set(sorted(examples | set(example_hashes(batch)))[:EXAMPLE_SKETCH])
-                    model(**current["batch"], use_cache=False)
+                    current["rows"], kwargs = _continuing(model, cache, len(prefix), current["batch"])
+                    model(**{**kwargs, **current["batch"]})
                     tokens = max((s.count for s in stats.values()), default=0)
                     bar.update(task, advance=1, tokens=tokens)
         except KeyboardInterrupt:

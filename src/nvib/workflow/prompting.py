@@ -18,7 +18,6 @@ longest padded row passes the window is refused.
 from __future__ import annotations
 
 import copy
-import inspect
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -26,14 +25,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import transformers as tf
 from torch import nn
 
+from nvib.core import caching
+from nvib.core.prior import EmpiricalPrior
 from nvib.workflow.data import Example, pad_and_mask, pad_id
 
 __all__ = [
     "Encoded", "FewShotPrompt", "Scored", "SharedPrefix", "SharingError", "Template", "check_sharing",
-    "draw_demonstrations", "prior_batches",
+    "draw_demonstrations", "prompt_prior",
 ]  # fmt: skip
 
 LM_HEAD_CHUNK = 256  # rows of logits materialised at once (a 262k vocabulary, spec §9)
@@ -188,9 +188,7 @@ class SharedPrefix:
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos = tok.eos_token_id if eos is None else eos
         self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else (
-            "past_key_values"
-        )  # fmt: skip
+        self._cache_kwarg = caching.cache_kwarg(model.base_model.forward)
         text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.softcap = getattr(text, "final_logit_softcapping", None)
         self.window = getattr(text, "sliding_window", None) or None
@@ -211,20 +209,14 @@ class SharedPrefix:
         )  # fmt: skip
         return out.last_hidden_state
 
-    def _new_cache(self) -> Any:
-        return tf.DynamicCache(config=self.model.config)
-
     def _prefix_cache(self, batch: int) -> Any:
         if not self.prompt.prefix:
-            return self._new_cache()
+            return caching.new_cache(self.model)
         if self._cache is None:
-            cache = self._new_cache()
-            ids = torch.tensor([self.prompt.prefix])
-            self._forward(ids, None, None, cache)
+            cache = caching.new_cache(self.model)
+            self._forward(torch.tensor([self.prompt.prefix]), None, None, cache)
             self._cache = cache
-        cache = copy.deepcopy(self._cache)
-        cache.batch_repeat_interleave(batch)
-        return cache
+        return caching.expanded(self._cache, batch)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[R, D] final hidden states -> [R, V] logits (the model's own head and soft-capping)."""
@@ -333,9 +325,9 @@ class SharedPrefix:
     def unshared(self, item: Encoded, max_new_tokens: int) -> tuple[Scored, list[int]]:
         """The reference for :func:`check_sharing`: the whole prompt in one row, no padding, nothing shared."""
         ids = torch.tensor([self.prompt.prefix + item.suffix + item.target])
-        hidden = self._forward(ids, None, None, self._new_cache())
+        hidden = self._forward(ids, None, None, caching.new_cache(self.model))
         (scored,) = self._target_nll(hidden, ids, [len(self.prompt.prefix) + len(item.suffix)], [len(item.target)])
-        cache, generated = self._new_cache(), []
+        cache, generated = caching.new_cache(self.model), []
         ids = torch.tensor([self.prompt.prefix + item.suffix])
         for _ in range(max_new_tokens):
             token = int(self._logits(self._forward(ids, None, None, cache)[:, -1]).argmax(-1))
@@ -373,12 +365,18 @@ def check_sharing(
     return result
 
 
-def prior_batches(model: nn.Module, prompt: FewShotPrompt, examples: Sequence[Example], batch_size: int) -> Any:
-    """Batches of whole prompts (prefix + suffix + target, right-padded) for ``EmpiricalPrior.estimate``: the prior
-    sees the in-domain prompts as they are used. The LM head runs on one position only (``logits_to_keep``)."""
+def prompt_prior(
+    model: nn.Module, prompt: FewShotPrompt, examples: Sequence[Example], batch_size: int, **estimate: Any
+) -> EmpiricalPrior:
+    """The empirical prior of the in-domain prompts as the prompt uses them: ``EmpiricalPrior.estimate`` (its keyword
+    arguments in ``estimate``) over batches of suffix + target, right-padded, the prefix's cache shared and its tokens
+    counted once per row."""
     pad = pad_id(prompt.tokenizer)
-    narrow = "logits_to_keep" in inspect.signature(model.forward).parameters
-    for start in range(0, len(examples), batch_size):
-        encoded = [prompt.encode(e) for e in examples[start : start + batch_size]]
-        ids, mask = pad_and_mask([prompt.prefix + e.suffix + e.target for e in encoded], pad)
-        yield {"input_ids": ids, "attention_mask": mask, **({"logits_to_keep": torch.tensor([0])} if narrow else {})}
+
+    def rows():
+        for start in range(0, len(examples), batch_size):
+            encoded = [prompt.encode(e) for e in examples[start : start + batch_size]]
+            ids, mask = pad_and_mask([e.suffix + e.target for e in encoded], pad)
+            yield {"input_ids": ids, "attention_mask": mask}
+
+    return EmpiricalPrior.estimate(model, rows(), prefix=prompt.prefix, **estimate)

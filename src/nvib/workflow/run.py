@@ -42,7 +42,7 @@ from nvib.workflow.evaluate import (
 from nvib.workflow.identity import check_identity, file_fingerprint
 from nvib.workflow.metrics import LIKELIHOOD_METRICS
 from nvib.workflow.models import batch_kind, load_model, model_location
-from nvib.workflow.prompting import FewShotPrompt, SharedPrefix, check_sharing, draw_demonstrations, prior_batches
+from nvib.workflow.prompting import FewShotPrompt, SharedPrefix, check_sharing, draw_demonstrations, prompt_prior
 from nvib.workflow.report import ReportPaths, write_report
 from nvib.workflow.search import best_knobs, knob_names, load_study, run_search, sampler_seed
 from nvib.workflow.settings import PRIOR_ONLY_ALPHA_TAUS, STDEV_RANGES, DatasetSection, RunConfig, SearchSpace
@@ -113,7 +113,8 @@ def estimate_prior(
     """Estimate the empirical prior over ``examples``; with ``shard=(i, n)`` only over batches i, i+n, ...
 
     Shards of the same data and batch size merge (``EmpiricalPrior.merge``) into the full-data prior. With a
-    few-shot ``prompt``, each example is seen as the prompt uses it (prefix, suffix and target).
+    few-shot ``prompt``, each example is seen as the prompt uses it (prefix, suffix and target), the prefix's
+    cache shared (`prompt_prior`).
     """
     n_batches = math.ceil(len(examples) / batch_size)
     if shard is not None:
@@ -128,12 +129,12 @@ def estimate_prior(
         examples = [ex for j in chosen for ex in examples[j * batch_size : (j + 1) * batch_size]]
         description += f" shard={i}/{n}"
         n_batches = len(chosen)
+    estimate = {"data": description, "total": n_batches, "progress": progress, "shard": shard}
     if prompt is not None:
-        it = prior_batches(model, prompt, examples, batch_size)
-    else:
-        kind = batch_kind(model)
-        it = batches(examples, tokenizer, batch_size, max_source_len, max_target_len, kind, lm_separator=lm_separator)
-    return EmpiricalPrior.estimate(model, it, data=description, total=n_batches, progress=progress, shard=shard)
+        return prompt_prior(model, prompt, examples, batch_size, **estimate)
+    kind = batch_kind(model)
+    it = batches(examples, tokenizer, batch_size, max_source_len, max_target_len, kind, lm_separator=lm_separator)
+    return EmpiricalPrior.estimate(model, it, **estimate)
 
 
 def search_plan(cfg: RunConfig, model: nn.Module, n_trials: int) -> tuple[SearchSpace, list[dict[str, float]]]:
