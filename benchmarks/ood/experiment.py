@@ -11,11 +11,11 @@
    sampler seed each), tunes on that domain's dev subset, at the same budget and with the same objective (the
    mean token NLL of the dev references under teacher forcing, `nvib.workflow.objectives`), (a) the six NV knobs,
    (b) a softmax temperature on all attention, (c) WiSE-FT interpolation between the warm-start and the
-   fine-tuned weights, (d) the six NV knobs with τσ in spec §12's unit (`stdev_unit="bias"`, range [0, 2] nats,
-   the prior-only points τσ = 0, τα ∈ {−2, 0, +2} tried after the identity point; issue 21); once per domain
-   also (e) the NV knobs with the ROUGE-L objective, trials whose outputs are less diverse than half the
-   unconverted model's pruned. Each is scored on the test split: ROUGE-L of greedy outputs, target NLL, output
-   diversity, 95% paired bootstrap intervals against the unconverted model.
+   fine-tuned weights (both the product's `nvib.workflow.baselines`), (d) the six NV knobs with τσ in spec §12's
+   unit (`stdev_unit="bias"`, range [0, 2] nats, the prior-only points τσ = 0, τα ∈ {−2, 0, +2} tried after the
+   identity point; issue 21); once per domain also (e) the NV knobs with the ROUGE-L objective, trials whose
+   outputs are less diverse than half the unconverted model's pruned. Each is scored on the test split: ROUGE-L
+   of greedy outputs, target NLL, output diversity, 95% paired bootstrap intervals against the unconverted model.
 Results go to OUT (default runs/ood; test outputs cached there, so an interrupted run resumes) and a section of
 benchmarks/RESULTS.md.
 """
@@ -28,7 +28,6 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import optuna
@@ -36,9 +35,10 @@ import torch
 import transformers as tf
 
 import nvib
+from nvib.workflow.baselines import AttentionTemperature, WiseFT, tune
 from nvib.workflow.data import Example, batches, load_examples
 from nvib.workflow.evaluate import Evaluator, GenerationArgs, Output
-from nvib.workflow.metrics import LOWER_IS_BETTER, diversity, get_metric, paired_bootstrap
+from nvib.workflow.metrics import diversity, get_metric, paired_bootstrap
 from nvib.workflow.objectives import DevObjective
 from nvib.workflow.search import SearchSpace, best_knobs, knob_names, run_search, sampler_seed
 from nvib.workflow.settings import PRIOR_ONLY_ALPHA_TAUS, STDEV_RANGES
@@ -53,50 +53,6 @@ TUNED = ("NV", "NV bias", "temperature", "WiSE-FT")  # tuned per seed with the l
 # NV in spec §12's unit: its default range, and the prior alone tried first (as `nvib run` does)
 BIAS_SPACE = SearchSpace(stdev_tau=STDEV_RANGES["bias"])
 BIAS_STARTS = [{k: (a if k.startswith("alpha") else 0.0) for k in knob_names(KINDS)} for a in PRIOR_ONLY_ALPHA_TAUS]
-
-
-# ----------------------------------------------------------------------------------------------
-# one-knob baselines
-
-
-class OneKnobObjective:
-    """Objective of a one-knob baseline: `apply(value)` changes the model, then the dev metric (cached)."""
-
-    def __init__(self, evaluator: Evaluator, examples: Sequence[Example], apply: Callable[[float], None], name: str):
-        self.evaluator, self.examples, self.apply, self.metric, self.cache = evaluator, examples, apply, name, {}
-        self.likelihood = name in LOWER_IS_BETTER
-
-    def __call__(self, trial: optuna.Trial, knob: str, low: float, high: float) -> float:
-        value = trial.suggest_float(knob, low, high)
-        if value not in self.cache:
-            self.apply(value)
-            outputs = self.evaluator.outputs(
-                self.examples, f"dev {knob}={value:.3g}", generate=not self.likelihood, score=self.likelihood
-            )
-            preds = self.evaluator.metric_inputs(outputs, self.metric)
-            self.cache[value] = get_metric(self.metric)(preds, [e.target for e in self.examples])
-        return self.cache[value]
-
-
-def tune_one_knob(objective: OneKnobObjective, name, low, high, start, n_trials, storage, study_name, seed):
-    study = optuna.create_study(
-        study_name=study_name, storage=storage, load_if_exists=True,
-        direction="minimize" if objective.likelihood else "maximize",
-        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=3),
-    )  # fmt: skip
-    if not study.trials:
-        study.enqueue_trial({name: start})
-    left = n_trials - len([t for t in study.trials if t.state.is_finished()])
-    if left > 0:
-        study.optimize(lambda t: objective(t, name, low, high), n_trials=left)
-    return study.best_params[name], study
-
-
-def set_temperature(model, temperature: float, original: dict) -> None:
-    """Divide every attention score by `temperature` (all attention modules' `scaling`)."""
-    for name, module in model.named_modules():
-        if name in original:
-            module.scaling = original[name] / temperature
 
 
 def dev_subset(pool: list[Example], size: int, domain: str, seed: int) -> list[Example]:
@@ -171,9 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     info = json.loads((args.model / "finetune.json").read_text())
     recipe = info["recipe"]
     torch.manual_seed(recipe["seed"])  # the fine-tune's starting point, for WiSE-FT
-    warm = {k: v.clone() for k, v in finetune_base.build_model(recipe["decoder_layers"]).state_dict().items()}
-    tuned = {k: v.clone() for k, v in model.state_dict().items()}
-    scalings = {n: m.scaling for n, m in model.named_modules() if hasattr(m, "scaling") and hasattr(m, "key")}
+    warm = finetune_base.build_model(recipe["decoder_layers"])
     gen = GenerationArgs(num_beams=1, max_new_tokens=24, batch_size=32)
     evaluator = Evaluator(model, tokenizer, "summarisation", gen, max_source_len=recipe["max_source_len"],
                           max_target_len=recipe["max_target_len"])  # fmt: skip
@@ -252,25 +206,18 @@ def main(argv: list[str] | None = None) -> None:
                 }  # fmt: skip
             nvib.unload(model)
 
-            temp_obj = OneKnobObjective(evaluator, dev, lambda t: set_temperature(model, t, scalings), "nll")
-            temperature, temp_study = tune_one_knob(
-                temp_obj, "temperature", 0.5, 2.0, 1.0, args.trials, storage,
-                f"temp-nll-{domain}-{tag}-s{s}", seed,
-            )  # fmt: skip
-            set_temperature(model, temperature, scalings)
-            outs[f"temperature s{s}"] = score(f"temperature s{s}")
-            set_temperature(model, 1.0, scalings)
-
-            def interpolate(w: float) -> None:
-                model.load_state_dict({k: (1 - w) * warm[k] + w * tuned[k] if k in warm else tuned[k] for k in tuned})
-
-            wise_obj = OneKnobObjective(evaluator, dev, interpolate, "nll")
-            w, wise_study = tune_one_knob(
-                wise_obj, "wise_ft", 0.0, 1.0, 1.0, args.trials, storage, f"wise-nll-{domain}-{tag}-s{s}", seed
-            )
-            interpolate(w)
-            outs[f"WiSE-FT s{s}"] = score(f"WiSE-FT s{s}")
-            model.load_state_dict(tuned)
+            found = {}
+            for baseline, name, label in ((AttentionTemperature(model), "temp", "temperature"),
+                                          (WiseFT(model, warm), "wise", "WiSE-FT")):  # fmt: skip
+                found[label] = tune(
+                    baseline, DevObjective(evaluator, dev, "nll", apply=baseline.apply), n_trials=args.trials,
+                    slices=[n_dev], storage=storage, study_name=f"{name}-dev-nll-{domain}-{tag}-s{s}", seed=seed,
+                    n_startup_trials=3,
+                )  # fmt: skip
+                baseline.set(found[label][0])
+                outs[f"{label} s{s}"] = score(f"{label} s{s}")
+                baseline.reset()
+            (temperature, temp_study), (w, wise_study) = found["temperature"], found["WiSE-FT"]
             detail.update(temperature=temperature, wise_ft=w)
             detail.update(temp_search=study_cost(temp_study), wise_search=study_cost(wise_study))
             entry["seeds"][s] = detail
