@@ -47,7 +47,7 @@ test: $(STAMP)  ## the test suite (offline)
 
 # the tests of the transformers integration (attention interface, masks, caches, save/load): CI time stays < 20 min
 OLDEST_TESTS := tests/test_equivalence.py tests/test_keyspace.py tests/test_nv_math.py tests/test_prior.py \
-	tests/test_bad_input.py tests/test_objectives.py
+	tests/test_bad_input.py tests/test_objectives.py tests/test_prompting.py
 
 test-oldest: $(OLDEST_STAMP)  ## the integration tests on the oldest supported transformers (CI runs it after `make test`)
 	HF_HUB_OFFLINE=1 $(OLDEST)/bin/python -m pytest -q -m "not slow" $(OLDEST_TESTS)

@@ -132,6 +132,7 @@ def test_shared_prefix_is_the_unshared_prompt_stock_and_nv(kind: str, tokenizer)
     assert nv["greedy_identical"]
 
 
+@pytest.mark.filterwarnings("ignore:stdev_tau is above", "ignore:at the finite alpha_tau")
 @pytest.mark.parametrize(("kind", "window"), [("llama", 0), ("gpt2", 0), ("gemma3", 128), ("gemma3", 16)])
 def test_prior_behind_the_shared_prefix_is_the_whole_prompts_prior(kind: str, window: int, tokenizer) -> None:
     """The prefix's cache shared in prior estimation: its tokens count once per row, as in the whole prompts, and
