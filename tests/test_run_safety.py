@@ -133,7 +133,7 @@ def test_merging_overlapping_data_is_refused() -> None:
     """A full prior with one of its own shards, or shards of one corpus cut with other batch sizes: refused."""
     case = ROTARY[0]
     torch.manual_seed(0)
-    model = case.build().eval()
+    model = case.build().eval().double()  # float32 outputs depend on the batch's shape at round-off (BLAS blocking)
     big = case.inputs(batch=12, src=9)
     rows = [{k: v[i : i + 1] for k, v in big.items()} for i in range(12)]
     cat = lambda rs: {k: torch.cat([r[k] for r in rs]) for k in rs[0]}  # noqa: E731
