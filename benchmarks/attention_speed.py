@@ -18,6 +18,7 @@ Memory: one fresh process per (model, variant) builds (and converts) the model, 
 peak, without the other variant's allocations in the same heap.
 `--flops` instead counts the FLOPs of one run per workload (stock and NV): the arithmetic NV adds, the
 floor under any wall-clock ratio, unaffected by the machine's load.
+`--compile` times both models with their forward under `torch.compile(dynamic=True)` (inductor), printed only.
 """
 
 from __future__ import annotations
@@ -140,26 +141,37 @@ def _runners(model, row: ModelRow) -> dict[str, Callable[[], None]]:
     }
 
 
-def _stock_and_nv(name: str, variant: str) -> dict[str, dict[str, Callable[[], None]]]:
-    """The workloads of the stock model and of its NV copy, {"stock": runners, "nv": runners}."""
+def _stock_and_nv(name: str, variant: str, compiled: bool = False) -> dict[str, dict[str, Callable[[], None]]]:
+    """The workloads of the stock model and of its NV copy, {"stock": runners, "nv": runners}; `compiled`: after one
+    eager forward (which folds the fast-form weights), each model's forward through `torch.compile(dynamic=True)`
+    (inductor; compiled at the warm-up)."""
     import torch
 
     torch.manual_seed(0)
     row = MODELS[name]
     stock = row.build()
-    return {"stock": _runners(stock, row), "nv": _runners(_convert(copy.deepcopy(stock), variant), row)}
+    models = {"stock": stock, "nv": _convert(copy.deepcopy(stock), variant)}
+    runs = {side: _runners(model, row) for side, model in models.items()}
+    for side, model in models.items():
+        if compiled:
+            with torch.inference_mode():
+                runs[side]["forward"]()
+            model.forward = torch.compile(model.forward, dynamic=True)
+    return runs
 
 
-def measure_time(name: str, variant: str, reps: int, threads: int, works: list[str]) -> dict:
+def measure_time(name: str, variant: str, reps: int, threads: int, works: list[str], compiled: bool = False) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    runs = _stock_and_nv(name, variant)
+    runs = _stock_and_nv(name, variant, compiled)
     result = {}
     with torch.inference_mode():
         for work in works:
             times = {"stock": [], "nv": []}
-            runs["stock"][work](), runs["nv"][work]()  # warm-up (fast-form weights folded once)
+            for side in ("stock", "nv"):  # warm-up: fast-form weights folded once; compiled (a second call: the
+                for _ in range(1 + compiled):  # first step's graph and the decoding steps' are two)
+                    runs[side][work]()
             for _ in range(reps):
                 for side in ("stock", "nv"):
                     t0 = time.perf_counter()
@@ -222,7 +234,7 @@ def measure_memory(name: str, variant: str, threads: int, works: list[str]) -> d
 def _child(args: argparse.Namespace, mode: str, name: str, variant: str) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, name, variant, "--reps", str(args.reps)]
     cmd += ["--threads", str(args.threads)]
-    cmd += ["--workloads", *_workloads(args, MODELS[name])]
+    cmd += ["--workloads", *_workloads(args, MODELS[name])] + ["--compile"] * args.compile
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -256,13 +268,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="+", help="a subset of each model's NV variants (default: all)")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     parser.add_argument("--flops", action="store_true", help="only count FLOPs, NV/stock per workload (print)")
+    parser.add_argument(
+        "--compile", action="store_true", help="time both models under torch.compile (print, do not write)"
+    )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)  # mode, model, variant
     args = parser.parse_args(argv)
     if args.child:
         mode, name, variant = args.child
         works = args.workloads
         if mode == "time":
-            print(json.dumps(measure_time(name, variant, args.reps, args.threads, works)))
+            print(json.dumps(measure_time(name, variant, args.reps, args.threads, works, args.compile)))
         elif mode == "flops":
             print(json.dumps(count_flops(name, variant, works)))
         else:
@@ -281,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
                 ratios = {w: round(c["nv"] / c["stock"], 4) for w, c in counted.items()}
                 print(f"{name} {variant} FLOPs NV/stock: {ratios}  ({json.dumps(counted)})", flush=True)
             continue
-        memory = {v: _child(args, "memory", name, v) for v in ("stock", *variants)}
+        memory = {v: _child(args, "memory", name, v) for v in ("stock", *variants)}  # (eager)
         print(name, "memory", memory, flush=True)
         timed = {}
         for variant in variants:
@@ -289,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
             print(name, variant, json.dumps(timed[variant]), flush=True)
         tables.append(_table(name, row, timed, memory, _workloads(args, row)))
         print(tables[-1], flush=True)
-    if args.flops:
+    if args.flops or args.compile:
         return
     import torch
 

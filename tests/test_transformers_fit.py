@@ -13,6 +13,7 @@ from cases import ROTARY, TINY, Case
 from test_equivalence import generate, output
 
 import nvib
+from nvib.core import attention
 
 BY_NAME = {case.name: case for case in TINY + ROTARY}
 # a regularised setting: every term of the fast form is in use, the prior has a visible weight
@@ -93,6 +94,41 @@ def test_compiled_static_cache_generate(name: str) -> None:
     model.forward = torch.compile(model.forward, fullgraph=True, backend="eager")
     try:
         assert torch.equal(generate(model, inputs, cache_implementation="static"), expected)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["bart", "gpt2"])
+def test_compiled_model_reads_the_fold_of_the_eager_call(name: str, monkeypatch) -> None:
+    """After an eager evaluation call a compiled forward folds nothing itself (spec §6's weights are graph inputs),
+    follows `nvib.configure`, and after training (weights changed in place) folds again rather than read a stale memo.
+    """
+    case = BY_NAME[name]
+    model, inputs = converted(case).eval(), case.inputs()
+    ref = output(model, inputs)  # eager: folds
+    traced, build = [], attention.Slot._build  # `static` of every fold built, eager (False) or traced (True)
+    monkeypatch.setattr(attention.Slot, "_build", lambda s, static=False: traced.append(static) or build(s, static))
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    try:
+        torch.testing.assert_close(output(compiled, inputs), ref, rtol=1e-5, atol=1e-5)
+        assert True not in traced  # no fold in the graph
+        other = nvib.NVConfig(alpha_tau_e=1.0, alpha_tau_c=1.0, alpha_tau_d=1.0, stdev_tau_e=0.5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            nvib.configure(model, other)
+        before = output(compiled, inputs)
+        torch.testing.assert_close(before, output(converted(case, other), inputs), rtol=1e-5, atol=1e-5)
+        assert True not in traced
+        model.train()
+        model(**inputs)  # a training forward, then what an optimizer step does
+        with torch.no_grad():
+            for layer in nvib.nv_layers(model).values():
+                layer.alpha_bias.sub_(3.0)
+        model.eval()
+        got = output(compiled, inputs)
+        assert True in traced  # no memo: the graph folds
+        torch.testing.assert_close(got, output(model, inputs), rtol=1e-5, atol=1e-5)
+        assert (got - before).abs().max() > 1e-4  # the edit shows (10× the tolerance)
     finally:
         torch._dynamo.reset()
 

@@ -97,10 +97,21 @@ class Slot:
         return (*own, *layer._parameters.values(), *layer._buffers.values())
 
     def fold(self) -> dict:
-        """Fast-form weights (spec §6), rebuilt only when a parameter (in-place update), dtype or device changed."""
-        if compiling():  # traced: no version checks or memos, and no data-dependent shortcuts (`_build`)
-            self.last = self._build(static=True)
-            return self.last
+        """Fast-form weights (spec §6), rebuilt only when a parameter (in-place update), dtype or device changed.
+
+        Traced by torch.compile, where no version can be checked, the graph reads the weights that the last eager
+        evaluation call folded (as graph inputs: `refresh` after `nvib.configure` reaches a compiled model), so a
+        compiled call does not fold again; with none for the weights' dtype and device, or with gradients, it traces
+        every term (`_build(static=True)`: no data-dependent shortcut). Gradients and training drop the memo, as
+        they change the weights in place."""
+        if compiling():
+            if torch.is_grad_enabled():
+                self.folded = None
+            memo, weight = self.folded, self.proj[0].weight
+            if memo is None or (memo["prior_k"].dtype, memo["prior_k"].device) != (weight.dtype, weight.device):
+                memo = self._build(static=True)
+            self.last = memo
+            return memo
         ts = self._tensors()
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
         if not grad and self.folded is not None and _state(ts) == self.folded_key:
@@ -108,18 +119,25 @@ class Slot:
             return self.folded
         with torch.set_grad_enabled(grad):
             folded = self._build()
-        if not grad:
-            self.folded, self.folded_key = folded, _state(ts)
+        self.folded, self.folded_key = (None, None) if grad else (folded, _state(ts))
         self.last = folded
         return folded
+
+    def refresh(self) -> None:
+        """Fold again now where a memo exists (`nvib.configure` calls it), so a compiled model reads the new knobs."""
+        if self.folded is not None:
+            with torch.no_grad():
+                self.fold()
 
     def begin_call(self) -> None:
         """Validate the folded weights once per module call. The query projection starts every call (self- and
         cross-attention, cached or not); the key/value projections and the attention of that call then use `last`.
         """
-        if not self.training:
-            self.fold()
-            self.checked = True
+        if self.training:
+            self.folded = None  # (`fold`)
+            return
+        self.fold()
+        self.checked = True
 
     def call_weights(self) -> dict:
         """The folded weights for this call: `last` when the call's query projection validated them."""

@@ -273,6 +273,10 @@ def configure(model: nn.Module, config: NVConfig) -> nn.Module:
         raise TypeError(f"configure expects an nvib.NVConfig, got {type(config).__name__}")
     clamped = set_knobs(model, config)
     model.__dict__["nv_config"] = config
+    for site in model.__dict__.get("_nv_sites", ()):
+        slot = site.module.__dict__.get("_nv_slot")
+        if isinstance(slot, attention.Slot):
+            slot.refresh()
     if clamped:
         warnings.warn(
             f"stdev_tau is above the largest score-bias spread at {len(clamped)} mixture(s): "
