@@ -152,8 +152,8 @@ def _stock_and_nv(name: str, variant: str, compiled: bool = False) -> dict[str, 
     stock = row.build()
     models = {"stock": stock, "nv": _convert(copy.deepcopy(stock), variant)}
     runs = {side: _runners(model, row) for side, model in models.items()}
-    for side, model in models.items():
-        if compiled:
+    if compiled:
+        for side, model in models.items():
             with torch.inference_mode():
                 runs[side]["forward"]()
             model.forward = torch.compile(model.forward, dynamic=True)
