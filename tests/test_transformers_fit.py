@@ -133,6 +133,46 @@ def test_compiled_model_reads_the_fold_of_the_eager_call(name: str, monkeypatch)
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("name", ["bart", "llama"])
+def test_output_attentions_set_in_the_config(name: str) -> None:
+    """With `config.output_attentions` set (on the eager model: its setter refuses other implementations) transformers
+    collects every attention module's weights and passes the modules nothing: NV returns what the argument gives."""
+    case = BY_NAME[name]
+    torch.manual_seed(0)
+    model = case.build().eval()
+    model.set_attn_implementation("eager")
+    model.config.output_attentions = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nvib.convert(model, KNOBS)
+    inputs = case.inputs()
+    with torch.no_grad():
+        got, asked = model(**inputs), model(**inputs, output_attentions=True)
+    names = [n for n in ("attentions", "encoder_attentions", "decoder_attentions", "cross_attentions") if n in asked]
+    assert names and all(len(getattr(asked, n)) > 0 for n in names)
+    for n in names:
+        for a, b in zip(getattr(got, n), getattr(asked, n), strict=True):
+            torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        assert model(**inputs, output_attentions=False).get(names[0]) is None  # the argument still decides
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name", ["bart", "llama"])
+def test_returned_attention_weights_carry_the_outputs_gradient(name: str, train: bool) -> None:
+    """As with transformers' eager attention, the output is computed from the weights returned, so that
+    `retain_grad` on them sees the output's gradient (transformers' test_retain_grad_hidden_states_attentions)."""
+    case = BY_NAME[name]
+    model, inputs = converted(case, train=train), case.inputs()
+    out = model(**inputs, output_attentions=True)
+    names = [n for n in ("attentions", "encoder_attentions", "decoder_attentions", "cross_attentions") if n in out]
+    first = [getattr(out, n)[0] for n in names]
+    for a in first:
+        a.retain_grad()
+    (out.logits if hasattr(out, "logits") else out.last_hidden_state).square().sum().backward()
+    assert all(a.grad is not None and a.grad.abs().max() > 0 for a in first), names
+
+
 # ---- 3. the attention implementation after conversion --------------------------------------------------------------
 
 

@@ -33,7 +33,16 @@ from transformers.masking_utils import AttentionMaskInterface
 from nvib.core import kernels
 from nvib.core.architectures import Site
 from nvib.core.layer import NVIBLayer
-from nvib.core.masks import FLASH_CPU, can_split, compiling, key_mask, nv_mask, split_bias
+from nvib.core.masks import (
+    FLASH_CPU,
+    can_split,
+    compiling,
+    key_mask,
+    nv_mask,
+    split_bias,
+    through_weights,
+    wants_weights,
+)
 
 ATTN_NAME = "nvib"
 C_LIMIT = 1e4  # |c_n| bound so the bias channel stays finite in float16 (e^-1e4 is already 0)
@@ -452,7 +461,7 @@ def nv_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
             position_bias=position_bias, **kwargs,
         )  # fmt: skip
-    weights = bool(kwargs.get("output_attentions"))
+    weights = wants_weights(module, kwargs)
     if not slot.training:
         slot.end_call()
     B, _, Q, _ = query.shape
@@ -493,8 +502,8 @@ def explicit_attention(query, key, value, mask, scale: float, dropout: float = 0
     scores = query.to(f) @ key.to(f).transpose(-1, -2) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask.to(f)
-    a = F.dropout(scores.softmax(-1), dropout) if dropout else scores.softmax(-1)
-    return (a @ value.to(f)).to(query.dtype), a[..., 1:].to(query.dtype)
+    a = (F.dropout(scores.softmax(-1), dropout) if dropout else scores.softmax(-1)).to(query.dtype)
+    return through_weights(a, value)
 
 
 def register() -> None:

@@ -29,7 +29,7 @@ from nvib.core import kernels
 from nvib.core.architectures import Site
 from nvib.core.kl import kl_dirichlet, kl_gaussian
 from nvib.core.layer import TINY_VARIANCE, PriorWeight, sample_log_gamma, variance_scale
-from nvib.core.masks import FLASH_CPU, can_split, compiling, key_mask, nv_mask
+from nvib.core.masks import FLASH_CPU, can_split, compiling, key_mask, nv_mask, through_weights, wants_weights
 
 ATTN_NAME = "nvib-key"
 C_LIMIT = 1e4  # |c_n| bound so the bias stays finite in float16 (e^-1e4 is already 0)
@@ -196,8 +196,8 @@ def _attend(query, key, value, mask, slot: KeySlot, dropout: float, softcap: flo
     if slot.mass_log is not None:  # queries that see some token (a padding query sees the prior alone)
         sees = (mask[..., 1:] > torch.finfo(mask.dtype).min / 2).any(-1).expand_as(a[..., 0])
         slot.mass_log.append((float(a[..., 0][sees].sum()), int(sees.sum())))
-    a = F.dropout(a, dropout) if dropout else a
-    return a.to(value.dtype) @ value, a[..., 1:].to(query.dtype) if weights else None
+    a = (F.dropout(a, dropout) if dropout else a).to(value.dtype)
+    return through_weights(a, value) if weights else (a @ value, None)
 
 
 def nv_key_attention(
@@ -217,7 +217,7 @@ def nv_key_attention(
     slot: KeySlot | None = getattr(module, "_nv_slot", None)
     if slot is None:  # a model that shares its config with a converted one stays stock
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
-    weights = bool(kwargs.get("output_attentions"))
+    weights = wants_weights(module, kwargs)
     B, _, Q, _ = query.shape
     N = key.shape[2]
     if attention_mask is not None and attention_mask.shape[-1] > N:

@@ -1,5 +1,6 @@
-"""What z-space (`attention`) and key-space (`keyspace`) NV attention share: masks over the tokens and the test
-for the CPU split path (the prior merged after a fused tokens-only kernel call, by its log-sum-exp; spec §6, §9)."""
+"""What z-space (`attention`) and key-space (`keyspace`) NV attention share: masks over the tokens, the test for the
+CPU split path (the prior merged after a fused tokens-only kernel call, by its log-sum-exp; spec §6, §9), and the
+attention weights that transformers asks for."""
 
 from __future__ import annotations
 
@@ -18,6 +19,21 @@ FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu
 SPLIT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # masks made by `nv_mask` (new in every forward, never updated in place) -> (what the bias was made for, bias)
 _SPLIT_BIAS = WeakIdKeyDictionary()
+
+
+def wants_weights(module: torch.nn.Module, kwargs: dict) -> bool:
+    """Whether an attention call is to return its weights: its `output_attentions` argument, else the module's config
+    (transformers collects every attention module's weights when `config.output_attentions` is set, passing nothing)."""
+    asked = kwargs.get("output_attentions")
+    return bool(getattr(getattr(module, "config", None), "output_attentions", False) if asked is None else asked)
+
+
+def through_weights(a: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention a [B, H, Q, 1+N] (prior at n = 0) of values [B, H, 1+N, C] -> (output, the weights on the tokens),
+    the output computed from those weights, so that their gradient is the output's (as in transformers' eager
+    attention, whose tests retain it)."""
+    tokens = a[..., 1:]
+    return tokens @ value[..., 1:, :] + a[..., :1] * value[..., :1, :], tokens
 
 
 def compiling() -> bool:
