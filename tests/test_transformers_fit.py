@@ -101,8 +101,8 @@ def test_compiled_static_cache_generate(name: str) -> None:
 @pytest.mark.parametrize("name", ["bart", "gpt2"])
 def test_compiled_model_reads_the_fold_of_the_eager_call(name: str, monkeypatch) -> None:
     """After an eager evaluation call a compiled forward folds nothing itself (spec §6's weights are graph inputs),
-    follows `nvib.configure`, and after training (weights changed in place) folds again rather than read a stale memo.
-    """
+    follows `nvib.configure`, and after training or `load_state_dict` (weights changed in place) folds again rather
+    than read a stale memo."""
     case = BY_NAME[name]
     model, inputs = converted(case).eval(), case.inputs()
     ref = output(model, inputs)  # eager: folds
@@ -129,6 +129,12 @@ def test_compiled_model_reads_the_fold_of_the_eager_call(name: str, monkeypatch)
         assert True in traced  # no memo: the graph folds
         torch.testing.assert_close(got, output(model, inputs), rtol=1e-5, atol=1e-5)
         assert (got - before).abs().max() > 1e-4  # the edit shows (10× the tolerance)
+        output(model, inputs)  # eager: a memo again
+        state = {k: v + 0.5 if "alpha_bias" in k else v for k, v in model.state_dict().items()}
+        model.load_state_dict(state)  # in place: the load drops the memo
+        loaded = output(compiled, inputs)
+        torch.testing.assert_close(loaded, output(model, inputs), rtol=1e-5, atol=1e-5)
+        assert (loaded - got).abs().max() > 1e-4
     finally:
         torch._dynamo.reset()
 

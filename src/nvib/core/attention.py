@@ -73,6 +73,7 @@ class Slot:
     module: nn.Module | None = None  # the attention module: its train/eval mode is the NV layer's at this module
     point_memo: tuple | None = None  # (x, weights, key_scale ⊙ x + key_shift) of this call's key/value projections
     tails: dict = dataclasses.field(default_factory=dict)  # `_tail` tensors
+    hooks: list = dataclasses.field(default_factory=list)  # `load_state_dict` post-hooks: `unfold`
 
     @property
     def training(self) -> bool:
@@ -111,8 +112,8 @@ class Slot:
         Traced by torch.compile, where no version can be checked, the graph reads the weights that the last eager
         evaluation call folded (as graph inputs: `refresh` after `nvib.configure` reaches a compiled model), so a
         compiled call does not fold again; with none for the weights' dtype and device, or with gradients, it traces
-        every term (`_build(static=True)`: no data-dependent shortcut). Gradients and training drop the memo, as
-        they change the weights in place."""
+        every term (`_build(static=True)`: no data-dependent shortcut). Gradients, training and `load_state_dict`
+        drop the memo, as they change the weights in place."""
         if compiling():
             if torch.is_grad_enabled():
                 self.folded = None
@@ -328,6 +329,11 @@ class Slot:
         kv["kv".index(which)] = prior.view(x.shape[0], self.heads, 1, -1)  # [B, H, 1, E+1]
         self.prior_kv = tuple(kv)
         return out
+
+    def unfold(self, *_) -> None:
+        """Drop the memo of `fold` (a `load_state_dict` post-hook on the module and the layer: a compiled call, which
+        cannot check versions, must not read weights folded before the load)."""
+        self.folded = None
 
     def _forget(self, _ref) -> None:
         self.with_prior = None
@@ -545,6 +551,7 @@ def install(site: Site, layer: NVIBLayer) -> Slot:
     pad = -(E + 1 + spare) % kernels.ALIGN if device != "meta" and kernels.needs_fused_shapes(device) else 0
     slot = Slot(layer, site.kind, heads, E, scaling, proj, fused, spare, pad, module=module)
     object.__setattr__(module, "_nv_slot", slot)
+    slot.hooks = [m.register_load_state_dict_post_hook(slot.unfold) for m in (module, layer)]
     setattr(module, arch.head_dim_attr, slot.width)
     if fused:
         module.split_size = heads * slot.width
@@ -560,6 +567,8 @@ def install(site: Site, layer: NVIBLayer) -> Slot:
 def uninstall(site: Site) -> None:
     module, arch = site.module, site.arch
     slot: Slot = module.__dict__.pop("_nv_slot")
+    for hook in slot.hooks:
+        hook.remove()
     setattr(module, arch.head_dim_attr, slot.head_dim)
     if slot.fused:
         module.split_size = slot.heads * slot.head_dim
