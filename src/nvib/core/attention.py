@@ -116,7 +116,7 @@ class Slot:
         drop the memo, as they change the weights in place."""
         if compiling():
             if torch.is_grad_enabled():
-                self.folded = None
+                self.unfold()
             memo, weight = self.folded, self.proj[0].weight
             if memo is None or (memo["prior_k"].dtype, memo["prior_k"].device) != (weight.dtype, weight.device):
                 memo = self._build(static=True)
@@ -144,7 +144,7 @@ class Slot:
         cross-attention, cached or not); the key/value projections and the attention of that call then use `last`.
         """
         if self.training:
-            self.folded = None  # (`fold`)
+            self.unfold()
             return
         self.fold()
         self.checked = True
@@ -331,8 +331,8 @@ class Slot:
         return out
 
     def unfold(self, *_) -> None:
-        """Drop the memo of `fold` (a `load_state_dict` post-hook on the module and the layer: a compiled call, which
-        cannot check versions, must not read weights folded before the load)."""
+        """Drop the memo of `fold`: in training, with gradients, and after `load_state_dict` (a post-hook on the module
+        and the layer), as a compiled call cannot check versions and must not read weights folded before."""
         self.folded = None
 
     def _forget(self, _ref) -> None:
