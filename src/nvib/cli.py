@@ -358,8 +358,40 @@ def finetune_cmd(
             "default: the equivalence setting (step 0 is the pretrained model)."
         ),
     ] = None,
-    lambda_g: Annotated[float, typer.Option("--lambda-g", help="Weight λ_G of the Gaussian KL.", min=0)] = 1e-3,
-    lambda_d: Annotated[float, typer.Option("--lambda-d", help="Weight λ_D of the Dirichlet KL.", min=0)] = 1e-3,
+    lambda_g: Annotated[
+        float | None,
+        typer.Option("--lambda-g", help="Weight λ_G of the Gaussian KL [default: 0.001; 0 with --no-nv].", min=0),
+    ] = None,
+    lambda_d: Annotated[
+        float | None,
+        typer.Option("--lambda-d", help="Weight λ_D of the Dirichlet KL [default: 0.001; 0 with --no-nv].", min=0),
+    ] = None,
+    nv: Annotated[
+        bool,
+        typer.Option(
+            "--nv/--no-nv",
+            help="Convert to NV form and train with the KL terms, or fine-tune the plain model with the same trainer "
+            "(task loss, --l2-sp, --feature-mean; saved as a plain Hugging Face model).",
+        ),
+    ] = True,
+    l2_sp: Annotated[
+        float,
+        typer.Option(
+            "--l2-sp",
+            help="Weight α of L2-SP (Li et al. 2018): (α/2)·Σ‖w − w_start‖² over the pretrained weights, pulled "
+            "towards their values at the start. Plain or NV.",
+            min=0,
+        ),
+    ] = 0.0,
+    feature_mean: Annotated[
+        float,
+        typer.Option(
+            "--feature-mean",
+            help="Weight μ of feature-mean matching: μ·Σ_sites mean_n mean_p (z − m0)²/(2 s̄0²), each attention "
+            "input z pulled towards the --prior's mean (KL_G's mean term without NV). Needs --no-nv and --prior.",
+            min=0,
+        ),
+    ] = 0.0,
     schedule: Annotated[
         str,
         typer.Option(
@@ -428,11 +460,13 @@ def finetune_cmd(
     ] = True,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar with ETA.")] = True,
 ) -> None:
-    """Fine-tune with the NVIB regularisers: loss = task + λ_G·ΣKL_G + λ_D·ΣKL_D; save the NV model.
+    """Fine-tune with the NVIB regularisers: loss = task + λ_G·ΣKL_G + λ_D·ΣKL_D (+ α·L2-SP + μ·feature mean).
 
     A plain model is first converted with the identity initialisation (with --prior and --knobs if given), so
-    step 0 is the pretrained model. OUTPUT_DIR receives the NV model (load it with nvib.load) and its
-    tokenizer, finetune_args.json and finetune_log.json (loss, task loss, KL terms per site kind, λ values).
+    step 0 is the pretrained model; with --no-nv it stays plain (no KL terms) and --prior serves --feature-mean.
+    The schedule and --kl-clip apply to every regulariser. OUTPUT_DIR receives the NV model (load it with nvib.load;
+    with --no-nv the plain model) and its tokenizer, finetune_args.json and finetune_log.json (loss, task loss, KL
+    terms per site kind, penalties, weights).
     Checkpoints go to OUTPUT_DIR/checkpoints every --save-steps steps: rerunning the same command after an
     interruption resumes from the last one (--no-resume deletes them and starts over).
     """
@@ -463,6 +497,9 @@ def finetune_cmd(
         prior=prior,
         lambda_g=lambda_g,
         lambda_d=lambda_d,
+        l2sp=l2_sp,
+        feature_mean=feature_mean,
+        convert=nv,
         schedule=lambda_schedule,
         train_nv=train_nv,
         train_pretrained=train_pretrained,
@@ -485,7 +522,7 @@ def finetune_cmd(
         resume=resume,
         progress=progress,
     )
-    _console().print(f"fine-tuned NV model ({len(examples)} examples) -> {output_dir}")
+    _console().print(f"fine-tuned {'NV ' if nv else ''}model ({len(examples)} examples) -> {output_dir}")
 
 
 if __name__ == "__main__":

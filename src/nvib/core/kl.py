@@ -49,6 +49,20 @@ def kl_gaussian(
     return (weights * per_token.mean(-1).to(weights.dtype)).sum(-1)
 
 
+def feature_mean(z, valid, prior_mean, prior_var, floor: float | None = None) -> torch.Tensor:
+    """Feature-mean matching [B] = mean_n mean_p (z − m0)²/(2 s̄0²) over each sequence's valid tokens: KL_G's mean
+    term with uniform token weights in place of α_n/Σα, s̄0² = `floored_prior_var` (a penalty on a plain model's
+    attention inputs, no NV layer needed).
+
+    z [B, N, P]; valid [B, N] (a row with no valid token gives 0); prior_mean, prior_var [P].
+    """
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    s0sq = floored_prior_var(prior_var, floor).to(z.dtype)
+    per_token = ((z - prior_mean.to(z.dtype)) ** 2 / (2 * s0sq)).mean(-1)
+    weights = valid.to(per_token.dtype)
+    return (weights * per_token).sum(-1) / weights.sum(-1).clamp(min=1)
+
+
 def kl_dirichlet(log_alpha, valid, prior_log_alpha, delta: float = 1.0) -> torch.Tensor:
     """KL_D [B] between Dir(α) and the prior Dirichlet, in float64 (spec §8); L = K.
 

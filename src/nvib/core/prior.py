@@ -236,7 +236,7 @@ def _progress_bar(progress: bool):
     )  # fmt: skip
 
 
-def _valid_mask(kind: str, batch: Mapping[str, torch.Tensor], z: torch.Tensor, pad_id, seq2seq: bool):
+def valid_mask(kind: str, batch: Mapping[str, torch.Tensor], z: torch.Tensor, pad_id, seq2seq: bool):
     """[B, N] True where z is a real token, read off the batch's masks."""
     mask = batch.get("attention_mask")
     if kind == "decoder" and seq2seq:
@@ -331,7 +331,7 @@ class EmpiricalPrior:
         shared: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # site -> the prefix's z (and values)
 
         def add(site: Site, z: torch.Tensor, values: torch.Tensor | None = None) -> None:
-            valid = _valid_mask(site.kind, current["batch"], z, pad_id, seq2seq)
+            valid = valid_mask(site.kind, current["batch"], z, pad_id, seq2seq)
             z, values = z[valid], None if values is None else values[valid]
             if current["prefix_pass"]:
                 shared[site.name] = (z, values)

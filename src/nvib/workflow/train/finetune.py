@@ -1,5 +1,5 @@
-"""Fine-tuning runs: the model prepared (converted, variances, what trains), examples tokenised and collated,
-the trainer built, checkpoints resumed, the NV model saved."""
+"""Fine-tuning runs: the model prepared (converted, variances, what trains; or left plain), examples tokenised and
+collated, the trainer built, checkpoints resumed, the fine-tuned model saved."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from nvib.core.io import save
 from nvib.core.prior import EmpiricalPrior, weights_hash
 from nvib.workflow.data import BatchKind, Example, batches, fingerprint
 from nvib.workflow.models import batch_kind
+from nvib.workflow.train.regularisers import check_weight
 from nvib.workflow.train.trainer import (
     KLClip,
     LambdaSchedule,
@@ -196,8 +197,11 @@ def build_trainer(
     tokenizer: Any,
     *,
     output_dir: str | Path,
-    lambda_g: float = 1e-3,
-    lambda_d: float = 1e-3,
+    lambda_g: float | None = None,
+    lambda_d: float | None = None,
+    l2sp: float = 0.0,
+    feature_mean: float = 0.0,
+    prior: EmpiricalPrior | str | Path | None = None,
     schedule: LambdaSchedule | None = None,
     nv_lr: float | None = None,
     kl_clip: KLClip = "separate",
@@ -220,9 +224,13 @@ def build_trainer(
     callbacks: list | None = None,
     **training_args: Any,
 ) -> NVTrainer:
-    """An `NVTrainer` over the tokenised `train_examples` for a converted `model`.
+    """An `NVTrainer` over the tokenised `train_examples` for `model` (converted, or plain: then without KL terms).
 
-    Loss = task loss + λ_G·Σ KL_G + λ_D·Σ KL_D, λ following `schedule` (default constant). AdamW with peak
+    Loss = task loss + λ_G·Σ KL_G + λ_D·Σ KL_D + α·L2-SP + μ·FM, every weight following `schedule` (default
+    constant). λ_G, λ_D (None: 1e-3 on an NV model, 0 on a plain one) weigh the KL terms of an NV model;
+    `l2sp` = α weighs ½·Σ‖w − w_start‖² over the pretrained weights (w_start: the weights now); `feature_mean` = μ
+    weighs the feature-mean penalty of a plain model, which reads the empirical `prior` (see `NVTrainer` and
+    `nvib.workflow.train.regularisers`). AdamW with peak
     `lr` (`nv_lr` for the NV layers' parameters, default `lr`), `lr_scheduler` and `warmup_steps`;
     `max_source_len` / `max_target_len` truncate (`lm_separator` joins source and target for causal LMs);
     a checkpoint every `save_steps`. `kl_clip` (default ``separate``) clips the task and KL gradients to
@@ -231,10 +239,13 @@ def build_trainer(
     `Seq2SeqTrainingArguments` / `TrainingArguments`.
     """
 
-    if not is_converted(model):
-        raise ValueError(
-            "build_trainer needs an NV model: call nvib.workflow.train.prepare_model (or nvib.convert) first"
-        )
+    converted = is_converted(model)
+    lambda_g = (1e-3 if converted else 0.0) if lambda_g is None else lambda_g
+    lambda_d = (1e-3 if converted else 0.0) if lambda_d is None else lambda_d
+    check_weight("l2sp", l2sp)
+    check_weight("feature_mean", feature_mean)
+    if isinstance(prior, str | Path):
+        prior = EmpiricalPrior.load(prior)
     _check_positive(
         max_steps=max_steps,
         batch_size=batch_size,
@@ -295,6 +306,9 @@ def build_trainer(
         schedule=schedule,
         nv_lr=nv_lr,
         kl_clip=kl_clip,
+        l2sp=l2sp,
+        feature_mean=feature_mean,
+        prior=prior if feature_mean else None,
     )
 
 
@@ -306,8 +320,8 @@ def _check_positive(**values: int) -> None:
 
 # the build_trainer options (besides the schedule) a resumed run must share with the run that wrote the checkpoints
 SAME_RUN_OPTIONS = (
-    "lambda_g", "lambda_d", "kl_clip", "batch_size", "gradient_accumulation_steps", "lr", "nv_lr", "lr_scheduler",
-    "warmup_steps", "weight_decay", "seed", "max_source_len", "max_target_len",
+    "lambda_g", "lambda_d", "l2sp", "feature_mean", "kl_clip", "batch_size", "gradient_accumulation_steps", "lr",
+    "nv_lr", "lr_scheduler", "warmup_steps", "weight_decay", "seed", "max_source_len", "max_target_len",
 )  # fmt: skip
 
 
@@ -324,16 +338,22 @@ def finetune(
     per_token_variance: bool | None = None,
     start_stdev_tau: float = START_STDEV_TAU,
     resume: bool = True,
+    convert: bool = True,
     **trainer_options: Any,
 ) -> nn.Module:
     """Fine-tune `model` with the NVIB regularisers; save it to `output_dir` with `nvib.save` (+ tokenizer).
 
     `model` is a HuggingFace seq2seq or causal LM (plain or already NV); a plain one is converted in place
     with `nv_config` (default: the equivalence setting) and `prior` (an `EmpiricalPrior` or its file), so
-    step 0 computes what the pretrained model computes. `train_nv` / `train_pretrained` choose what trains;
-    `per_token_variance` lets training give every token its own variance (W_σ; evaluation then takes the
-    general form of spec §4, which costs more: see `nvib.core.attention`); None decides as `prepare_model` does, and
-    with True the site kinds whose knobs give no variance start from τ_σ = `start_stdev_tau`.
+    step 0 computes what the pretrained model computes. With `convert=False` a plain model stays plain: the same
+    trainer, clipping and schedule without the KL terms (λ_G = λ_D = 0), saved with `save_pretrained`; `prior` then
+    only serves `feature_mean`. Fine-tuning's own regularisers, on either kind: `l2sp` = α (L2-SP, the weights pulled
+    towards those at the start) and, on a plain model only, `feature_mean` = μ (each attention input pulled towards
+    the prior's mean; on an NV model KL_G's mean term is that pull), both in `trainer_options`.
+    `train_nv` / `train_pretrained` choose what trains; `per_token_variance` lets training give every token its own
+    variance (W_σ; evaluation then takes the general form of spec §4, which costs more: see `nvib.core.attention`);
+    None decides as `prepare_model` does, and with True the site kinds whose knobs give no variance start from
+    τ_σ = `start_stdev_tau`.
     `trainer_options` go to `build_trainer`: λ_G, λ_D and their `schedule`, `max_steps`, `batch_size`, `lr`,
     ... and any `Seq2SeqTrainingArguments`. Checkpoints go to ``output_dir/checkpoints`` every `save_steps` steps; with
     `resume` (the default) a rerun continues from the last one (with `resume=False` they are deleted and
@@ -347,12 +367,32 @@ def finetune(
     }
     options = {**defaults, **trainer_options}
     options["schedule"] = options["schedule"] or LambdaSchedule()
-    check_lambda("lambda_g", options["lambda_g"])
-    check_lambda("lambda_d", options["lambda_d"])
+    for name in ("lambda_g", "lambda_d"):
+        options[name] = (1e-3 if convert else 0.0) if options[name] is None else options[name]
+        check_lambda(name, options[name])
+    check_weight("l2sp", options["l2sp"])
+    check_weight("feature_mean", options["feature_mean"])
+    if not convert:
+        _check_plain(model, nv_config, per_token_variance, train_pretrained, options)
+    elif options["feature_mean"]:
+        raise ValueError(
+            "feature-mean matching is for a plain model; on an NV model KL_G's mean term is the same pull. "
+            "Fix: use lambda_g (--lambda-g), or fine-tune the plain model (convert=False, --no-nv)"
+        )
+    if options["feature_mean"] and prior is None:
+        raise ValueError(
+            "feature_mean needs the model's empirical prior (its mean and variance per site). "
+            "Fix: pass prior= (an EmpiricalPrior or its file; `nvib prior` estimates one, --prior)"
+        )
     examples = _as_examples(train_examples)
     out = Path(output_dir)
+    if not convert:
+        nv_settings = None
+    else:
+        nv_settings = (nv_config or (model.nv_config if is_converted(model) else NVConfig())).to_dict()
     settings = {
-        "nv_config": (nv_config or (model.nv_config if is_converted(model) else NVConfig())).to_dict(),
+        "convert": convert,
+        "nv_config": nv_settings,
         "prior": (prior if isinstance(prior, str | Path) else getattr(prior, "metadata", None)),
         "train_nv": train_nv,
         "train_pretrained": train_pretrained,
@@ -372,24 +412,58 @@ def finetune(
     elif not resume and checkpoint_dir.is_dir():
         shutil.rmtree(checkpoint_dir)
 
-    prepare_model(
-        model,
-        nv_config,
-        prior,
-        train_nv=train_nv,
-        train_pretrained=train_pretrained,
-        per_token_variance=per_token_variance,
-        start_stdev_tau=start_stdev_tau,
-    )
+    if convert:
+        prepare_model(
+            model,
+            nv_config,
+            prior,
+            train_nv=train_nv,
+            train_pretrained=train_pretrained,
+            per_token_variance=per_token_variance,
+            start_stdev_tau=start_stdev_tau,
+        )
+    else:
+        for param in model.parameters():
+            param.requires_grad_(True)
+        options["prior"] = prior
     trainer = build_trainer(model, examples, tokenizer, output_dir=out, **options)
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_ARGS).write_text(json.dumps({**settings, "max_steps": options["max_steps"]}, indent=2) + "\n")
     trainer.train(resume_from_checkpoint=last)
     model.eval()
 
-    save(model, out, tokenizer=tokenizer)
+    if convert:
+        save(model, out, tokenizer=tokenizer)
+    else:
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
     (out / RUN_LOG).write_text(json.dumps(trainer.state.log_history, indent=2) + "\n")
     return model
+
+
+def _check_plain(model: nn.Module, nv_config, per_token_variance, train_pretrained: bool, options: dict) -> None:
+    """convert=False: refuse the options that only mean something for an NV model."""
+    given = [
+        name
+        for name, on in (
+            ("an NV model", is_converted(model)),
+            ("nv_config", nv_config is not None),
+            ("per_token_variance", bool(per_token_variance)),
+            ("lambda_g", bool(options["lambda_g"])),
+            ("lambda_d", bool(options["lambda_d"])),
+            ("nv_lr", options["nv_lr"] is not None),
+        )
+        if on
+    ]
+    if given:
+        raise ValueError(
+            f"convert=False fine-tunes a plain model, but {given[0]} was given (NV only). "
+            "Fix: drop it, or fine-tune in NV form (convert=True, without --no-nv)"
+        )
+    if not train_pretrained:
+        raise ValueError(
+            "nothing to train: a plain model with its pretrained weights frozen. Fix: train_pretrained=True"
+        )
 
 
 def _check_same_run(path: Path, settings: dict) -> None:

@@ -1,5 +1,5 @@
-"""The NVIB training loss on the HuggingFace Trainer: λ schedules, the KL terms in the loss and the logs, the
-separately clipped KL gradients (spec §8)."""
+"""The NVIB training loss on the HuggingFace Trainer: λ schedules, the KL terms and fine-tuning's own regularisers
+(L2-SP, feature-mean matching) in the loss and the logs, the separately clipped regulariser gradients (spec §8)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from torch import nn
 from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
 
 from nvib.core.convert import LAYERS, is_converted, kl_terms, nv_layers
+from nvib.core.prior import EmpiricalPrior
+from nvib.workflow.train.regularisers import L2SP, FeatureMean, check_weight
 
 __all__ = ["KL_CLIPS", "KLClip", "LambdaSchedule", "NVCausalLMTrainer", "NVTrainer", "check_kl_clip", "check_lambda"]
 
@@ -81,16 +83,21 @@ KL_CLIPS = ("joint", "separate")
 class _NVLoss:
     """The NVIB part of `NVTrainer` / `NVCausalLMTrainer` (a mixin in front of a HuggingFace `Trainer`).
 
-    compute_loss = task loss + λ_G(step)·Σ_sites KL_G + λ_D(step)·Σ_sites KL_D in training mode; in
-    evaluation mode (no sampling, no KL) it is the task loss alone. The training logs gain, averaged over
-    the logging interval, ``kl_g_<kind>`` / ``kl_d_<kind>`` (Σ over the sites of that kind: encoder,
-    cross, decoder), ``kl_<kind>`` (their sum), ``task_loss``, and the current ``lambda_g`` / ``lambda_d``.
+    compute_loss = task loss + λ_G(step)·Σ_sites KL_G + λ_D(step)·Σ_sites KL_D + α(step)·L2-SP + μ(step)·FM in
+    training mode; in evaluation mode (no sampling, no KL) it is the task loss alone. The KL terms need an NV model
+    (λ_G = λ_D = 0 on a plain one); `l2sp` = α weighs ½·Σ‖w − w_start‖² over the pretrained weights (`L2SP`, w_start:
+    the weights when the trainer is built); `feature_mean` = μ weighs the feature-mean penalty of a plain model
+    (`FeatureMean`, needs `prior`). All weights follow `schedule`. The training logs gain, averaged over the logging
+    interval, ``kl_g_<kind>`` / ``kl_d_<kind>`` (Σ over the sites of that kind: encoder, cross, decoder),
+    ``kl_<kind>`` (their sum), ``l2sp`` / ``feature_mean`` (the unweighted penalties, when their weight is > 0),
+    ``task_loss``, and the current ``lambda_g`` / ``lambda_d`` (and ``lambda_l2sp`` / ``lambda_feature_mean``).
 
     `kl_clip` says how `max_grad_norm` applies: ``joint`` clips the gradient of the whole loss (the Trainer's
-    usual clipping); ``separate`` clips the task gradient and the KL gradient to `max_grad_norm` each and adds
-    them, so a large KL gradient can no longer shrink the task update (benchmarks/RESULTS.md, "kl
-    gradients"). With ``separate`` the KL gradient is taken by its own backward pass (about one more encoder
-    backward per step) and is logged as ``kl_grad_norm`` (before clipping; ``grad_norm`` is then the task's).
+    usual clipping); ``separate`` clips the task gradient and the regularisers' gradient (KL terms and penalties
+    together) to `max_grad_norm` each and adds them, so a large regulariser gradient can no longer shrink the task
+    update (benchmarks/RESULTS.md, "kl gradients"). With ``separate`` the regularisers' gradient is taken by its own
+    backward pass (about one more encoder backward per step) and is logged as ``kl_grad_norm`` (before clipping;
+    ``grad_norm`` is then the task's).
     """
 
     def __init__(
@@ -101,6 +108,9 @@ class _NVLoss:
         schedule: LambdaSchedule | None = None,
         nv_lr: float | None = None,
         kl_clip: KLClip = "joint",
+        l2sp: float = 0.0,
+        feature_mean: float = 0.0,
+        prior: EmpiricalPrior | None = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
@@ -112,7 +122,18 @@ class _NVLoss:
         check_lambda("lambda_g", lambda_g)
         check_lambda("lambda_d", lambda_d)
         check_kl_clip(kl_clip)
+        check_weight("l2sp", l2sp)
+        check_weight("feature_mean", feature_mean)
+        base = _unwrap(self.model)
+        if (lambda_g or lambda_d) and not is_converted(base):
+            raise ValueError(
+                f"lambda_g = {lambda_g:g}, lambda_d = {lambda_d:g} weigh the KL terms of NV layers, but the model is "
+                "not converted. Fix: convert it first (nvib.workflow.train.prepare_model) or set both to 0"
+            )
         self.lambda_g, self.lambda_d = float(lambda_g), float(lambda_d)
+        self.l2sp, self.feature_mean = float(l2sp), float(feature_mean)
+        self._l2sp = L2SP(base) if self.l2sp else None
+        self._features = FeatureMean(base, prior) if self.feature_mean else None
         self.schedule = schedule or LambdaSchedule()
         self.nv_lr = nv_lr
         # without clipping (max_grad_norm <= 0) both ways add the same unclipped gradients: skip the extra pass
@@ -148,16 +169,27 @@ class _NVLoss:
         return self.schedule(self.lambda_g, step), self.schedule(self.lambda_d, step)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._features is not None:
+            self._features.clear()
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         base = _unwrap(model)
-        if model.training and is_converted(base):
+        if model.training:
             lambda_g, lambda_d = self.current_lambdas()
-            per_kind = self._kl_per_kind(base)
+            per_kind = self._kl_per_kind(base) if is_converted(base) else {}
             penalty = loss.new_zeros(())
             if lambda_g:
                 penalty = penalty + lambda_g * sum(g for g, _ in per_kind.values())
             if lambda_d:
                 penalty = penalty + lambda_d * sum(d for _, d in per_kind.values())
+            terms = {}
+            if self._l2sp is not None:
+                terms["l2sp"] = self._l2sp()
+            if self._features is not None:
+                terms["feature_mean"] = self._features(inputs)
+            for name, term in terms.items():
+                weight = self.schedule(getattr(self, name), self.state.global_step)
+                if weight:
+                    penalty = penalty + weight * term
             task = loss
             accumulated = getattr(self, "current_gradient_accumulation_steps", 1)
             scaled_for_ga = self._task_loss_scaled_for_ga(num_items_in_batch)
@@ -165,7 +197,7 @@ class _NVLoss:
                 # the task loss is already this batch's share of the accumulated batch; the KL terms are means
                 penalty = penalty / accumulated
                 task = loss * accumulated
-            self._record(task, per_kind)
+            self._record(task, per_kind, terms)
             if self.kl_clip == "separate" and penalty.requires_grad and torch.is_grad_enabled():
                 # training_step divides an unscaled loss by the accumulation steps before its backward
                 self._accumulate_kl_gradients(base, penalty if scaled_for_ga else penalty / accumulated)
@@ -222,8 +254,13 @@ class _NVLoss:
         return out
 
     @torch.no_grad()
-    def _record(self, loss: torch.Tensor, per_kind: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        values = {"task_loss": loss.detach().float()}
+    def _record(
+        self,
+        loss: torch.Tensor,
+        per_kind: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+        terms: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        values = {"task_loss": loss.detach().float(), **{k: v.detach().float() for k, v in (terms or {}).items()}}
         for kind, (g, d) in per_kind.items():
             values[f"kl_g_{kind}"] = g.detach()
             values[f"kl_d_{kind}"] = d.detach()
@@ -241,6 +278,9 @@ class _NVLoss:
                 logs["kl_grad_norm"] = sum(self._kl_grad_norms) / len(self._kl_grad_norms)
             lambda_g, lambda_d = self.current_lambdas()
             logs["lambda_g"], logs["lambda_d"] = lambda_g, lambda_d
+            for name in ("l2sp", "feature_mean"):
+                if getattr(self, name):
+                    logs[f"lambda_{name}"] = self.schedule(getattr(self, name), self.state.global_step)
             self._kl_sums, self._kl_count, self._kl_grad_norms = {}, 0, []
         super().log(logs, start_time)
 
