@@ -142,3 +142,21 @@ def test_mismatched_prior_is_a_clear_error(tmp_path):
         nvib.EmpiricalPrior.load(tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match="empty"):
         nvib.EmpiricalPrior.estimate(pair(TINY[0])[0], [], progress=False)
+
+
+@pytest.mark.parametrize("name", ["bart", "bert2bert"])
+def test_seq2seq_batches_without_targets_are_refused(name):
+    """Without labels or decoder_input_ids a BART-like decoder reads the shifted source: its prior would describe
+    the source text. That is refused in one line; the targets as labels work, and so does a standalone encoder."""
+    case = next(c for c in TINY if c.name == name)
+    model = case.build().eval()
+    source = {k: v for k, v in case.inputs().items() if not k.startswith("decoder_")}
+    with pytest.raises(ValueError, match=r"^batch 0 has no labels or decoder_input_ids.*Fix: ") as err:
+        nvib.EmpiricalPrior.estimate(model, [source], progress=False)
+    assert "\n" not in str(err.value)
+    labels = case.inputs()["decoder_input_ids"].masked_fill(case.inputs()["decoder_attention_mask"] == 0, -100)
+    prior = nvib.EmpiricalPrior.estimate(model, [{**source, "labels": labels}], progress=False)
+    assert prior.sites["decoder.0"].count == int((labels != -100).sum())
+    if name == "bart":  # a standalone half has no decoder to feed
+        encoder_prior = nvib.EmpiricalPrior.estimate(model.get_encoder(), [source], progress=False)
+        assert encoder_prior.sites["encoder.0"].count == int(source["attention_mask"].sum())

@@ -50,6 +50,15 @@ def train_grads(model: torch.nn.Module, case: Case) -> dict[str, torch.Tensor]:
 # ---- 1. activation checkpointing -----------------------------------------------------------------------------------
 
 
+def enable_checkpointing(model: torch.nn.Module, **kwargs) -> None:
+    """`activation_checkpointing_enable` where transformers has it (5.25 deprecates `gradient_checkpointing_enable`);
+    the older name on releases without it (5.15), as the README says."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+
+
 @pytest.mark.parametrize("name", ["bart", "t5", "bert2bert", "gpt2", "llama"])
 def test_gradient_checkpointing_replays_the_noise(name: str) -> None:
     """Non-reentrant checkpointing (transformers' default) recomputes each layer with the same noise, so the
@@ -57,13 +66,13 @@ def test_gradient_checkpointing_replays_the_noise(name: str) -> None:
     case = BY_NAME[name]
     plain = train_grads(no_dropout(converted(case, train=True)), case)
     model = no_dropout(converted(case, train=True))
-    model.gradient_checkpointing_enable()
+    enable_checkpointing(model)
     checkpointed = train_grads(model, case)
     assert plain.keys() == checkpointed.keys() and any("nvib_layers" in n for n in plain)
     for n, g in plain.items():
         torch.testing.assert_close(checkpointed[n], g, rtol=1e-5, atol=1e-6, msg=n)
     model = no_dropout(converted(case, train=True))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    enable_checkpointing(model, use_reentrant=True)
     reentrant = train_grads(model, case)
     assert all(torch.isfinite(g).all() for g in reentrant.values())
 

@@ -253,6 +253,20 @@ def valid_mask(kind: str, batch: Mapping[str, torch.Tensor], z: torch.Tensor, pa
     return mask.bool().to(z.device)
 
 
+TARGET_KEYS = ("labels", "decoder_input_ids", "decoder_inputs_embeds")  # what teacher-forces a seq2seq decoder
+
+
+def _check_target(batch: Mapping[str, Any], index: int) -> None:
+    """Refuse a batch without the decoder's own inputs for a whole encoder-decoder model: BART-like models would feed
+    the decoder the shifted source, and its self-attention prior would describe the source text."""
+    if not any(batch.get(key) is not None for key in TARGET_KEYS):
+        raise ValueError(
+            f"batch {index} has no labels or decoder_input_ids, so the decoder would read the source text and its "
+            "prior would describe the source, not the targets. Fix: add the tokenised targets to every batch as "
+            "labels (padding -100) or decoder_input_ids (with decoder_attention_mask)"
+        )
+
+
 def _run_prefix(model: nn.Module, prefix: Sequence[int], current: dict[str, Any], fingerprint) -> Any:
     """The prefix's forward (one row; the hooks keep its z while ``current["prefix_pass"]``) -> its KV cache."""
     ids = torch.tensor([list(prefix)], device=next(model.parameters()).device)
@@ -308,7 +322,9 @@ class EmpiricalPrior:
         shard: tuple[int, int] | None = None,
         prefix: Sequence[int] = (),
     ) -> EmpiricalPrior:
-        """One teacher-forced pass over tokenised `batches` (dicts as the model's forward takes them).
+        """One teacher-forced pass over tokenised `batches` (dicts as the model's forward takes them). For an
+        encoder-decoder model every batch carries the targets (``labels`` or ``decoder_input_ids``): without them the
+        decoder would read the source text, so such a batch is refused.
 
         `prefix`: token ids that begin every row of every batch of a decoder-only LM (a few-shot prompt's shared
         part), left out of the batches' ``input_ids``: its forward runs once, each batch continues a copy of its KV
@@ -325,6 +341,8 @@ class EmpiricalPrior:
         if pad_id is None and model.config.model_type == "encoder-decoder":
             pad_id = model.config.decoder.pad_token_id
         seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+        # encoder and decoder in one model (not a standalone half): the decoder needs the targets (teacher forcing)
+        whole_seq2seq = seq2seq and {"encoder", "decoder"} <= {site.kind for site in sites}
         if prefix and seq2seq:
             raise ValueError("a shared prefix is for decoder-only models. Fix: put the prefix into the batches")
         current: dict[str, Any] = {"prefix_pass": False, "rows": 0}
@@ -393,7 +411,9 @@ class EmpiricalPrior:
             with bar:
                 task = bar.add_task("prior", total=total, tokens=0)
                 cache = _run_prefix(model, prefix, current, fingerprint) if prefix else None
-                for batch in batches:
+                for index, batch in enumerate(batches):
+                    if whole_seq2seq:
+                        _check_target(batch, index)
                     current["batch"] = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
                     _batch_digest(fingerprint, current["batch"])
                     examples = set(sorted(examples | set(example_hashes(batch)))[:EXAMPLE_SKETCH])
