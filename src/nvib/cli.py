@@ -7,11 +7,12 @@ line with the fix, exit code 2, no traceback. Ctrl-C exits with 130; rerunning r
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import json
 import warnings
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import optuna
 import transformers as tf
@@ -27,7 +28,7 @@ from nvib.workflow.distributed import gather_to_rank0, launcher_rank
 from nvib.workflow.limits import Lengths, fit_lengths
 from nvib.workflow.models import load_model
 from nvib.workflow.run import Run, describe_data, estimate_prior, parse_shard
-from nvib.workflow.settings import ModelSection, RunConfig, config_schema, describe_schema
+from nvib.workflow.settings import MODEL_KINDS, ModelSection, RunConfig, config_schema, describe_schema
 from nvib.workflow.train import START_STDEV_TAU, LambdaSchedule, finetune
 
 app = typer.Typer(
@@ -125,11 +126,24 @@ ForeignPriorOpt = Annotated[
         help="Use a prior estimated on other weights than the model's (refused otherwise), with a warning.",
     ),
 ]
-#: The model kinds (`model.kind` of a run config)
 KindOpt = Annotated[
-    Literal["auto", "seq2seq", "causal_lm", "bert2bert"],
-    typer.Option(help="Model kind: auto, seq2seq, causal_lm or bert2bert (warm-start from an encoder)."),
+    str,
+    typer.Option(
+        help="Model kind: auto, seq2seq, causal_lm or bert2bert (warm-start from an encoder).",
+        metavar="[" + "|".join(MODEL_KINDS) + "]",
+    ),
 ]
+SCHEDULES, LR_SCHEDULERS = ("constant", "linear", "cyclic"), tuple(s.value for s in tf.SchedulerType)
+
+
+def _one_of(option: str, value: str, choices: tuple[str, ...]) -> None:
+    """Refuse (one line) a value of a closed set; `--help` shows the set as the option's metavar."""
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        raise ValueError(
+            f"{option} {value!r} is not one of {', '.join(choices[:-1])} or {choices[-1]}. Fix: {option} "
+            f"{close[0] if close else choices[0]}"
+        )
 
 
 def _with_metric(config: RunConfig, metric: str | None) -> RunConfig:
@@ -208,6 +222,7 @@ def prior_cmd(
     Under a multi-process launcher (`accelerate launch --num_processes N -m nvib prior ...`, or `torchrun`)
     each process estimates the batches of its rank and rank 0 writes the merged prior (exact).
     """
+    _one_of("--kind", kind, MODEL_KINDS)
     shard_spec = parse_shard(shard)
     rank, world = launcher_rank()
     if world > 1:
@@ -407,10 +422,11 @@ def finetune_cmd(
     lambda_g: Annotated[float, typer.Option("--lambda-g", help="Weight λ_G of the Gaussian KL.", min=0)] = 1e-3,
     lambda_d: Annotated[float, typer.Option("--lambda-d", help="Weight λ_D of the Dirichlet KL.", min=0)] = 1e-3,
     schedule: Annotated[
-        Literal["constant", "linear", "cyclic"],
+        str,
         typer.Option(
+            metavar="[" + "|".join(SCHEDULES) + "]",
             help="λ schedule: constant; linear (warm-up from 0 over --schedule-steps); cyclic "
-            "(annealing with period --schedule-steps, rising over its first half)."
+            "(annealing with period --schedule-steps, rising over its first half).",
         ),
     ] = "constant",
     schedule_steps: Annotated[int, typer.Option(help="Warm-up length or cyclic period, in steps.", min=0)] = 0,
@@ -442,10 +458,11 @@ def finetune_cmd(
         ),
     ] = START_STDEV_TAU,
     kl_clip: Annotated[
-        Literal["separate", "joint"],
+        str,
         typer.Option(
+            metavar="[separate|joint]",
             help="Gradient clipping: separate (the task and the KL gradients are clipped to --max-grad-norm each, "
-            "so the KL terms cannot shrink the task update) or joint (the whole loss's gradient, one clip)."
+            "so the KL terms cannot shrink the task update) or joint (the whole loss's gradient, one clip).",
         ),
     ] = "separate",
     max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm (0: none).", min=0)] = 1.0,
@@ -462,8 +479,10 @@ def finetune_cmd(
         ),
     ] = None,
     lr_scheduler: Annotated[
-        Literal[tuple(s.value for s in tf.SchedulerType)],  # type: ignore[valid-type]
-        typer.Option(help="Learning-rate schedule (transformers' SchedulerType)."),
+        str,
+        typer.Option(
+            help="Learning-rate schedule (transformers' SchedulerType).", metavar="[" + "|".join(LR_SCHEDULERS) + "]"
+        ),
     ] = "linear",
     warmup_steps: Annotated[int, typer.Option(help="Learning-rate warm-up steps.", min=0)] = 0,
     seed: Annotated[int, typer.Option(help="Random seed (data order, sampling, bert2bert warm start).")] = 0,
@@ -485,6 +504,10 @@ def finetune_cmd(
     Checkpoints go to OUTPUT_DIR/checkpoints every --save-steps steps: rerunning the same command after an
     interruption resumes from the last one (--no-resume deletes them and starts over).
     """
+    _one_of("--kind", kind, MODEL_KINDS)
+    _one_of("--schedule", schedule, SCHEDULES)
+    _one_of("--kl-clip", kl_clip, ("separate", "joint"))
+    _one_of("--lr-scheduler", lr_scheduler, LR_SCHEDULERS)
     lambda_schedule = LambdaSchedule(schedule, schedule_steps)  # type: ignore[arg-type]
     if not (train_nv or train_pretrained):
         raise ValueError("nothing to train: --freeze-nv and --freeze-pretrained together freeze everything")

@@ -456,6 +456,7 @@ class Run:
                         f"{prior.metadata.get('data')!r}, the config now gives {expected!r}; using it anyway "
                         "(delete it to re-estimate)"
                     )
+                self._start()  # a run directory of another model says so first
                 self._check_weights(prior, self.prior_path)
                 self.console.print(f"prior: reusing {self.prior_path} ({_tokens(prior)} tokens)")
                 self._prior = prior
