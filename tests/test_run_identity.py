@@ -183,13 +183,15 @@ def test_position_tables_are_found_and_rotary_models_have_none(bart: Path, gpt2:
 
 
 def test_huge_max_new_tokens_is_capped_with_a_warning_and_does_not_hang(tmp_path: Path) -> None:
-    llama = save_tiny_model(tmp_path / "llama", kind="llama")  # rotary: 256 positions configured, no table
+    llama = save_tiny_model(tmp_path / "llama", kind="llama")  # rotary: positions configured, no table
+    config = json.loads((llama / "config.json").read_text())
+    (llama / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 96}))
     _demos(tmp_path / "demos.jsonl")
     config = _prompt_config(llama, "demos.jsonl")
     config["generation"] = {"max_new_tokens": 1_000_000_000, "batch_size": 4}
     run = _run(config, tmp_path, tmp_path / "run")
     run.validate()
-    assert run.config.generation.max_new_tokens == 256
+    assert run.config.generation.max_new_tokens == 96
     assert "generation.max_new_tokens 1000000000 exceeds" in run.console.export_text()
     run.prior()
     assert run.check_prompt()["stock"]["greedy_identical"]  # the start-up check ends
