@@ -7,6 +7,7 @@ line with the fix, exit code 2, no traceback. Ctrl-C exits with 130; rerunning r
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import json
 import warnings
@@ -24,10 +25,11 @@ from nvib.core.io import NV_CONFIG, load
 from nvib.core.prior import EmpiricalPrior
 from nvib.workflow.data import load_examples
 from nvib.workflow.distributed import gather_to_rank0, launcher_rank
+from nvib.workflow.limits import Lengths, fit_lengths
 from nvib.workflow.models import load_model
 from nvib.workflow.run import Run, describe_data, estimate_prior, parse_shard
-from nvib.workflow.settings import ModelSection, RunConfig, config_schema, describe_schema
-from nvib.workflow.train import KL_CLIPS, START_STDEV_TAU, LambdaSchedule, finetune
+from nvib.workflow.settings import MODEL_KINDS, ModelSection, RunConfig, config_schema, describe_schema
+from nvib.workflow.train import START_STDEV_TAU, LambdaSchedule, finetune
 
 app = typer.Typer(
     name="nvib",
@@ -63,6 +65,11 @@ def friendly_errors(fn=None, *, interrupted: str | None = None, also: tuple[type
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except (ValueError, OSError, *also) as err:  # DataError, ConfigError, PriorMismatchError are ValueErrors
             message = " ".join(str(err).split()) or type(err).__name__
+            if isinstance(err, FileExistsError | NotADirectoryError) and err.filename:
+                message = (
+                    f"cannot make the folder {err.filename}: a file of that name (or above it) is in the way. Fix: "
+                    "choose another output path (-o), or move the file away"
+                )
             _console().print(Text(f"error: {message}", style="bold red"))
             raise typer.Exit(EXIT_USER_ERROR) from None
 
@@ -112,6 +119,31 @@ MetricOpt = Annotated[
 PriorOpt = Annotated[
     Path | None, typer.Option("--prior", help="Prior file to use instead of RUN_DIR/prior.safetensors.")
 ]
+ForeignPriorOpt = Annotated[
+    bool,
+    typer.Option(
+        "--foreign-prior",
+        help="Use a prior estimated on other weights than the model's (refused otherwise), with a warning.",
+    ),
+]
+KindOpt = Annotated[
+    str,
+    typer.Option(
+        help="Model kind: auto, seq2seq, causal_lm or bert2bert (warm-start from an encoder).",
+        metavar="[" + "|".join(MODEL_KINDS) + "]",
+    ),
+]
+SCHEDULES, LR_SCHEDULERS = ("constant", "linear", "cyclic"), tuple(s.value for s in tf.SchedulerType)
+
+
+def _one_of(option: str, value: str, choices: tuple[str, ...]) -> None:
+    """Refuse (one line) a value of a closed set; `--help` shows the set as the option's metavar."""
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        raise ValueError(
+            f"{option} {value!r} is not one of {', '.join(choices[:-1])} or {choices[-1]}. Fix: {option} "
+            f"{close[0] if close else choices[0]}"
+        )
 
 
 def _with_metric(config: RunConfig, metric: str | None) -> RunConfig:
@@ -122,10 +154,18 @@ def _with_metric(config: RunConfig, metric: str | None) -> RunConfig:
     return dataclasses.replace(config, search=dataclasses.replace(config.search, metric=metric), raw=raw)
 
 
-def _run(config: RunConfig, run_dir: Path | None, n_trials: int | None, progress: bool, prior: Path | None = None):
+def _run(
+    config: RunConfig,
+    run_dir: Path | None,
+    n_trials: int | None,
+    progress: bool,
+    prior: Path | None = None,
+    foreign_prior: bool = False,
+):
     run = Run(config, run_dir, console=_console(), progress=progress, n_trials=n_trials)
     if prior is not None:
         run.given_prior = prior  # read, never written
+    run.allow_foreign_prior = run.allow_foreign_prior or foreign_prior
     return run
 
 
@@ -149,8 +189,22 @@ def prior_cmd(
     ] = None,
     target_column: Annotated[str | None, typer.Option(help="Target column (teacher-forced into the decoder).")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per batch.", min=1)] = 16,
-    max_source_len: Annotated[int, typer.Option(help="Truncate sources to this many tokens.", min=1)] = 512,
-    max_target_len: Annotated[int, typer.Option(help="Truncate targets to this many tokens.", min=1)] = 128,
+    max_source_len: Annotated[
+        int | None,
+        typer.Option(
+            help="Truncate sources to this many tokens [default: 512, or fewer if the model's positions hold fewer].",
+            min=1,
+            show_default=False,
+        ),
+    ] = None,
+    max_target_len: Annotated[
+        int | None,
+        typer.Option(
+            help="Truncate targets to this many tokens [default: 128, or fewer if the model's positions hold fewer].",
+            min=1,
+            show_default=False,
+        ),
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="Use only the first LIMIT examples.", min=1)] = None,
     shard: Annotated[
         str | None,
@@ -159,10 +213,7 @@ def prior_cmd(
             "`nvib prior-merge`; use the same data, limit and batch size in every shard."
         ),
     ] = None,
-    kind: Annotated[
-        str,
-        typer.Option(help="Model kind: auto, seq2seq, causal_lm or bert2bert (warm-start from an encoder)."),
-    ] = "auto",
+    kind: KindOpt = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the weights a bert2bert warm start initialises.")] = 0,
     progress: ProgressOpt = True,
 ) -> None:
@@ -171,6 +222,7 @@ def prior_cmd(
     Under a multi-process launcher (`accelerate launch --num_processes N -m nvib prior ...`, or `torchrun`)
     each process estimates the batches of its rank and rank 0 writes the merged prior (exact).
     """
+    _one_of("--kind", kind, MODEL_KINDS)
     shard_spec = parse_shard(shard)
     rank, world = launcher_rank()
     if world > 1:
@@ -182,6 +234,14 @@ def prior_cmd(
         shard_spec = (rank, world)
     console = _console()
     loaded, tokenizer = load_model(ModelSection(str(model), kind=kind, seed=seed))
+    given = {k for k, v in (("source", max_source_len), ("target", max_target_len)) if v is not None}
+    lengths, notes = fit_lengths(
+        loaded, Lengths(max_source_len or 512, max_target_len or 128), explicit=given,
+        names={"source": "--max-source-len", "target": "--max-target-len"},
+    )  # fmt: skip
+    for note in notes:
+        console.print(Text(f"warning: {note}", style="yellow"))
+    max_source_len, max_target_len = lengths.source, lengths.target
     examples = load_examples(data, source_column, target_column, limit=limit)
     description = describe_data(
         data, (source_column, target_column), (max_source_len, max_target_len), limit, batch_size
@@ -237,10 +297,11 @@ def search_cmd(
     n_trials: TrialsOpt = None,
     metric: MetricOpt = None,
     prior: PriorOpt = None,
+    foreign_prior: ForeignPriorOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Tune the NV knobs on the dev set (resumes the study in RUN_DIR); writes RUN_DIR/nv_config.json."""
-    _run(_with_metric(RunConfig.load(config), metric), run_dir, n_trials, progress, prior).search()
+    _run(_with_metric(RunConfig.load(config), metric), run_dir, n_trials, progress, prior, foreign_prior).search()
 
 
 @app.command("evaluate", epilog=CONFIG_HELP)
@@ -252,11 +313,12 @@ def evaluate_cmd(
         Path | None, typer.Option(help="NVConfig JSON of the tuned knobs (default: RUN_DIR/nv_config.json).")
     ] = None,
     prior: PriorOpt = None,
+    foreign_prior: ForeignPriorOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """Evaluate the unconverted model, the baselines (tuned first if needed), NV at equivalence and tuned NV on
     every test set; write the report."""
-    run = _run(RunConfig.load(config), run_dir, None, progress, prior)
+    run = _run(RunConfig.load(config), run_dir, None, progress, prior, foreign_prior)
     if knobs is not None and not knobs.is_file():
         raise FileNotFoundError(f"no knobs file at {knobs}. Fix: pass the nv_config.json written by `nvib search`")
     evaluation = run.evaluate(NVConfig.load(knobs) if knobs is not None else None)
@@ -342,15 +404,14 @@ def finetune_cmd(
     target_column: Annotated[str | None, typer.Option(help="Target column.")] = None,
     split: Annotated[str | None, typer.Option(help="Split of a save_to_disk DatasetDict.")] = None,
     limit: Annotated[int | None, typer.Option(help="Use only the first LIMIT training examples.", min=1)] = None,
-    kind: Annotated[
-        str, typer.Option(help="Model kind: auto, seq2seq, causal_lm or bert2bert (warm-start from an encoder).")
-    ] = "auto",
+    kind: KindOpt = "auto",
     prior: Annotated[
         Path | None,
         typer.Option(
             help="Empirical prior (.safetensors from `nvib prior`) for the conversion; default: the unit prior."
         ),
     ] = None,
+    foreign_prior: ForeignPriorOpt = False,
     knobs: Annotated[
         Path | None,
         typer.Option(
@@ -395,8 +456,9 @@ def finetune_cmd(
     schedule: Annotated[
         str,
         typer.Option(
+            metavar="[" + "|".join(SCHEDULES) + "]",
             help="λ schedule: constant; linear (warm-up from 0 over --schedule-steps); cyclic "
-            "(annealing with period --schedule-steps, rising over its first half)."
+            "(annealing with period --schedule-steps, rising over its first half).",
         ),
     ] = "constant",
     schedule_steps: Annotated[int, typer.Option(help="Warm-up length or cyclic period, in steps.", min=0)] = 0,
@@ -430,15 +492,16 @@ def finetune_cmd(
     kl_clip: Annotated[
         str,
         typer.Option(
+            metavar="[separate|joint]",
             help="Gradient clipping: separate (the task and the KL gradients are clipped to --max-grad-norm each, "
-            "so the KL terms cannot shrink the task update) or joint (the whole loss's gradient, one clip)."
+            "so the KL terms cannot shrink the task update) or joint (the whole loss's gradient, one clip).",
         ),
     ] = "separate",
     max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm (0: none).", min=0)] = 1.0,
     max_steps: Annotated[int, typer.Option(help="Optimisation steps.", min=1)] = 1000,
     batch_size: Annotated[int, typer.Option(help="Examples per batch.", min=1)] = 8,
     grad_accum: Annotated[int, typer.Option(help="Batches accumulated per optimisation step.", min=1)] = 1,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW), > 0.", min=0)] = 5e-5,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW), > 0.")] = 5e-5,
     nv_lr: Annotated[
         float | None,
         typer.Option(
@@ -447,7 +510,12 @@ def finetune_cmd(
             min=0,
         ),
     ] = None,
-    lr_scheduler: Annotated[str, typer.Option(help="Learning-rate schedule: linear, constant, cosine, ...")] = "linear",
+    lr_scheduler: Annotated[
+        str,
+        typer.Option(
+            help="Learning-rate schedule (transformers' SchedulerType).", metavar="[" + "|".join(LR_SCHEDULERS) + "]"
+        ),
+    ] = "linear",
     warmup_steps: Annotated[int, typer.Option(help="Learning-rate warm-up steps.", min=0)] = 0,
     seed: Annotated[int, typer.Option(help="Random seed (data order, sampling, bert2bert warm start).")] = 0,
     max_source_len: Annotated[int, typer.Option(help="Truncate sources to this many tokens.", min=1)] = 512,
@@ -470,15 +538,15 @@ def finetune_cmd(
     Checkpoints go to OUTPUT_DIR/checkpoints every --save-steps steps: rerunning the same command after an
     interruption resumes from the last one (--no-resume deletes them and starts over).
     """
-    if schedule not in ("constant", "linear", "cyclic"):
-        raise ValueError(f"--schedule must be constant, linear or cyclic, got {schedule!r}")
-    if kl_clip not in KL_CLIPS:
-        raise ValueError(f"--kl-clip must be separate or joint, got {kl_clip!r}")
+    _one_of("--kind", kind, MODEL_KINDS)
+    _one_of("--schedule", schedule, SCHEDULES)
+    _one_of("--kl-clip", kl_clip, ("separate", "joint"))
+    _one_of("--lr-scheduler", lr_scheduler, LR_SCHEDULERS)
     lambda_schedule = LambdaSchedule(schedule, schedule_steps)  # type: ignore[arg-type]
     if not (train_nv or train_pretrained):
         raise ValueError("nothing to train: --freeze-nv and --freeze-pretrained together freeze everything")
     if not lr > 0:
-        raise ValueError(f"--lr must be > 0, got {lr}")
+        raise ValueError(f"--lr must be > 0, got {lr:g}. Fix: a positive learning rate such as 5e-5")
     if knobs is not None and not knobs.is_file():
         raise FileNotFoundError(f"no knobs file at {knobs}. Fix: pass an NVConfig JSON such as nv_config.json")
     if prior is not None and not prior.is_file():
@@ -521,6 +589,7 @@ def finetune_cmd(
         save_steps=save_steps,
         resume=resume,
         progress=progress,
+        allow_foreign_prior=foreign_prior,
     )
     _console().print(f"fine-tuned {'NV ' if nv else ''}model ({len(examples)} examples) -> {output_dir}")
 

@@ -7,22 +7,30 @@
   θ(w) = (1 − w)·θ_pre + w·θ_fine, w ∈ [0, 1] (Wortsman et al., 2022); w = 1 is the model.
 
 :func:`tune` searches the scalar with Optuna (TPE, the identity tried first, the same growing dev slices and
-median pruning as the knob search) in a study of its own, so it resumes like the knob search.
+median pruning as the knob search) in a study of its own, so it resumes like the knob search (after a kill -9 too).
 """
 
 from __future__ import annotations
 
+import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import optuna
 import torch
+from optuna.trial import TrialState
 from torch import nn
 
 from nvib.core.architectures import find_sites
 from nvib.workflow.objectives import TrialResult
+from nvib.workflow.search import MAX_FAILED_IN_A_ROW, record_objective
+from nvib.workflow.settings import GRACE_PERIOD, HEARTBEAT_INTERVAL
+from nvib.workflow.storage import open_storage, safe_url
 
 __all__ = ["AttentionTemperature", "Baseline", "WiseFT", "summary", "tune"]
+
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 class Baseline:
@@ -111,20 +119,33 @@ def tune(
     seed: int,
     n_startup_trials: int = 5,
     on_trial: Callable[[int], None] | None = None,
+    objective_info: Mapping[str, Any] | None = None,
+    heartbeat_interval: int | None = HEARTBEAT_INTERVAL,
+    grace_period: int | None = GRACE_PERIOD,
 ) -> tuple[float, optuna.Study]:
     """The best value of ``baseline``'s scalar on ``objective`` (maximised, as :class:`DevObjective` returns it)
-    after ``n_trials`` trials in total (a rerun resumes the stored study); the model is left at the identity."""
+    after ``n_trials`` finished trials in total (a rerun resumes the stored study); the model is left at the identity.
+
+    It resumes as the knob search does (:mod:`nvib.workflow.search`): running trials send a heartbeat, and one
+    silent for ``grace_period`` s (its process was killed) is failed and asked again with the same value before any
+    new trial (trials run one at a time: a tune waits while another process's trial runs); each trial's sampler is
+    seeded by ``seed`` + the finished trials before it, so an interrupted tune ends where an uninterrupted one does.
+    The study records ``objective_info`` with the range and slices, and a study made for another objective is
+    refused (``ObjectiveMismatchError``)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    opened = open_storage(storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
     study = optuna.create_study(
-        study_name=study_name, storage=storage, load_if_exists=True, direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials),
+        study_name=study_name, storage=opened, load_if_exists=True, direction="maximize",
         pruner=optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials),
     )  # fmt: skip
+    wanted = {**dict(objective_info or {}), baseline.knob: [baseline.low, baseline.high], "slices": list(slices)}
+    record_objective(study, wanted, safe_url(storage))
     if not study.trials:
         study.enqueue_trial({baseline.knob: baseline.identity}, skip_if_exists=True)
-    done = sum(t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL for t in study.trials)
+    ran: list[int] = []
 
     def trial_fn(trial: optuna.Trial) -> float:
+        ran.append(trial.number)
         if on_trial is not None:
             on_trial(trial.number)
         value = trial.suggest_float(baseline.knob, baseline.low, baseline.high)
@@ -138,12 +159,28 @@ def tune(
                 raise optuna.TrialPruned()
         return result.value
 
+    failed_in_a_row = 0
     try:
-        if n_trials > done:
-            study.optimize(trial_fn, n_trials=n_trials - done)
+        while failed_in_a_row < MAX_FAILED_IN_A_ROW:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            done = sum(t.state in _FINISHED for t in trials)
+            if done >= n_trials:
+                break
+            if any(t.state == TrialState.RUNNING for t in trials):
+                # one trial at a time: a trial left by a killed process is failed once its heartbeat is stale and
+                # asked again before anything new, so the trials after it are those of an uninterrupted tune
+                time.sleep(0.5)
+                continue
+            study.sampler = optuna.samplers.TPESampler(seed=seed + done, n_startup_trials=n_startup_trials)
+            study.optimize(trial_fn, n_trials=1)
+            state = next(t.state for t in study.get_trials(deepcopy=False) if t.number == ran[-1])
+            failed_in_a_row = failed_in_a_row + 1 if state == TrialState.FAIL else 0
     finally:
         baseline.reset()
-    best = study.best_trial if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) else None
+    best = study.best_trial if any(t.state == TrialState.COMPLETE for t in study.trials) else None
     return (baseline.identity if best is None else float(best.params[baseline.knob])), study
 
 

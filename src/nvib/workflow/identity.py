@@ -1,7 +1,8 @@
 """What identifies a run, so that a rerun resumes only the run it started (issue 24): the model's and the
-tokenizer's files, the data files, the lengths and the task (the objective is checked by the study itself).
-Fingerprints read the sizes and the first and last MiB of each file (fast on multi-GB weights; a changed file almost
-always changes one of them)."""
+tokenizer's files, the data files (the prompt's demonstrations too), the lengths and the task (the objective is
+checked by the study itself). Files are told apart by their contents, never by the path that names them: fingerprints
+read the sizes and the first and last MiB of each file (fast on multi-GB weights; a changed file almost always
+changes one of them)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from torch import nn
+
+from nvib.core.prior import EmpiricalPrior, PriorMismatchError, weights_hash
 
 CHUNK = 1 << 20
 
@@ -44,6 +49,18 @@ def file_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def prior_digest(prior: EmpiricalPrior) -> str:
+    """SHA-256 (16 hex digits) of a prior's statistics (every site's count, mean and spread) and the weights it was
+    estimated on: two priors that configure a model differently differ in it."""
+    digest = hashlib.sha256(str(prior.metadata.get("weights_hash")).encode())
+    for name, s in sorted(prior.sites.items()):
+        digest.update(f"{name}\0{s.count}\0".encode())
+        for t in (s.mean, s.m2, s.norm_mean, s.norm_m2, s.value_mean):
+            if t is not None:
+                digest.update(t.detach().to("cpu", dtype=t.dtype).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def check_identity(path: Path, identity: Mapping[str, Any], fix: str) -> None:
     """Write `identity` to `path` (JSON) the first time; afterwards refuse (one line) an identity that differs."""
     if path.is_file():
@@ -61,3 +78,21 @@ def check_identity(path: Path, identity: Mapping[str, Any], fix: str) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(dict(identity), indent=2) + "\n")
+
+
+def check_prior_weights(prior: EmpiricalPrior, model: nn.Module, where: str, allow_foreign: bool = False) -> str | None:
+    """Refuse a prior estimated on other weights than ``model``'s (its ``weights_hash``), in one line; with
+    ``allow_foreign``, return the warning instead. None when the weights match (or the prior records none)."""
+    recorded, ours = prior.metadata.get("weights_hash"), weights_hash(model)
+    if recorded is None or recorded == ours:
+        return None
+    message = (
+        f"the prior {where} was estimated on other weights ({prior.metadata.get('model_name') or 'unnamed'}, weights "
+        f"hash {str(recorded)[:12]}) than this model's ({ours[:12]})"
+    )
+    if allow_foreign:
+        return f"{message}; using it as asked (foreign prior allowed)"
+    raise PriorMismatchError(
+        f"{message}. Fix: estimate a prior on this model (`nvib prior`, or drop --prior), or allow it on purpose "
+        "with --foreign-prior (config: prior.allow_foreign: true)"
+    )

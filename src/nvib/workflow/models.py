@@ -75,6 +75,7 @@ def _load(
     elif kind == "causal_lm":
         model = tf.AutoModelForCausalLM.from_pretrained(path, **only, **gguf)
     else:
+        _check_bert2bert(config, path)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(section.seed)
             model = tf.EncoderDecoderModel.from_encoder_decoder_pretrained(path, path, **only)
@@ -133,6 +134,21 @@ def _gguf_args(section: ModelSection, path: Path) -> dict[str, str]:
     if importlib.util.find_spec("gguf") is None:
         raise ValueError(f"{path / name}: loading GGUF needs the gguf package. Fix: pip install 'nvib[gguf]'")
     return {"gguf_file": name}
+
+
+#: Encoders whose decoder form (with cross-attention) a bert2bert warm start can make: named in its error
+BERT2BERT_EXAMPLES = ("bert", "roberta", "xlm-roberta", "electra", "camembert")
+
+
+def _check_bert2bert(config: Any, path: Path | str) -> None:
+    """Refuse (one line) an encoder that has no causal-LM form to be the decoder of a bert2bert warm start."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(
+            f"{path} is a {config.model_type} model, which has no decoder form, so it cannot warm-start bert2bert. "
+            f"Fix: a BERT-style encoder ({', '.join(BERT2BERT_EXAMPLES)}, ...), or model kind seq2seq or causal_lm"
+        )
 
 
 def _detect_kind(config: Any, task: str | None, path: Path | str) -> str:

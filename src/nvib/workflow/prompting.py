@@ -238,9 +238,9 @@ class SharedPrefix:
         sums = torch.zeros(len(lengths), dtype=torch.float64).index_add_(0, rows, nll)
         return [Scored(float(s), n) for s, n in zip(sums, lengths, strict=True)]
 
-    def _check_window(self, items: Sequence[Encoded], new_tokens: int) -> None:
+    def check_window(self, items: Sequence[Encoded], new_tokens: int) -> None:
         """A sliding window counts cache slots: the longest padded row must fit for sharing to be exact."""
-        if self.window is None:
+        if self.window is None or not items:
             return
         longest = len(self.prompt.prefix) + max(len(e.suffix) for e in items)
         longest += max(new_tokens, *(len(e.target) for e in items))
@@ -254,7 +254,7 @@ class SharedPrefix:
     @torch.inference_mode()
     def nll(self, items: Sequence[Encoded], batch_size: int = 16) -> list[Scored]:
         """Teacher-forced target NLL of each example, the prefix shared."""
-        self._check_window(items, 0)
+        self.check_window(items, 0)
         out: list[Scored | None] = [None] * len(items)
         p = len(self.prompt.prefix)
         for idx in _by_length(items, batch_size):
@@ -278,7 +278,7 @@ class SharedPrefix:
         The suffix cache is copied: the targets are teacher-forced on the copy, greedy decoding continues on the
         original and a row leaves the batch when it stops (:meth:`FewShotPrompt.stopped`).
         """
-        self._check_window(items, max_new_tokens)
+        self.check_window(items, max_new_tokens)
         scored: list[Scored | None] = [None] * len(items)
         generated: list[list[int]] = [[] for _ in items]
         p = len(self.prompt.prefix)

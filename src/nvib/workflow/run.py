@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from nvib.core.architectures import find_sites
 from nvib.core.config import NVConfig
 from nvib.core.convert import configure, convert, is_converted, nv_layers, unload
 from nvib.core.prior import EmpiricalPrior
@@ -39,7 +40,8 @@ from nvib.workflow.evaluate import (
     evaluate_variants,
     new_progress,
 )
-from nvib.workflow.identity import check_identity, file_fingerprint
+from nvib.workflow.identity import check_identity, check_prior_weights, file_fingerprint, prior_digest
+from nvib.workflow.limits import Lengths, fit_lengths
 from nvib.workflow.metrics import LIKELIHOOD_METRICS
 from nvib.workflow.models import batch_kind, load_model, model_location
 from nvib.workflow.prompting import FewShotPrompt, SharedPrefix, check_sharing, draw_demonstrations, prompt_prior
@@ -47,7 +49,7 @@ from nvib.workflow.report import ReportPaths, write_report
 from nvib.workflow.search import best_knobs, knob_names, load_study, run_search, sampler_seed
 from nvib.workflow.settings import PRIOR_ONLY_ALPHA_TAUS, STDEV_RANGES, DatasetSection, RunConfig, SearchSpace
 
-__all__ = ["Run", "describe_data", "estimate_prior", "parse_shard", "prior_stats"]
+__all__ = ["Run", "check_start_points", "describe_data", "estimate_prior", "fit_config", "parse_shard", "prior_stats"]
 
 PRIOR_FILE, STUDY_FILE, KNOBS_FILE, CONFIG_FILE, IDENTITY_FILE, BASELINES_FILE, PROMPT_CHECK_FILE = (
     "prior.safetensors",
@@ -165,6 +167,38 @@ def prior_stats(prior: EmpiricalPrior) -> dict[str, dict[str, Any]]:
     }
 
 
+def fit_config(config: RunConfig, model: nn.Module, prefix: int = 0) -> tuple[RunConfig, list[str]]:
+    """``config`` with data.max_source_len / max_target_len and generation.max_new_tokens made to fit the model's
+    positions (`nvib.workflow.limits.fit_lengths`: lengths the config sets are refused if too long, defaults
+    lowered), and the notes of what was lowered. ``prefix``: a few-shot prompt's tokens before each source."""
+    d, g = config.data, config.generation
+    given = {k for k in ("max_source_len", "max_target_len") if k in (config.raw.get("data") or {})}
+    fitted, notes = fit_lengths(
+        model,
+        Lengths(d.max_source_len, d.max_target_len, g.max_new_tokens),
+        names={"source": "data.max_source_len", "target": "data.max_target_len",
+               "new_tokens": "generation.max_new_tokens"},
+        explicit={{"max_source_len": "source", "max_target_len": "target"}[k] for k in given},
+        prefix=prefix,
+    )  # fmt: skip
+    data = dataclasses.replace(d, max_source_len=fitted.source, max_target_len=fitted.target)
+    generation = dataclasses.replace(g, max_new_tokens=fitted.new_tokens)
+    return dataclasses.replace(config, data=data, generation=generation), notes
+
+
+def check_start_points(config: RunConfig, model: nn.Module) -> None:
+    """Refuse (one line) a search start point that sets a knob of an attention kind the model lacks."""
+    kinds = {site.kind for site in find_sites(model)}
+    names = knob_names(kinds)
+    for i, point in enumerate(config.search.start_points):
+        extra = sorted(set(point) - set(names))
+        if extra:
+            raise ValueError(
+                f"search.start_points[{i}] sets {', '.join(extra)}, but {type(model).__name__} has only "
+                f"{', '.join(sorted(kinds))} attention (knobs: {', '.join(names)}). Fix: drop those knobs"
+            )
+
+
 class Run:
     """The stages of a run over one model object (loaded once, on first use)."""
 
@@ -188,6 +222,9 @@ class Run:
         self.given_prior: Path | None = None  # a prior file the user passed (`--prior`): read only, never written
         self._prior: EmpiricalPrior | None = None
         self._prompt_check: dict[str, Any] | None = None
+        self.allow_foreign_prior = config.prior.allow_foreign  # `--foreign-prior`: use a prior of other weights
+        self._validated = False
+        self._examples: dict[tuple[str, str | None], list[Example]] = {}
 
     # -- shared pieces
 
@@ -204,10 +241,37 @@ class Run:
         return model, tokenizer
 
     def examples(self, split: str, name: str | None = None) -> list[Example]:
-        d = self.config.data
-        data = {"train": d.train, "dev": d.dev}.get(split) or d.test[name]
-        limit = {"train": d.train_limit, "dev": d.dev_limit}.get(split, d.test_limit)
-        return self._read(data, limit)
+        """The examples of ``split`` (train, dev, or the test set ``name``), read once."""
+        if (split, name) not in self._examples:
+            d = self.config.data
+            data = {"train": d.train, "dev": d.dev}.get(split) or d.test[name]
+            limit = {"train": d.train_limit, "dev": d.dev_limit}.get(split, d.test_limit)
+            self._examples[split, name] = self._read(data, limit)
+        return self._examples[split, name]
+
+    def validate(self) -> None:
+        """What can be checked before the first forward pass, once: the lengths against the model's positions
+        (`fit_config`; the config is replaced by the lengths used), the start points' knobs against its attention
+        kinds, that the dev and test data load, and that a few-shot prompt fits a sliding window."""
+        if self._validated:
+            return
+        model, _ = self.loaded
+        self.config, notes = fit_config(self.config, model, self._prompt_overhead())
+        self.__dict__.pop("prompt", None)  # built again with the lengths used
+        for note in notes:
+            self.console.print(f"[yellow]warning:[/yellow] {note}")
+        check_start_points(self.config, model)
+        sets = [self.examples("dev"), *(self.examples("test", name) for name in self.config.data.test)]
+        if self.prompt is not None:
+            items = [self.prompt.encode(e) for examples in sets for e in examples]
+            SharedPrefix(model, self.prompt).check_window(items, self.config.generation.max_new_tokens)
+        self._validated = True
+
+    def _prompt_overhead(self) -> int:
+        """Tokens of a few-shot prompt before and around each source: its prefix and template pieces (0 without)."""
+        if self.prompt is None:
+            return 0
+        return len(self.prompt.prefix) + len(self.prompt.encode(Example("")).suffix)
 
     def _read(self, data: str | DatasetSection, limit: int | None) -> list[Example]:
         if isinstance(data, DatasetSection):
@@ -302,9 +366,36 @@ class Run:
         return text if self.config.prompt is None else f"{text} prompt={self._prompt_digest()}"
 
     def _prompt_digest(self) -> str:
-        """A short hash of the prompt section: a prior or a run made with another prompt is told apart."""
+        """A short hash of the prompt section, its demonstrations' data by contents (a file's fingerprint, however
+        the config names it): a prior or a run made with another prompt is told apart."""
         section = dataclasses.asdict(self.config.prompt)  # type: ignore[arg-type]
+        given = self.config.prompt.demonstrations  # type: ignore[union-attr]
+        if given is not None:
+            data = given.data
+            section["demonstrations"]["data"] = (
+                self.data_name(data) if isinstance(data, DatasetSection) else file_fingerprint(self.config.path(data))
+            )
         return hashlib.sha256(json.dumps(section, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    def study_identity(self, prior: EmpiricalPrior | None, model: nn.Module) -> dict[str, Any]:
+        """What changes a trial's value beside the metric, the dev data, the knob ranges and the slices (which
+        `run_search` records itself): the prior, the stdev unit, the lengths, the prompt and, for a generation
+        metric, the generation settings and the diversity guard. A resumed study refuses any other."""
+        cfg = self.config
+        generating = cfg.metric not in LIKELIHOOD_METRICS
+        g = cfg.generation
+        return {
+            "prior": prior_digest(prior) if prior is not None else None,
+            "stdev_unit": (cfg.search.stdev_unit or next(iter(nv_layers(model).values())).STDEV_UNIT)
+            if is_converted(model)
+            else None,
+            "lengths": [cfg.data.max_source_len, cfg.data.max_target_len],
+            "prompt": self._prompt_digest() if cfg.prompt is not None else None,
+            "max_new_tokens": g.max_new_tokens if generating else None,
+            "num_beams": g.num_beams if generating else None,
+            "generation_kwargs": dict(g.kwargs) if generating else None,
+            "min_diversity": cfg.search.min_diversity if generating else None,
+        }
 
     def identity(self) -> dict[str, Any]:
         """What this run's results depend on (`nvib.workflow.identity`): a rerun resumes only the same."""
@@ -343,6 +434,7 @@ class Run:
         """The run's prior: loaded if ``prior.safetensors`` is there and complete, else estimated, saved."""
         if self._prior is not None:
             return self._prior
+        self.validate()
         if self.given_prior is not None:
             prior = EmpiricalPrior.load(self.given_prior)
             if not prior.metadata.get("complete", True):
@@ -351,6 +443,7 @@ class Run:
                     "write to a file you pass. Fix: estimate it again with `nvib prior ... -o FILE`, or drop --prior "
                     "to estimate one in the run directory"
                 )
+            self._check_weights(prior, self.given_prior)
             self._prior = prior
             return prior
         expected = self._prior_description()
@@ -363,6 +456,8 @@ class Run:
                         f"{prior.metadata.get('data')!r}, the config now gives {expected!r}; using it anyway "
                         "(delete it to re-estimate)"
                     )
+                self._start()  # a run directory of another model says so first
+                self._check_weights(prior, self.prior_path)
                 self.console.print(f"prior: reusing {self.prior_path} ({_tokens(prior)} tokens)")
                 self._prior = prior
                 return prior
@@ -405,6 +500,14 @@ class Run:
         self._prior = prior
         return prior
 
+    def _check_weights(self, prior: EmpiricalPrior, path: Path) -> None:
+        model, _ = self.loaded
+        if is_converted(model):
+            unload(model)
+        warning = check_prior_weights(prior, model, str(path), self.allow_foreign_prior)
+        if warning is not None:
+            self.console.print(f"[yellow]warning:[/yellow] {warning}")
+
     def _nv_model(self, prior: EmpiricalPrior) -> nn.Module:
         model, _ = self.loaded
         if is_converted(model) and model.__dict__.get("nv_prior") is not prior:
@@ -415,6 +518,7 @@ class Run:
 
     def search(self) -> optuna.Study:
         """Tune the knobs on the dev set (resuming a stored study); writes nv_config.json."""
+        self.validate()
         cfg, metric_name = self.config, self.config.metric
         prior = self.prior(required=True)
         self.check_prompt()
@@ -462,7 +566,11 @@ class Run:
                 timeout=cfg.search.timeout,
                 progress=False,
                 n_startup_trials=cfg.search.n_startup_trials,
-                objective_info={"metric": metric_name, "dev": fingerprint(dev[: slices[-1]])},
+                objective_info={
+                    "metric": metric_name,
+                    "dev": fingerprint(dev[: slices[-1]]),
+                    **self.study_identity(prior, model),
+                },  # fmt: skip
                 heartbeat_interval=cfg.search.heartbeat_interval,
                 grace_period=cfg.search.grace_period,
             )
@@ -531,11 +639,18 @@ class Run:
                     self.evaluator(bar), dev, self.config.metric, min_diversity=cfg.search.min_diversity,
                     apply=baseline.apply,
                 )  # fmt: skip
+                slices = self.dev_slices(dev)
+                identity = self.study_identity(None, model)
+                del identity["prior"], identity["stdev_unit"]  # the baselines run the unconverted model
+                if name == "wise_ft":
+                    identity["pretrained"] = str(model_location(cfg.baselines.wise_ft, cfg.base_dir))
                 value, study = tune(
-                    baseline, objective, n_trials=self.n_trials, slices=self.dev_slices(dev), storage=self.storage,
+                    baseline, objective, n_trials=self.n_trials, slices=slices, storage=self.storage,
                     study_name=f"{cfg.search.study_name}-{name}", seed=self.sampler_seed,
                     n_startup_trials=cfg.search.n_startup_trials,
                     on_trial=lambda n, task=task: bar.update(task, completed=n, info=f"trial {n + 1}"),
+                    objective_info={"metric": cfg.metric, "dev": fingerprint(dev[: slices[-1]]), **identity},
+                    heartbeat_interval=cfg.search.heartbeat_interval, grace_period=cfg.search.grace_period,
                 )  # fmt: skip
                 bar.update(task, completed=self.n_trials)
                 tuned[name], summaries[name] = (baseline, value), summary(study)
@@ -561,6 +676,7 @@ class Run:
 
     def evaluate(self, knobs: NVConfig | None = None) -> Evaluation:
         """Evaluate unconverted / equivalence / tuned on every test set; write predictions, scores.json."""
+        self.validate()
         cfg = self.config
         prior = self.prior(required=True)
         tuned = knobs or self.tuned_knobs()
@@ -651,7 +767,8 @@ class Run:
         return paths
 
     def all(self) -> Evaluation:
-        """prior -> search -> baselines and evaluation -> report."""
+        """validation -> prior -> search -> baselines and evaluation -> report."""
+        self.validate()
         self._start()
         self.prior()
         self.search()

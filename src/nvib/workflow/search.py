@@ -85,6 +85,7 @@ __all__ = [
     "load_study",
     "open_storage",
     "MAX_FAILED_IN_A_ROW",
+    "record_objective",
     "SearchFailedError",
     "knobs_of",
     "run_search",
@@ -160,6 +161,15 @@ def _check_objective(study: optuna.Study, wanted: dict[str, Any], where: str) ->
                 f"asks for {key}={wanted.get(key)!r}; its trials are not comparable. Fix: use a new study name "
                 "(search.study_name) or another run directory, or restore the original setting"
             )
+
+
+def record_objective(study: optuna.Study, wanted: Mapping[str, Any], where: str) -> None:
+    """Refuse (``ObjectiveMismatchError``, one line) a study recorded for another objective than ``wanted``; record
+    ``wanted`` on a study that has none yet."""
+    wanted = _normalise(dict(wanted))
+    _check_objective(study, wanted, where)
+    if OBJECTIVE_ATTR not in study.user_attrs:
+        study.set_user_attr(OBJECTIVE_ATTR, wanted)
 
 
 def _wait_for_objective(study: optuna.Study, timeout: float) -> dict[str, Any] | None:

@@ -211,6 +211,9 @@ class DatasetSection:
 
 
 Data = Str | DatasetSection
+#: What a test set's name may not hold (it names files: predictions/<variant>.<name>.jsonl), beside control
+#: characters, and its longest UTF-8 length (file names hold 255 bytes, less the variant and extension)
+_NOT_IN_FILE_NAMES, MAX_TEST_NAME = '/\\<>:"|?*', 200
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -235,8 +238,16 @@ class DataSection:
         if not self.test:
             raise ValueError("test must name at least one test set, e.g. test: {in_domain: test.jsonl}")
         for name in self.test:
-            if not name or any(c in name for c in "/\\") or name.startswith("."):
-                raise ValueError(f"test set name {name!r} must be a plain file-name-safe word")
+            bad = sorted({c for c in name if c in _NOT_IN_FILE_NAMES or ord(c) < 32})
+            if not name or bad or name.startswith(".") or len(name.encode("utf-8")) > MAX_TEST_NAME:
+                what = (
+                    f"holds {', '.join(map(repr, bad))}" if bad else "starts with '.'" if name.startswith(".")
+                    else f"has {len(name.encode('utf-8'))} bytes (at most {MAX_TEST_NAME})" if name else "is empty"
+                )  # fmt: skip
+                raise ValueError(
+                    f"test set name {name[:40]!r}{'...' if len(name) > 40 else ''} {what}: it names the test set's "
+                    "files. Fix: a short plain word such as in_domain"
+                )
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -275,7 +286,11 @@ class PromptSection:
 
 @dataclass(frozen=True, config=_CONFIG)
 class PriorSection:
+    """``batch_size``: examples per batch of the estimate; ``allow_foreign``: use a prior (``--prior``) estimated on
+    other weights than the run's model, with a warning (refused otherwise: its statistics describe another model)."""
+
     batch_size: PositiveInt = 16
+    allow_foreign: bool = False
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -446,7 +461,15 @@ class RunConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no config file at {path}. Fix: check the path (a .yaml or .toml file)")
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = data[: err.start].count(b"\n") + 1
+            raise ConfigError(
+                f"{path}: byte {err.start} (line {line}) is 0x{data[err.start]:02x}, not UTF-8 text. Fix: save the "
+                "file as UTF-8"
+            ) from None
         try:
             if path.suffix.lower() in (".yaml", ".yml"):
                 raw = yaml.safe_load(text)

@@ -99,6 +99,11 @@ def open_storage(
             ) from None
         except sqlalchemy.exc.OperationalError as err:
             reason = " ".join(str(getattr(err, "orig", err)).split())
+            if url.startswith("sqlite:"):
+                raise StorageError(
+                    f"cannot write the Optuna storage {safe} ({reason}). Fix: free disk space, check that its folder "
+                    "exists and is writable, or set search.storage to a file elsewhere"
+                ) from None
             raise StorageError(
                 f"cannot connect to the Optuna storage {safe} ({reason}). "
                 "Fix: start the database server, or correct host, port, user and database in the URL"

@@ -8,6 +8,7 @@ import inspect
 import json
 import math
 import shutil
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from nvib.core.convert import LAYERS, configure, convert, enable_per_token_varia
 from nvib.core.io import save
 from nvib.core.prior import EmpiricalPrior, weights_hash
 from nvib.workflow.data import BatchKind, Example, batches, fingerprint
+from nvib.workflow.identity import check_prior_weights
 from nvib.workflow.models import batch_kind
 from nvib.workflow.train.regularisers import check_weight
 from nvib.workflow.train.trainer import (
@@ -64,6 +66,7 @@ def prepare_model(
     train_pretrained: bool = True,
     per_token_variance: bool | None = None,
     start_stdev_tau: float = START_STDEV_TAU,
+    allow_foreign_prior: bool = False,
 ) -> nn.Module:
     """Convert `model` if needed (identity initialisation, so it computes what the pretrained model computes)
     and set which parameters train. An already converted model keeps its NV layers, unless `nv_config` is
@@ -76,8 +79,13 @@ def prepare_model(
     rate per step, so the variances stay negligible while evaluation pays for the general form. Hence, when
     per-token variances are asked for (True) and the layers are initialised here (a plain model, or
     `nv_config` given), every site kind whose stdev_tau is 0 starts at `start_stdev_tau` instead
-    (σ² = τ_σ²·s0²: the task gradient reaches W_σ through z̃ = μ + σε, scaled by σ)."""
-    if isinstance(prior, str | Path):
+    (σ² = τ_σ²·s0²: the task gradient reaches W_σ through z̃ = μ + σε, scaled by σ).
+
+    A `prior` estimated on other weights than `model`'s is refused (`PriorMismatchError`), or used with a warning
+    when `allow_foreign_prior`."""
+    if not is_converted(model):
+        prior = checked_prior(prior, model, allow_foreign_prior)
+    elif isinstance(prior, str | Path):
         prior = EmpiricalPrior.load(prior)
     if nv_config is not None and not isinstance(nv_config, NVConfig):
         raise TypeError(f"nv_config must be an nvib.NVConfig, got {type(nv_config).__name__}")
@@ -108,6 +116,21 @@ def prepare_model(
         )
     set_trainable(model, train_nv=train_nv, train_pretrained=train_pretrained)
     return model
+
+
+def checked_prior(
+    prior: EmpiricalPrior | str | Path | None, model: nn.Module, allow_foreign: bool = False
+) -> EmpiricalPrior | None:
+    """`prior` loaded (from a path) and checked against `model`'s weights: refused in one line
+    (`PriorMismatchError`) when estimated on other weights, or used with a warning when `allow_foreign`."""
+    where = str(prior) if isinstance(prior, str | Path) else "given"
+    if isinstance(prior, str | Path):
+        prior = EmpiricalPrior.load(prior)
+    if prior is not None:
+        warning = check_prior_weights(prior, model, where, allow_foreign)
+        if warning is not None:
+            warnings.warn(warning, UserWarning, stacklevel=3)
+    return prior
 
 
 def set_trainable(model: nn.Module, *, train_nv: bool = True, train_pretrained: bool = True) -> None:
@@ -339,6 +362,7 @@ def finetune(
     start_stdev_tau: float = START_STDEV_TAU,
     resume: bool = True,
     convert: bool = True,
+    allow_foreign_prior: bool = False,
     **trainer_options: Any,
 ) -> nn.Module:
     """Fine-tune `model` with the NVIB regularisers; save it to `output_dir` with `nvib.save` (+ tokenizer).
@@ -357,7 +381,8 @@ def finetune(
     `trainer_options` go to `build_trainer`: λ_G, λ_D and their `schedule`, `max_steps`, `batch_size`, `lr`,
     ... and any `Seq2SeqTrainingArguments`. Checkpoints go to ``output_dir/checkpoints`` every `save_steps` steps; with
     `resume` (the default) a rerun continues from the last one (with `resume=False` they are deleted and
-    training starts over). Returns the fine-tuned model in eval mode.
+    training starts over). `allow_foreign_prior`: use a prior estimated on other weights (with a warning) rather
+    than refuse it. Returns the fine-tuned model in eval mode.
     """
 
     defaults = {
@@ -421,11 +446,12 @@ def finetune(
             train_pretrained=train_pretrained,
             per_token_variance=per_token_variance,
             start_stdev_tau=start_stdev_tau,
+            allow_foreign_prior=allow_foreign_prior,
         )
     else:
         for param in model.parameters():
             param.requires_grad_(True)
-        options["prior"] = prior
+        options["prior"] = checked_prior(prior, model, allow_foreign_prior)
     trainer = build_trainer(model, examples, tokenizer, output_dir=out, **options)
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_ARGS).write_text(json.dumps({**settings, "max_steps": options["max_steps"]}, indent=2) + "\n")
