@@ -114,7 +114,6 @@ def tune(
 ) -> tuple[float, optuna.Study]:
     """The best value of ``baseline``'s scalar on ``objective`` (maximised, as :class:`DevObjective` returns it)
     after ``n_trials`` trials in total (a rerun resumes the stored study); the model is left at the identity."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         study_name=study_name, storage=storage, load_if_exists=True, direction="maximize",
         sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials),

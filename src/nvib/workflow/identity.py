@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from nvib.core import files
+
 CHUNK = 1 << 20
 
 
@@ -60,4 +62,4 @@ def check_identity(path: Path, identity: Mapping[str, Any], fix: str) -> None:
             )
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dict(identity), indent=2) + "\n")
+    files.write_json(path, dict(identity))
