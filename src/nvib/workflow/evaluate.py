@@ -22,10 +22,10 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
-from nvib.core import files
 from nvib.core.config import NVConfig
 from nvib.core.convert import VisiblePriorWarning, configure, convert, is_converted, unload
 from nvib.core.diagnostics import record_prior_mass
+from nvib.core.files import dumps, write_json, write_text
 from nvib.workflow.data import DataError, Example, batches
 from nvib.workflow.metrics import (
     LIKELIHOOD_METRICS,
@@ -365,8 +365,8 @@ def _write_predictions(path: Path, examples: Sequence[Example], outputs: Sequenc
         if o.nll is not None:
             tokens = o.nll_tokens if o.nll_tokens is not None else o.n_tokens
             row.update(nll=o.nll, tokens=tokens, perplexity=math.exp(o.nll / max(tokens, 1)))
-        lines.append(files.dumps(row, ensure_ascii=False) + "\n")
-    files.write_text(path, "".join(lines))
+        lines.append(dumps(row, ensure_ascii=False) + "\n")
+    write_text(path, "".join(lines))
 
 
 def evaluate_variants(
@@ -504,5 +504,5 @@ def evaluate_variants(
         if evaluator.task != "lm"
         else {},
     )
-    files.write_json(out / "scores.json", evaluation.to_json())
+    write_json(out / "scores.json", evaluation.to_json())
     return evaluation
