@@ -37,7 +37,10 @@ def replacing(path: str | os.PathLike[str]) -> Iterator[Path]:
     of any new file (0666 less the umask; the temporary file was 0600) and renamed to ``path``; on any error or
     Ctrl-C it is removed and ``path`` is left as it was. An OSError names ``path``."""
     path = Path(path)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    try:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    except OSError as err:
+        raise _naming(err, path) from None
     os.close(fd)
     tmp = Path(name)
     try:
@@ -53,8 +56,7 @@ def replacing(path: str | os.PathLike[str]) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         if err.errno is None or err.filename not in (None, str(tmp)):
             raise
-        fix = f". {DISK_FIX}" if err.errno in FULL else ""  # name the file the user knows, not the temporary one
-        raise OSError(err.errno, f"{err.strerror} while writing {path}{fix}") from None
+        raise _naming(err, path) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -64,6 +66,12 @@ def replacing(path: str | os.PathLike[str]) -> Iterator[Path]:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    """``err`` naming the file the user knows (not the temporary one), with the fix for a full disk."""
+    fix = f". {DISK_FIX}" if err.errno in FULL else ""
+    return OSError(err.errno, f"{err.strerror} while writing {path}{fix}")
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:
