@@ -286,7 +286,8 @@ def test_load_keeps_files_inside_and_adds_no_keywords(saved: Path, tmp_path: Pat
     monkeypatch.setattr(tf.BartForConditionalGeneration, "from_pretrained", classmethod(spy))
     model = nvib.load(saved)
     nvib.load(saved, revision="main")
-    assert seen == [{"local_files_only": True}, {"revision": "main", "local_files_only": True}]
+    no = {"local_files_only": True, "trust_remote_code": False}  # local files, no remote code (issue 36)
+    assert seen == [no, {"revision": "main", **no}]
     assert model.nv_config == nvib.NVConfig(alpha_tau_e=-2.0)
 
 

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> Path:
     ckpt = args.out / "checkpoint.pt"
     start, losses = 0, []
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)  # tensors and plain containers: no pickled code runs
         if state.get("recipe", recipe) != recipe:
             raise SystemExit(f"{ckpt} is a checkpoint of another recipe. Fix: delete it or pass another --out")
         model.load_state_dict(state["model"])

@@ -19,15 +19,17 @@ import transformers as tf
 import typer
 from rich.console import Console
 from rich.text import Text
+from safetensors import SafetensorError
 
 from nvib.core.config import NVConfig
+from nvib.core.files import DISK_FIX, FULL
 from nvib.core.io import NV_CONFIG, load
 from nvib.core.prior import EmpiricalPrior
 from nvib.workflow.data import load_examples
 from nvib.workflow.distributed import gather_to_rank0, launcher_rank
 from nvib.workflow.limits import Lengths, fit_lengths
-from nvib.workflow.models import load_model
-from nvib.workflow.run import Run, describe_data, estimate_prior, parse_shard
+from nvib.workflow.models import NO_REMOTE_CODE, load_model, no_custom_code
+from nvib.workflow.run import Run, describe_data, estimate_prior, parse_shard, save_prior
 from nvib.workflow.settings import MODEL_KINDS, ModelSection, RunConfig, config_schema, describe_schema
 from nvib.workflow.train import START_STDEV_TAU, LambdaSchedule, finetune
 
@@ -63,8 +65,8 @@ def friendly_errors(fn=None, *, interrupted: str | None = None, also: tuple[type
             message = interrupted or str(err) or "interrupted. Rerun the same command to resume."
             _console().print(Text(message, style="yellow"))
             raise typer.Exit(EXIT_INTERRUPTED) from None
-        except (ValueError, OSError, *also) as err:  # DataError, ConfigError, PriorMismatchError are ValueErrors
-            message = " ".join(str(err).split()) or type(err).__name__
+        except (ValueError, OSError, SafetensorError, *also) as err:  # DataError, ConfigError, ... are ValueErrors
+            message = _one_line(err)
             if isinstance(err, FileExistsError | NotADirectoryError) and err.filename:
                 message = (
                     f"cannot make the folder {err.filename}: a file of that name (or above it) is in the way. Fix: "
@@ -74,6 +76,15 @@ def friendly_errors(fn=None, *, interrupted: str | None = None, also: tuple[type
             raise typer.Exit(EXIT_USER_ERROR) from None
 
     return wrapper
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line; a full disk (here or in a file transformers writes) says how to go on."""
+    message = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, SafetensorError):  # transformers' own weight files: a full disk while saving, a damaged file
+        message = f"safetensors: {message}"
+    full = getattr(err, "errno", None) in FULL or any(f"os error {code})" in message for code in FULL)
+    return f"{message}. {DISK_FIX}" if full and "Fix:" not in message else message
 
 
 @app.callback()
@@ -263,10 +274,13 @@ def prior_cmd(
             return  # rank 0 writes the merged prior
         prior = EmpiricalPrior.merge(*parts)
     output.parent.mkdir(parents=True, exist_ok=True)
-    prior.save(output)
+    written = save_prior(prior, output)
     tokens = max(s.count for s in prior.sites.values())
     if not prior.metadata.get("complete", True):
-        console.print(Text(f"interrupted: partial prior ({tokens} tokens, complete=False) saved to {output}", "yellow"))
+        kept = f"; {output} still holds the complete prior it held" if written != output else ""
+        console.print(
+            Text(f"interrupted: partial prior ({tokens} tokens, complete=False) saved to {written}{kept}", "yellow")
+        )
         raise typer.Exit(EXIT_INTERRUPTED)
     processes = f" from {world} processes" if world > 1 else ""
     console.print(f"prior over {len(prior.sites)} sites, {tokens} tokens{processes} -> {output}")
@@ -283,10 +297,11 @@ def prior_merge_cmd(
     """Merge priors estimated on disjoint shards of the data (exact)."""
     merged = EmpiricalPrior.merge(*(EmpiricalPrior.load(p) for p in priors))
     output.parent.mkdir(parents=True, exist_ok=True)
-    merged.save(output)
+    written = save_prior(merged, output)
     tokens = max(s.count for s in merged.sites.values())
     note = "" if merged.metadata.get("complete", True) else " (some shards were incomplete)"
-    _console().print(f"merged {len(priors)} priors, {tokens} tokens{note} -> {output}")
+    kept = f"; {output} holds a complete prior and was left as it was" if written != output else ""
+    _console().print(f"merged {len(priors)} priors, {tokens} tokens{note} -> {written}{kept}")
 
 
 @app.command("search", epilog=CONFIG_HELP)
@@ -370,7 +385,8 @@ def _load_for_finetuning(path: Path, kind: str, seed: int):
         raise FileNotFoundError(f"no model directory at {path}. Fix: pass a local Hugging Face model directory")
     if (path / NV_CONFIG).is_file():
         model = load(path)
-        tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        with no_custom_code(path):
+            tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True, **NO_REMOTE_CODE)
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
         return model, tokenizer, True

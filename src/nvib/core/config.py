@@ -8,6 +8,8 @@ import math
 import numbers
 from pathlib import Path
 
+from nvib.core import files
+
 KINDS = ("encoder", "cross", "decoder")
 SUFFIX = {"encoder": "e", "cross": "c", "decoder": "d"}  # site kind -> knob suffix
 STDEV_UNITS = (None, "prior", "bias")
@@ -15,6 +17,8 @@ STDEV_UNITS = (None, "prior", "bias")
 IDENTITY_ALPHA_TAU = 10.0
 KNOBS = tuple(f"{p}_{s}" for p in ("alpha_tau", "stdev_tau") for s in SUFFIX.values())  # the six searched knobs
 
+TEXT_FIELDS = ("centre_alpha", "stdev_unit")  # the fields that are not numbers
+NON_FINITE = ("inf", "-inf", "nan")  # how JSON files hold non-finite knobs (`nvib.core.files.json_safe`)
 STDEV_MEANING = '; it is a width in prior standard deviations (stdev_unit "prior") or nats of score spread ("bias")'
 #: Knob prefix -> (low, high, whether low itself is allowed): ranges inside which every term of spec §3-6
 #: stays finite in float32 and bfloat16 (tests/test_bad_input.py::test_knob_bounds_keep_outputs_finite).
@@ -24,6 +28,11 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
     "mu_tau": (0.0, 10.0, False),
     "alpha_scale_min": (0.0, 1e3, True),
 }
+
+
+def _non_finite(field: str, value: object) -> bool:
+    """Whether ``value`` is a knob's non-finite value as JSON files hold it ("inf", "-inf", "nan")."""
+    return field not in TEXT_FIELDS and isinstance(value, str) and value in NON_FINITE
 
 
 def bounds(name: str) -> tuple[float, float, bool] | None:
@@ -95,8 +104,10 @@ class NVConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> NVConfig:
-        """From `to_dict` output; a dict without ``stdev_unit`` was written before it existed, in spec §3's unit."""
+        """From `to_dict` output; a dict without ``stdev_unit`` was written before it existed, in spec §3's unit.
+        A knob may be the string "inf" (as `nvib.core.files` writes +inf to JSON; older files hold Infinity)."""
         data = {"stdev_unit": "prior", **data}
+        data = {k: float(v) if _non_finite(k, v) else v for k, v in data.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -104,7 +115,8 @@ class NVConfig:
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write the knobs to ``path`` as JSON, atomically; alpha_tau = +inf as the string "inf"."""
+        files.write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> NVConfig:

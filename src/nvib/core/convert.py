@@ -94,9 +94,9 @@ def _install(model: nn.Module, config: NVConfig, prior, sites: list[Site], layer
         _path(site).install(site, layers[site.name])
         _pin_attention(site.module, path.ATTN_NAME)
     _hook_model(model, path.ATTN_NAME)
-    configure(model, config)
+    _warn_clamped(_set_config(model, config), stacklevel=3)  # the caller of nvib.convert
     if not any(layer.prior_mean.is_meta for layer in layers.values()):
-        _warn_visible_prior(layers.values(), config)
+        _warn_visible_prior(layers.values(), stacklevel=3)
         for module in (model._modules[LAYERS], *layers.values()):  # initialised: HF's init_weights leaves them
             module._is_hf_initialized = True
     return model
@@ -199,10 +199,18 @@ def _init_weights(model: nn.Module, module: nn.Module) -> None:
                 layer.set_default_prior()
             else:
                 _set_prior(layer, prior.sites[name])
-        configure(model, model.nv_config)
+        _set_config(model, model.nv_config)
 
 
-def _warn_visible_prior(layers, config: NVConfig, at_least: float = 1e-3) -> None:
+class VisiblePriorWarning(UserWarning):
+    """A finite alpha_tau leaves the prior a visible weight: the NV model is not the pretrained one (spec §11)."""
+
+
+class StdevClampWarning(UserWarning):
+    """stdev_tau is above the largest score-bias spread of some mixtures and was clamped there (spec §12)."""
+
+
+def _warn_visible_prior(layers, stacklevel: int, at_least: float = 1e-3) -> None:
     """Spec §11: where a finite τ_α leaves the prior a visible weight, say so (τ_α = +∞ leaves it none)."""
     visible = {layer.site: w for layer in layers if (w := layer.prior_weight()) > at_least}
     if visible:
@@ -211,7 +219,8 @@ def _warn_visible_prior(layers, config: NVConfig, at_least: float = 1e-3) -> Non
             f"at the finite alpha_tau of this NVConfig the prior keeps a visible weight at {len(visible)} site(s), "
             f"relative to an average in-domain token: {worst}; the NV model differs from the pretrained one there "
             "(spec §11). For the pretrained model exactly use alpha_tau = inf (the NVConfig() default)",
-            stacklevel=4,  # the caller of nvib.convert
+            VisiblePriorWarning,
+            stacklevel=stacklevel + 1,
         )
 
 
@@ -268,23 +277,38 @@ def _restore_attention(model: nn.Module) -> None:
 
 
 def configure(model: nn.Module, config: NVConfig) -> nn.Module:
-    """Re-initialise every site with new knobs, in place; cheap enough to call once per search trial."""
+    """Re-initialise every site with new knobs, in place; cheap enough to call once per search trial. Warns as
+    `convert` does: `VisiblePriorWarning` where a finite alpha_tau leaves the prior a visible weight,
+    `StdevClampWarning` where stdev_tau was clamped."""
     if not isinstance(config, NVConfig):
         raise TypeError(f"configure expects an nvib.NVConfig, got {type(config).__name__}")
+    _warn_clamped(_set_config(model, config), stacklevel=2)
+    layers = nv_layers(model).values()
+    if not any(layer.prior_mean.is_meta for layer in layers):
+        _warn_visible_prior(layers, stacklevel=2)
+    return model
+
+
+def _set_config(model: nn.Module, config: NVConfig) -> list[str]:
+    """`configure` without its warnings: the knobs set on every site; the mixtures whose stdev_tau was clamped."""
     clamped = set_knobs(model, config)
     model.__dict__["nv_config"] = config
     for site in model.__dict__.get("_nv_sites", ()):
         slot = site.module.__dict__.get("_nv_slot")
         if isinstance(slot, attention.Slot):
             slot.refresh()
+    return clamped
+
+
+def _warn_clamped(clamped: list[str], stacklevel: int) -> None:
     if clamped:
         warnings.warn(
             f"stdev_tau is above the largest score-bias spread at {len(clamped)} mixture(s): "
             f"{', '.join(clamped[:6])}{', ...' if len(clamped) > 6 else ''}; clamped there (spec §12: attention by "
             "key norm alone). Fix: a smaller stdev_tau, if that is not what you meant",
-            stacklevel=2,
+            StdevClampWarning,
+            stacklevel=stacklevel + 1,
         )
-    return model
 
 
 def unload(model: nn.Module) -> nn.Module:

@@ -7,6 +7,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
+import torch
 import transformers
 from safetensors.torch import load_file
 from torch import nn
@@ -43,8 +44,9 @@ def saved_info_schema() -> type:
 def load(path: str | Path, **from_pretrained_kwargs) -> nn.Module:
     """Rebuild an NV model saved by `save`, from local files only.
 
-    ``from_pretrained_kwargs`` go to the model class's ``from_pretrained`` as given (nothing is added: remote
-    code runs only if you pass ``trust_remote_code=True`` yourself). Every file read is inside ``path``.
+    ``from_pretrained_kwargs`` go to the model class's ``from_pretrained`` (with ``local_files_only=True`` and
+    ``trust_remote_code=False`` unless given; the class is one of transformers' own, never an Auto class, so no
+    code from the directory runs). Every file read is inside ``path``; the NV layer weights must be finite.
     """
     path = Path(path)
     if not path.is_dir():
@@ -60,11 +62,12 @@ def load(path: str | Path, **from_pretrained_kwargs) -> nn.Module:
     prior_path = _inside(path, info.prior, "prior") if info.prior else None
     weights = _inside(path, NV_WEIGHTS, "NV layer weights")
     from_pretrained_kwargs.setdefault("local_files_only", True)
+    from_pretrained_kwargs.setdefault("trust_remote_code", False)
     model = cls.from_pretrained(path, **from_pretrained_kwargs)
     if config.stdev_unit is None and info.stdev_unit != ("bias" if find_sites(model)[0].arch.key_space else "prior"):
         config = config.replace(stdev_unit=info.stdev_unit)  # the unit it ran in, where today's default differs
     prior = EmpiricalPrior.load(prior_path) if prior_path is not None else None
-    state = load_file(str(weights))
+    state = _read_weights(weights)
     convert(model, config, prior=prior, per_token_variance=any(k.endswith(".logvar_weight") for k in state))
     if sorted(nv_layers(model)) != sorted(info.sites):
         raise ValueError(
@@ -79,6 +82,20 @@ def load(path: str | Path, **from_pretrained_kwargs) -> nn.Module:
             f"{weights} does not fit the model ({first}). Fix: save the model again with nvib.save"
         ) from None
     return model.eval()
+
+
+def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+    """The NV layers' tensors of ``file``; a file that cannot be read or holds NaN or infinite values is an error."""
+    fix = "Fix: save the model again with nvib.save, or copy the whole directory it wrote again"
+    try:
+        state = load_file(str(file))
+    except Exception as err:  # safetensors raises its own error types (a truncated file, a damaged header)
+        reason = " ".join(str(err).split())
+        raise ValueError(f"{file} cannot be read ({reason}): it is damaged or truncated. {fix}") from None
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{file}: {name} has NaN or infinite values: the file is damaged. {fix}")
+    return state
 
 
 def _read_info(file: Path):

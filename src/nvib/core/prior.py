@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from nvib.core import caching, keyspace
+from nvib.core import caching, files, keyspace
 from nvib.core.architectures import Site, find_sites
 from nvib.core.config import NVConfig
 from nvib.core.layer import LAYERS, is_converted, set_knobs
@@ -516,6 +516,8 @@ class EmpiricalPrior:
                     )
 
     def save(self, path: str | Path) -> None:
+        """Write the prior to ``path`` (.safetensors) atomically (`nvib.core.files`): a kill or a full disk leaves
+        the file that was there."""
         tensors = {}
         for name, s in self.sites.items():
             tensors[f"{name}.mean"] = s.mean.contiguous()
@@ -528,8 +530,8 @@ class EmpiricalPrior:
                 tensors[f"{name}.m3"], tensors[f"{name}.m4"] = s.m3.contiguous(), s.m4.contiguous()
             if s.sample is not None:
                 tensors[f"{name}.sample"], tensors[f"{name}.sample_key"] = s.sample.contiguous(), s.sample_key
-        meta = {k: json.dumps(v) for k, v in self.metadata.items()}
-        save_file(tensors, str(path), metadata=meta)
+        meta = {k: files.dumps(v) for k, v in self.metadata.items()}
+        files.save_tensors(tensors, path, metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path) -> EmpiricalPrior:

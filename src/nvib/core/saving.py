@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from safetensors.torch import save_file
 from torch import nn
 
+from nvib.core import files
 from nvib.core.layer import LAYERS, nv_layers
 from nvib.core.prior import EmpiricalPrior
 
@@ -19,7 +18,8 @@ PRIOR = "prior.safetensors"
 def save(model: nn.Module, out_dir: str | Path, tokenizer=None, **save_pretrained_kwargs) -> Path:
     """Write the pretrained weights the usual HF way (``save_pretrained_kwargs`` go to transformers'
     ``save_pretrained``; a ``state_dict`` given there is written as given, the Trainer's resumable checkpoints
-    need the NV layers in it), plus nv_config.json, the NV layers and the prior; `nvib.load` reads them back."""
+    need the NV layers in it), plus nv_config.json, the NV layers and the prior, each written atomically (alpha_tau
+    = +inf as the string "inf": `nvib.core.files`); `nvib.load` reads them back."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     layers = nv_layers(model)
@@ -30,7 +30,7 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None, **save_pretraine
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     nv_state = {k: v.contiguous() for k, v in model._modules[LAYERS].state_dict().items()}
-    save_file(nv_state, str(out / NV_WEIGHTS))
+    files.save_tensors(nv_state, out / NV_WEIGHTS)
     prior: EmpiricalPrior | None = model.__dict__.get("nv_prior")
     if prior is not None:
         prior.save(out / PRIOR)
@@ -42,5 +42,5 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None, **save_pretraine
         "prior": PRIOR if prior is not None else None,
         "per_token_variance": any(layer.per_token_variance for layer in layers.values()),
     }
-    (out / NV_CONFIG).write_text(json.dumps(info, indent=2) + "\n")
+    files.write_json(out / NV_CONFIG, info)
     return out

@@ -132,7 +132,6 @@ def tune(
     seeded by ``seed`` + the finished trials before it, so an interrupted tune ends where an uninterrupted one does.
     The study records ``objective_info`` with the range and slices, and a study made for another objective is
     refused (``ObjectiveMismatchError``)."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     opened = open_storage(storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
     study = optuna.create_study(
         study_name=study_name, storage=opened, load_if_exists=True, direction="maximize",

@@ -269,7 +269,7 @@ def load_dataset_examples(spec: HubDataset, *, limit: int | None = None) -> list
     import datasets
 
     try:
-        ds = datasets.load_dataset(spec.name, spec.config, split=spec.split)
+        ds = datasets.load_dataset(spec.name, spec.config, split=spec.split, trust_remote_code=False)
     except Exception as e:  # offline, unknown name, missing config or split: one line naming the fix
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(

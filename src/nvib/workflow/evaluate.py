@@ -10,9 +10,9 @@ get their :class:`nvib.workflow.metrics.Diversity` recorded.
 
 from __future__ import annotations
 
-import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,8 +23,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from nvib.core.config import NVConfig
-from nvib.core.convert import configure, convert, is_converted, unload
+from nvib.core.convert import VisiblePriorWarning, configure, convert, is_converted, unload
 from nvib.core.diagnostics import record_prior_mass
+from nvib.core.files import dumps, write_json, write_text
 from nvib.workflow.data import DataError, Example, batches
 from nvib.workflow.metrics import (
     LIKELIHOOD_METRICS,
@@ -355,16 +356,17 @@ def verdict(test: str, metric_name: str, vs_unconverted: Any, vs_baseline: Any |
 
 
 def _write_predictions(path: Path, examples: Sequence[Example], outputs: Sequence[Output]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for ex, o in zip(examples, outputs, strict=True):
-            row: dict[str, Any] = {"source": ex.source, "reference": ex.target}
-            if o.prediction is not None:
-                row["prediction"] = o.prediction
-                row["generated_tokens"] = o.n_tokens
-            if o.nll is not None:
-                tokens = o.nll_tokens if o.nll_tokens is not None else o.n_tokens
-                row.update(nll=o.nll, tokens=tokens, perplexity=math.exp(o.nll / max(tokens, 1)))
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    lines = []
+    for ex, o in zip(examples, outputs, strict=True):
+        row: dict[str, Any] = {"source": ex.source, "reference": ex.target}
+        if o.prediction is not None:
+            row["prediction"] = o.prediction
+            row["generated_tokens"] = o.n_tokens
+        if o.nll is not None:
+            tokens = o.nll_tokens if o.nll_tokens is not None else o.n_tokens
+            row.update(nll=o.nll, tokens=tokens, perplexity=math.exp(o.nll / max(tokens, 1)))
+        lines.append(dumps(row, ensure_ascii=False) + "\n")
+    write_text(path, "".join(lines))
 
 
 def evaluate_variants(
@@ -424,7 +426,9 @@ def evaluate_variants(
             baseline.reset()
     convert(model, NVConfig(), prior=prior)
     run("nv_equivalence")
-    configure(model, tuned)
+    with warnings.catch_warnings():  # the tuned knobs are meant to differ from the pretrained model
+        warnings.simplefilter("ignore", VisiblePriorWarning)
+        configure(model, tuned)
     run("nv_tuned")
 
     results: dict[str, dict[str, dict[str, float]]] = {v: {} for v in present}
@@ -500,5 +504,5 @@ def evaluate_variants(
         if evaluator.task != "lm"
         else {},
     )
-    (out / "scores.json").write_text(json.dumps(evaluation.to_json(), indent=2) + "\n", encoding="utf-8")
+    write_json(out / "scores.json", evaluation.to_json())
     return evaluation

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from nvib.core import files
 from nvib.core.prior import EmpiricalPrior, PriorMismatchError, weights_hash
 
 CHUNK = 1 << 20
@@ -77,7 +78,7 @@ def check_identity(path: Path, identity: Mapping[str, Any], fix: str) -> None:
             )
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dict(identity), indent=2) + "\n")
+    files.write_json(path, dict(identity))
 
 
 def check_prior_weights(prior: EmpiricalPrior, model: nn.Module, where: str, allow_foreign: bool = False) -> str | None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,11 @@ from torch import nn
 from nvib.workflow.data import BatchKind
 from nvib.workflow.settings import ModelSection, resolve_path
 
-__all__ = ["HUB_ID", "batch_kind", "device", "load_model", "model_location"]
+__all__ = ["HUB_ID", "NO_REMOTE_CODE", "batch_kind", "device", "load_model", "model_location", "no_custom_code"]
+
+#: Passed to every transformers load: code shipped with a model (its config's auto_map) never runs, and transformers
+#: never asks on the terminal whether it may.
+NO_REMOTE_CODE = {"trust_remote_code": False}
 
 
 #: ``owner/name`` as the Hugging Face hub spells a repository id.
@@ -56,17 +62,39 @@ def load_model(section: ModelSection, task: str | None = None, base_dir: str | P
     return _load(section, task, base_dir, path, gguf)
 
 
+@contextlib.contextmanager
+def no_custom_code(path: Path | str) -> Iterator[None]:
+    """Turn transformers' refusal of a model or tokenizer that needs its own Python code (``trust_remote_code``)
+    into one line: nvib never runs such code."""
+    try:
+        yield
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise ValueError(
+            f"{path} needs custom code (its config's auto_map names Python files shipped with the model), which nvib "
+            "never runs. Fix: use a model whose architecture transformers itself implements (its model_type)"
+        ) from None
+
+
 def _load(
     section: ModelSection, task: str | None, base_dir: str | Path, path: Path | str, gguf: dict
 ) -> tuple[nn.Module, Any]:
     """The loading itself; a hub id (``path`` a str) may download, a local directory never does."""
-    only = {"local_files_only": True} if isinstance(path, Path) else {}
+    with no_custom_code(path):
+        return _load_trusting_nothing(section, task, base_dir, path, gguf)
+
+
+def _load_trusting_nothing(
+    section: ModelSection, task: str | None, base_dir: str | Path, path: Path | str, gguf: dict
+) -> tuple[nn.Module, Any]:
+    only = {"local_files_only": True, **NO_REMOTE_CODE} if isinstance(path, Path) else NO_REMOTE_CODE
     config = tf.AutoConfig.from_pretrained(path, **only, **gguf)
     kind = section.kind if section.kind != "auto" else _detect_kind(config, task, path)
     if gguf and kind == "bert2bert":
         raise ValueError("model.gguf_file cannot warm-start bert2bert. Fix: use kind seq2seq or causal_lm")
     tok_path = model_location(section.tokenizer, base_dir) if section.tokenizer else path
-    tok_only = {"local_files_only": True} if isinstance(tok_path, Path) else {}
+    tok_only = {"local_files_only": True, **NO_REMOTE_CODE} if isinstance(tok_path, Path) else NO_REMOTE_CODE
     tokenizer = tf.AutoTokenizer.from_pretrained(tok_path, **tok_only, **({} if section.tokenizer else gguf))
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # decoder-only models (GPT-2) ship without one
@@ -78,7 +106,10 @@ def _load(
         _check_bert2bert(config, path)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(section.seed)
-            model = tf.EncoderDecoderModel.from_encoder_decoder_pretrained(path, path, **only)
+            plain = {k: v for k, v in only.items() if k not in NO_REMOTE_CODE}  # the rest becomes config keys
+            model = tf.EncoderDecoderModel.from_encoder_decoder_pretrained(
+                path, path, **plain, encoder_trust_remote_code=False, decoder_trust_remote_code=False
+            )
         special = {
             "decoder_start_token_id": tokenizer.cls_token_id,
             "eos_token_id": tokenizer.sep_token_id,

@@ -16,6 +16,7 @@ output-diversity guard.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -25,7 +26,7 @@ import transformers
 from torch import nn
 
 from nvib.core.config import NVConfig
-from nvib.core.convert import configure
+from nvib.core.convert import StdevClampWarning, VisiblePriorWarning, configure
 from nvib.workflow.data import BatchKind, Example, batches
 from nvib.workflow.metrics import LIKELIHOOD_METRICS, LOWER_IS_BETTER, Diversity, diversity, get_metric
 
@@ -261,6 +262,7 @@ class DevObjective:
         self.cache: dict[tuple[tuple[str, float], ...], dict[int, Output]] = {}
         self.on_call, self.config, self.apply = on_call, config, apply
         self.n_generated = 0  # examples run through the model, over all calls
+        self.clamp_said = False  # the stdev_tau clamp warning is said once per objective (one search)
 
     def outputs(self, knobs: Mapping[str, float], n: int) -> tuple[list[Output], int]:
         """Outputs on the first n dev examples at ``knobs`` (cached) and the tokens generated to make them."""
@@ -276,7 +278,7 @@ class DevObjective:
         new_tokens = 0
         if missing:
             if self.apply is None:
-                configure(self.evaluator.model, config)
+                self.configure(config)
             else:
                 self.apply(knobs)
             outputs = self.evaluator.outputs(
@@ -289,6 +291,24 @@ class DevObjective:
             new_tokens = sum(o.n_tokens for o in outputs)
             self.n_generated += len(missing)
         return [done[i] for i in range(n)], new_tokens
+
+    def configure(self, config: NVConfig) -> None:
+        """Set the trial's knobs. The search chose them, so a finite alpha_tau's visible prior is no news, and a
+        clamped stdev_tau (above some mixture's largest spread, spec §12) is said for the first trial only: later
+        trials that reach the clamp compute the clamped point, as designed, and a warning per trial is noise."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            configure(self.evaluator.model, config)
+        for w in caught:
+            if issubclass(w.category, VisiblePriorWarning) or (
+                issubclass(w.category, StdevClampWarning) and self.clamp_said
+            ):
+                continue
+            message = w.message
+            if issubclass(w.category, StdevClampWarning):
+                self.clamp_said = True
+                message = f"{message} (said once per search; later trials are clamped alike)"
+            warnings.warn_explicit(message, w.category, w.filename, w.lineno)
 
     def reference_diversity(self, n: int) -> Diversity:
         """Diversity of the equivalence model's (= the unconverted model's) outputs on the first n examples."""

@@ -1,7 +1,8 @@
 """Write a run's report: ``report.md`` (PNG files linked) and a self-contained ``report.html``.
 
 Inputs are plain Python data (dicts, lists, arrays or CPU tensors) plus an optional Optuna
-study, so this module does not depend on the NV core. Every section is optional and left out
+study, so this module does not depend on the NV layers (only on `nvib.core.files`, which writes every file
+atomically). User text (test-set names, paths) is escaped in both files. Every section is optional and left out
 when its data is missing.
 """
 
@@ -22,6 +23,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
+
+from nvib.core import files  # noqa: E402
 
 __all__ = [
     "ReportPaths",
@@ -82,8 +85,11 @@ def _maximize(study: Any) -> bool:
 def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with files.replacing(path) as tmp:
+            fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -325,12 +331,16 @@ def _diversity_table(
 # rendering
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    def esc(s: str) -> str:
-        return str(s).replace("|", "\\|")
+def _md_escape(text: Any) -> str:
+    """``text`` as literal Markdown text in a table cell or a line: &, < and > as HTML entities (no live HTML in a
+    renderer that shows it, e.g. a test-set name ``<img src=x onerror=...>``), ``|`` escaped, line breaks as spaces."""
+    escaped = html.escape(str(text), quote=False).replace("|", "\\|")
+    return " ".join(escaped.splitlines())
 
-    lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(_md_escape(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_md_escape(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -390,7 +400,7 @@ def write_report(
         sections.append(("Run", _md_table(["item", "value"], rows), _html_table(["item", "value"], rows)))
 
     if verdicts:
-        md = "\n".join(f"- {v}" for v in verdicts)
+        md = "\n".join(f"- {_md_escape(v)}" for v in verdicts)
         ht = "<ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in verdicts) + "</ul>"
         if against is not None:
             label, per_set = against
@@ -477,7 +487,7 @@ def write_report(
         header = ["site kind", "prior mass"]
         sections.append(("Attention on the prior", _md_table(header, rows) + "\n\n" + m, _html_table(header, rows) + h))
 
-    md_text = f"# {title}\n\n" + "\n\n".join(f"## {h}\n\n{md}" for h, md, _ in sections) + "\n"
+    md_text = f"# {_md_escape(title)}\n\n" + "\n\n".join(f"## {h}\n\n{md}" for h, md, _ in sections) + "\n"
     html_text = (
         f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
@@ -485,6 +495,6 @@ def write_report(
         + "</body></html>\n"
     )
     md_path, html_path = run / "report.md", run / "report.html"
-    md_path.write_text(md_text, encoding="utf-8")
-    html_path.write_text(html_text, encoding="utf-8")
+    files.write_text(md_path, md_text)
+    files.write_text(html_path, html_text)
     return ReportPaths(md_path, html_path, plots)

@@ -22,9 +22,11 @@ from typing import Any
 
 import optuna
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
+from nvib.core import files
 from nvib.core.architectures import find_sites
 from nvib.core.config import NVConfig
 from nvib.core.convert import configure, convert, is_converted, nv_layers, unload
@@ -49,7 +51,16 @@ from nvib.workflow.report import ReportPaths, write_report
 from nvib.workflow.search import best_knobs, knob_names, load_study, run_search, sampler_seed
 from nvib.workflow.settings import PRIOR_ONLY_ALPHA_TAUS, STDEV_RANGES, DatasetSection, RunConfig, SearchSpace
 
-__all__ = ["Run", "check_start_points", "describe_data", "estimate_prior", "fit_config", "parse_shard", "prior_stats"]
+__all__ = [
+    "Run",
+    "check_start_points",
+    "describe_data",
+    "estimate_prior",
+    "fit_config",
+    "parse_shard",
+    "prior_stats",
+    "save_prior",
+]
 
 PRIOR_FILE, STUDY_FILE, KNOBS_FILE, CONFIG_FILE, IDENTITY_FILE, BASELINES_FILE, PROMPT_CHECK_FILE = (
     "prior.safetensors",
@@ -137,6 +148,25 @@ def estimate_prior(
     kind = batch_kind(model)
     it = batches(examples, tokenizer, batch_size, max_source_len, max_target_len, kind, lm_separator=lm_separator)
     return EmpiricalPrior.estimate(model, it, **estimate)
+
+
+def save_prior(prior: EmpiricalPrior, path: Path) -> Path:
+    """Write ``prior`` to ``path`` (atomically) and return where it went: a partial prior (its estimate interrupted)
+    never replaces a complete one, it goes beside it to ``<name>.partial<suffix>`` instead."""
+    path = Path(path)
+    if not prior.metadata.get("complete", True) and _complete_prior_at(path):
+        path = path.with_name(f"{path.stem}.partial{path.suffix}")
+    prior.save(path)
+    return path
+
+
+def _complete_prior_at(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        return bool(EmpiricalPrior.load(path).metadata.get("complete", True))
+    except ValueError:  # not a prior: nothing complete to keep
+        return False
 
 
 def search_plan(cfg: RunConfig, model: nn.Module, n_trials: int) -> tuple[SearchSpace, list[dict[str, float]]]:
@@ -319,7 +349,7 @@ class Run:
         finally:
             configure(model, self.base_knobs)
         self._start()
-        (self.dir / PROMPT_CHECK_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        files.write_json(self.dir / PROMPT_CHECK_FILE, result)
         gaps = max(result[s][g] for s in ("stock", "nv") for g in ("nll_gap", "evaluate_nll_gap"))
         self.console.print(
             f"prompt: {len(self.prompt.demonstrations)} demonstrations, prefix of {len(self.prompt.prefix)} tokens "
@@ -426,7 +456,7 @@ class Run:
             "base_dir": str(self.config.base_dir),
             "config": self.config.raw,
         }
-        (self.dir / CONFIG_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+        files.write_json(self.dir / CONFIG_FILE, record, default=str)
 
     # -- stages
 
@@ -447,8 +477,8 @@ class Run:
             self._prior = prior
             return prior
         expected = self._prior_description()
-        if self.prior_path.is_file():
-            prior = EmpiricalPrior.load(self.prior_path)
+        prior = self._stored_prior()
+        if prior is not None:
             if prior.metadata.get("complete", True):
                 if prior.metadata.get("data") != expected:
                     self.console.print(
@@ -462,7 +492,7 @@ class Run:
                 self._prior = prior
                 return prior
             self.console.print(f"prior: {self.prior_path} is incomplete (interrupted); estimating again")
-        elif required:
+        elif required and not self.prior_path.is_file():
             raise FileNotFoundError(
                 f"no prior at {self.prior_path}. "
                 f"Fix: run `nvib run` first, or `nvib prior MODEL DATA -o {self.prior_path}`"
@@ -507,6 +537,18 @@ class Run:
         warning = check_prior_weights(prior, model, str(path), self.allow_foreign_prior)
         if warning is not None:
             self.console.print(f"[yellow]warning:[/yellow] {warning}")
+
+    def _stored_prior(self) -> EmpiricalPrior | None:
+        """The run directory's prior file, or None where there is none or it cannot be read as a prior (a file
+        torn by a kill during an older version's write, a damaged copy): that one is estimated again, with a note."""
+        if not self.prior_path.is_file():
+            return None
+        try:
+            return EmpiricalPrior.load(self.prior_path)
+        except ValueError as err:
+            reason = " ".join(str(err).split())
+            self.console.print(f"[yellow]note:[/yellow] prior: {escape(reason)}; estimating it again")
+            return None
 
     def _nv_model(self, prior: EmpiricalPrior) -> nn.Module:
         model, _ = self.loaded
@@ -657,7 +699,7 @@ class Run:
         scored = {n: s["dev_objective"] for n, s in summaries.items() if s["dev_objective"] is not None}
         best = max(scored, key=scored.get) if scored else None
         record = {"metric": self.config.metric, "best": best, "baselines": summaries}
-        (self.dir / BASELINES_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        files.write_json(self.dir / BASELINES_FILE, record)
         sign = -1 if self.config.metric in LOWER_IS_BETTER else 1  # the studies maximise
         for name, s in summaries.items():
             found = "no complete trial" if s["value"] is None else f"{s['value']:.4g}"

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from nvib.core import files
 from nvib.core.config import KINDS, SUFFIX, NVConfig
 from nvib.core.convert import LAYERS, configure, convert, enable_per_token_variance, is_converted, nv_layers
 from nvib.core.io import save
@@ -429,7 +430,7 @@ def finetune(
         "data": fingerprint(examples),
         "model": f"{getattr(model.config, '_name_or_path', '') or type(model).__name__} {weights_hash(model)[:16]}",
     }
-    settings = json.loads(json.dumps(settings, default=str))
+    settings = json.loads(files.dumps(settings, default=str))  # as finetune_args.json holds them
     checkpoint_dir = out / CHECKPOINTS
     last = get_last_checkpoint(str(checkpoint_dir)) if resume and checkpoint_dir.is_dir() else None
     if last is not None:
@@ -454,7 +455,7 @@ def finetune(
         options["prior"] = checked_prior(prior, model, allow_foreign_prior)
     trainer = build_trainer(model, examples, tokenizer, output_dir=out, **options)
     out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_ARGS).write_text(json.dumps({**settings, "max_steps": options["max_steps"]}, indent=2) + "\n")
+    files.write_json(out / RUN_ARGS, {**settings, "max_steps": options["max_steps"]})
     trainer.train(resume_from_checkpoint=last)
     model.eval()
 
@@ -463,7 +464,7 @@ def finetune(
     else:
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
-    (out / RUN_LOG).write_text(json.dumps(trainer.state.log_history, indent=2) + "\n")
+    files.write_json(out / RUN_LOG, trainer.state.log_history)
     return model
 
 
@@ -496,7 +497,7 @@ def _check_same_run(path: Path, settings: dict) -> None:
     if not path.is_file():
         return
     try:
-        before = json.loads(path.read_text())
+        before = files.json_safe(json.loads(path.read_text()))  # files before issue 36 hold Infinity
     except json.JSONDecodeError:
         return
     changed = sorted(k for k in settings if k in before and before[k] != settings[k])
