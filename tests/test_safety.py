@@ -286,7 +286,7 @@ def test_finetune_on_a_truncated_nv_directory_is_one_line(nv_dir: Path, tmp_path
     assert_user_error(result, "nv_layers.safetensors cannot be read", "damaged or truncated", "Fix: save the model")
 
 
-def test_ctrl_c_in_a_baseline_study_logs_no_failed_trial(capfd) -> None:
+def test_ctrl_c_in_a_baseline_study_logs_no_failed_trial(capfd, tmp_path: Path) -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # as the CLI sets it
     try:
         baseline = types.SimpleNamespace(knob="temperature", low=0.5, high=2.0, identity=1.0, reset=lambda: None)
@@ -295,7 +295,15 @@ def test_ctrl_c_in_a_baseline_study_logs_no_failed_trial(capfd) -> None:
             raise KeyboardInterrupt
 
         with pytest.raises(KeyboardInterrupt):
-            baselines.tune(baseline, objective, n_trials=2, slices=[1], storage=None, study_name="t", seed=0)
+            baselines.tune(
+                baseline,
+                objective,
+                n_trials=2,
+                slices=[1],
+                storage=f"sqlite:///{tmp_path / 't.db'}",
+                study_name="t",
+                seed=0,
+            )
         assert optuna.logging.get_verbosity() == optuna.logging.ERROR
         assert "failed" not in capfd.readouterr().err
     finally:
