@@ -57,8 +57,11 @@ class Slot(HeadLayout):
     hooks: list = dataclasses.field(default_factory=list)  # `load_state_dict` post-hooks dropping the fold memo
 
     def __post_init__(self) -> None:
-        self.folds = FoldMemo(self.tensors, lambda static=False: fast_weights(self, static), probe="prior_k")
+        self.folds = FoldMemo(self.tensors, self.fast_weights, probe="prior_k")  # bound methods: deepcopy rebinds
         self.call = CallState(self.folds)
+
+    def fast_weights(self, static: bool = False) -> dict:
+        return fast_weights(self, static)
 
     @property
     def training(self) -> bool:
