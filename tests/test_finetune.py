@@ -205,7 +205,7 @@ def test_real_weights_step0_with_empirical_prior_and_finite_kl(tmp_path):
         trainer.compute_loss(nv, batch)
     cross = [layer for layer in nvib.nv_layers(nv).values() if layer.kind == "cross"]
     assert cross and max(float(layer.kl_gaussian) for layer in cross) < 1e3
-    mu, logvar, log_alpha = cross[0]._sample[2]
+    mu, logvar, log_alpha = cross[0].drawn.posterior
     valid = batch["attention_mask"].bool()
     unfloored = kl_gaussian(mu, logvar, log_alpha, valid, cross[0].prior_mean, cross[0].prior_var,
                             cross[0].prior_log_alpha, floor=0.0)  # fmt: skip
@@ -236,7 +236,7 @@ def test_gradients_flow_through_gamma_sampling_into_alpha(tmp_path):
     nv.train()
     trainer.compute_loss(nv, first_batch(trainer)).backward()
     for site, layer in nvib.nv_layers(nv).items():
-        log_alpha = layer._sample[2][2]
+        log_alpha = layer.drawn.posterior[2]
         assert log_alpha.max() < LOG_ALPHA_GAUSSIAN, site  # the Gamma sampler, not its normal approximation
         for name in ("alpha_w1", "alpha_w2", "alpha_bias"):
             grad = getattr(layer, name).grad

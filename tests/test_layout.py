@@ -1,15 +1,17 @@
-"""The house rules of ../shared/design/layout.md that import-linter (`make lint`) does not check: no module of nvib
-imports, or reaches through a module for, a private name (`_x`) of another."""
+"""The house rules of docs/architecture.md that import-linter (`make lint`) does not check: no module of nvib
+imports, or reaches through a module for, a private name (`_x`) of another; and the page names every module."""
 
 from __future__ import annotations
 
 import ast
 import importlib.util
+import re
 from pathlib import Path
 
 import nvib
 
 SRC = Path(nvib.__file__).parent
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _private_uses(path: Path) -> list[str]:
@@ -78,3 +80,26 @@ def test_import_nvib_needs_only_torch_transformers_safetensors() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _unlisted(tree: Path, page: str) -> tuple[list[str], list[str]]:
+    """Modules under `tree` (a `nvib` package directory; packages by their __init__) that `page` does not name as
+    `nvib/...py`, and the names on the page that are no module."""
+    modules = {f"nvib/{p.relative_to(tree).as_posix()}" for p in tree.rglob("*.py")}
+    named = set(re.findall(r"`(nvib/[\w/]+\.py)`", page))
+    return sorted(modules - named), sorted(named - modules)
+
+
+def test_the_architecture_page_names_every_module() -> None:
+    """docs/architecture.md gives every module of src/nvib its line, and names no module that is gone."""
+    missing, gone = _unlisted(ROOT / "src" / "nvib", (ROOT / "docs" / "architecture.md").read_text())
+    assert not missing, f"modules without a line in docs/architecture.md: {missing}"
+    assert not gone, f"docs/architecture.md names modules that do not exist: {gone}"
+
+
+def test_the_page_check_finds_a_new_module(tmp_path: Path) -> None:
+    (tmp_path / "core").mkdir()
+    for name in ("__init__.py", "core/__init__.py", "core/new.py"):
+        (tmp_path / name).write_text("")
+    page = "| `nvib/__init__.py` | x |\n| `nvib/core/__init__.py` | x |\n| `nvib/core/old.py` | x |\n"
+    assert _unlisted(tmp_path, page) == (["nvib/core/new.py"], ["nvib/core/old.py"])

@@ -377,6 +377,9 @@ def test_deepcopy_and_to_dtype_keep_working():
     inputs = case.inputs()
     with torch.no_grad():
         assert torch.equal(twin(**inputs).logits, nv(**inputs).logits)
+        nvib.configure(twin, REGULARISED)  # the twin folds its own layers' weights, not those of the model it copies
+        expected = nvib.convert(copy.deepcopy(stock), REGULARISED)(**inputs).logits
+        torch.testing.assert_close(twin(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
     nv.double()
     with torch.no_grad():
         assert nv(**{k: v for k, v in inputs.items()}).logits.dtype == torch.float64

@@ -115,8 +115,8 @@ def test_compiled_model_reads_the_fold_of_the_eager_call(name: str, monkeypatch)
     case = BY_NAME[name]
     model, inputs = converted(case).eval(), case.inputs()
     ref = output(model, inputs)  # eager: folds
-    traced, build = [], attention.Slot._build  # `static` of every fold built, eager (False) or traced (True)
-    monkeypatch.setattr(attention.Slot, "_build", lambda s, static=False: traced.append(static) or build(s, static))
+    traced, build = [], attention.fast_weights  # `static` of every fold built, eager (False) or traced (True)
+    monkeypatch.setattr(attention, "fast_weights", lambda s, static=False: traced.append(static) or build(s, static))
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     try:
         torch.testing.assert_close(output(compiled, inputs), ref, rtol=1e-5, atol=1e-5)

@@ -5,9 +5,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from nvib.core.layer import nv_layers
+
+
+def log_prior_mass(log: list | None, weights: torch.Tensor) -> None:
+    """Add one call's prior weights a_m0 (any shape, one per query) to the log that `record_prior_mass` opened on
+    the slot, if it did: the hook NV attention calls."""
+    if log is not None:
+        log.append((float(weights.sum(dtype=torch.promote_types(weights.dtype, torch.float32))), weights.numel()))
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from torch import nn
 
 from nvib.core.config import IDENTITY_ALPHA_TAU
 from nvib.core.kl import kl_dirichlet, kl_gaussian
+from nvib.core.memo import SampleReplay, tensor_state
 
 TINY_VARIANCE = 1e-12  # spec §3: b_σ = log((s_0 τ_σ)² + tiny)
 LOG_ALPHA_GAUSSIAN = 10.0  # above this log α, Gamma(α, 1) is sampled by its normal approximation
@@ -159,7 +160,52 @@ class PriorWeight:
         return float((self.prior_offset() - self.alpha_bias.detach().to(torch.float64)).max().clamp(max=700).exp())
 
 
-class NVIBLayer(PriorWeight, nn.Module):
+class Sampling:
+    """What training draws from a z-space layer (docs/method.md §8), for layers with `posterior`, the prior's
+    buffers, noise, prior_gate and a `SampleReplay` as `drawn`; the KL terms of the last sample are left in
+    kl_gaussian and kl_dirichlet."""
+
+    def sample(self, z: torch.Tensor, caller=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One reparameterised sample for key vectors z [B, N, P], shared by every module of the site.
+
+        Returns z̃ [B, N, P], the per-key score bias log γ − ‖z̃‖²/(2√E) [B, N] (float32), and the same
+        two for the prior component: z̃_0 [B, P], bias_0 [B].
+
+        The sample is drawn by the first `caller` (module and projection) that sees z and reused by the others, or
+        drawn again for activation checkpointing (`SampleReplay`).
+        """
+        grad = torch.is_grad_enabled() and (z.requires_grad or self.mu_scale.requires_grad)
+        kept = self.drawn.reuse(z, caller, grad)
+        if kept is not None:
+            return kept
+        mu, logvar, log_alpha = self.posterior(z)
+        z_tilde = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
+        m0 = self.prior_mean.to(mu.dtype).expand(z.shape[0], -1)
+        prior_tilde = m0 + self.prior_var.to(mu.dtype).sqrt() * torch.randn_like(m0)
+        prior_log_alpha = self.prior_log_alpha.to(mu.dtype).expand(z.shape[0])
+        bias = sample_log_gamma(log_alpha) - (z_tilde * z_tilde).sum(-1) / (2 * self.noise)
+        prior_bias = sample_log_gamma(prior_log_alpha) - (prior_tilde * prior_tilde).sum(-1) / (2 * self.noise)
+        prior_bias = prior_bias + self.prior_gate.to(prior_bias.dtype)
+        out = (z_tilde.to(z.dtype), bias, prior_tilde.to(z.dtype), prior_bias)
+        self.drawn.keep(z, out, (mu, logvar, log_alpha), caller, grad)
+        self.kl_gaussian = self.kl_dirichlet = None
+        return out
+
+    def compute_kl(self, valid: torch.Tensor | None) -> None:
+        """KL_G and KL_D of the last sample (spec §8), averaged over the batch; `valid` [B, N] marks real keys."""
+        if self.drawn.posterior is None or self.kl_gaussian is not None:
+            return
+        mu, logvar, log_alpha = self.drawn.posterior
+        if valid is None:
+            valid = torch.ones(log_alpha.shape, dtype=torch.bool, device=log_alpha.device)
+        valid = valid[:, -log_alpha.shape[1] :]  # over a filled cache: this call's tokens, the ones sampled
+        self.kl_gaussian = kl_gaussian(
+            mu, logvar, log_alpha, valid, self.prior_mean, self.prior_var, self.prior_log_alpha
+        ).mean()
+        self.kl_dirichlet = kl_dirichlet(log_alpha, valid, self.prior_log_alpha).mean()
+
+
+class NVIBLayer(PriorWeight, Sampling, nn.Module):
     """One NV site: P-dimensional NVIB parameters plus the site's prior statistics (buffers).
 
     `noise` is the query noise variance √E (1/s for models scaling scores by s, spec §1).
@@ -188,7 +234,7 @@ class NVIBLayer(PriorWeight, nn.Module):
         self.prior_sample: torch.Tensor | None = None
         self.kl_gaussian: torch.Tensor | None = None
         self.kl_dirichlet: torch.Tensor | None = None
-        self._sample: tuple | None = None
+        self.drawn = SampleReplay()  # the last sample, shared by the site's modules (`sample`)
         self._terms: tuple | None = None  # (weakref to z, parameter versions, TokenTerms)
         self._constants: tuple | None = None  # ((dtype, parameter versions), what token_terms needs)
 
@@ -273,11 +319,7 @@ class NVIBLayer(PriorWeight, nn.Module):
         c_n = c_lin·z + c_quad·(z⊙z) + ½Σ δ μ_n² − ½Σ log(β_n/β̄).
         """
         traced = torch.compiler.is_compiling()  # then no memos (keyed by identity and versions)
-        versions = None if traced else tuple(
-            (0 if t.is_inference() else t._version, t.data_ptr(), t.dtype)
-            for t in (*self._parameters.values(), *self._buffers.values())
-            if t is not None
-        )  # fmt: skip
+        versions = None if traced else tensor_state((*self._parameters.values(), *self._buffers.values()))
         memo = self._terms
         if memo is not None and memo[0]() is z and memo[1] == versions and not torch.is_grad_enabled():
             return memo[2]
@@ -329,52 +371,6 @@ class NVIBLayer(PriorWeight, nn.Module):
             logvar = z @ self.logvar_weight.t().to(z.dtype) + self.logvar_bias
         log_alpha = z @ self.alpha_w1.to(z.dtype) + (z * z) @ self.alpha_w2.to(z.dtype) + self.alpha_bias
         return mu, logvar, log_alpha
-
-    # ---- training (spec §8) -------------------------------------------------------------------
-
-    def sample(self, z: torch.Tensor, caller=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One reparameterised sample for key vectors z [B, N, P], shared by every module of the site.
-
-        Returns z̃ [B, N, P], the per-key score bias log γ − ‖z̃‖²/(2√E) [B, N] (float32), and the same
-        two for the prior component: z̃_0 [B, P], bias_0 [B].
-
-        The sample is drawn by the first `caller` (module and projection) that sees z and reused by the others. When
-        the caller that drew it asks again for the same z (activation checkpointing recomputing that module, with the
-        RNG state restored) it is drawn again, so a recomputation repeats the original's operations and noise; a
-        memo without gradients is not reused where gradients are wanted (reentrant checkpointing's first pass).
-        """
-        memo = self._sample
-        if memo is not None and memo[0] is z and memo[3] != caller and memo[4] == _wants_grad(z, self):
-            return memo[1]
-        mu, logvar, log_alpha = self.posterior(z)
-        z_tilde = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
-        m0 = self.prior_mean.to(mu.dtype).expand(z.shape[0], -1)
-        prior_tilde = m0 + self.prior_var.to(mu.dtype).sqrt() * torch.randn_like(m0)
-        prior_log_alpha = self.prior_log_alpha.to(mu.dtype).expand(z.shape[0])
-        bias = sample_log_gamma(log_alpha) - (z_tilde * z_tilde).sum(-1) / (2 * self.noise)
-        prior_bias = sample_log_gamma(prior_log_alpha) - (prior_tilde * prior_tilde).sum(-1) / (2 * self.noise)
-        prior_bias = prior_bias + self.prior_gate.to(prior_bias.dtype)
-        out = (z_tilde.to(z.dtype), bias, prior_tilde.to(z.dtype), prior_bias)
-        self._sample = (z, out, (mu, logvar, log_alpha), caller, _wants_grad(z, self))
-        self.kl_gaussian = self.kl_dirichlet = None
-        return out
-
-    def compute_kl(self, valid: torch.Tensor | None) -> None:
-        """KL_G and KL_D of the last sample (spec §8), averaged over the batch; `valid` [B, N] marks real keys."""
-        if self._sample is None or self.kl_gaussian is not None:
-            return
-        mu, logvar, log_alpha = self._sample[2]
-        if valid is None:
-            valid = torch.ones(log_alpha.shape, dtype=torch.bool, device=log_alpha.device)
-        valid = valid[:, -log_alpha.shape[1] :]  # over a filled cache: this call's tokens, the ones sampled
-        self.kl_gaussian = kl_gaussian(
-            mu, logvar, log_alpha, valid, self.prior_mean, self.prior_var, self.prior_log_alpha
-        ).mean()
-        self.kl_dirichlet = kl_dirichlet(log_alpha, valid, self.prior_log_alpha).mean()
-
-
-def _wants_grad(z: torch.Tensor, layer: nn.Module) -> bool:
-    return torch.is_grad_enabled() and (z.requires_grad or layer.mu_scale.requires_grad)
 
 
 def prior_offset(m0: torch.Tensor, s0sq: torch.Tensor, beta: torch.Tensor, noise: float) -> torch.Tensor:
