@@ -74,3 +74,21 @@ def test_the_benchmark_draws_the_demonstrations_of_its_recorded_runs() -> None:
         ids = {id(e): i for i, e in pool}
         drawn = draw_demonstrations([e for _, e in pool], 3, 0, experiment.DEMO_WORDS)
         assert [ids[id(e)] for e in drawn] == recorded["demos"]
+
+
+def test_demo_ends_with_a_verdict_read_from_the_intervals():
+    from tables import verdict
+
+    def entry(delta: float, lo: float, hi: float) -> dict:
+        return {"delta_nll": delta, "ci_nll": [lo, hi]}
+
+    rows = {"debian": {"NV tuned": entry(-0.01, -0.02, -0.001)}, "wiki": {"NV tuned": entry(0.002, -0.001, 0.004)}}
+    against = {"debian": {"NV tuned": entry(0.003, 0.001, 0.005)}, "wiki": {"NV tuned": entry(-0.004, -0.006, -0.002)}}
+    text = verdict(rows, against)
+    assert "debian: NV tuned is better than the unconverted model (Δ NLL -0.0100 [-0.0200, -0.0010] nats/token)" in text
+    assert "and worse than the attention temperature" in text
+    assert "wiki: NV tuned is no different from the unconverted model" in text
+    assert text.splitlines()[-1].startswith(
+        "Verdict: tuned NV beat the unconverted model on 1 of 2 domains and the one-knob attention temperature "
+        "on 1 of 2"
+    )

@@ -65,7 +65,7 @@ from nvib.workflow.settings import PRIOR_ONLY_ALPHA_TAUS, STDEV_RANGES, Generati
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
 from gemma3_model import load_gemma3  # noqa: E402
 from measures import summarise  # noqa: E402
-from tables import render  # noqa: E402
+from tables import render, verdict  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DOMAINS = ("debian", "docstrings", "wikipara")
@@ -440,6 +440,7 @@ def main(argv: list[str] | None = None) -> None:
 
     update_section(args.results, section, table)
     log(f"results: {args.out / 'results.json'}, {args.out / 'results.md'}, section {section!r} of {args.results}")
+    print(verdict(rows, against), flush=True)
 
 
 if __name__ == "__main__":

@@ -110,3 +110,34 @@ def render(rows: dict, details: dict, meta: dict, section: str = "gemma", agains
         "",
     ]
     return "\n".join(lines)
+
+
+def _compare(entry: dict) -> str:
+    """'better' / 'worse' / 'no different' from the 95% interval of Δ NLL (lower NLL is better)."""
+    lo, hi = entry["ci_nll"]
+    return "better than" if hi < 0 else "worse than" if lo > 0 else "no different from"
+
+
+def _interval(entry: dict) -> str:
+    lo, hi = entry["ci_nll"]
+    return f"Δ NLL {entry['delta_nll']:+.4f} [{lo:+.4f}, {hi:+.4f}] nats/token"
+
+
+def verdict(rows: dict, against: dict) -> str:
+    """One sentence per domain: tuned NV against the unconverted model and against the attention temperature (95%
+    paired-bootstrap intervals of Δ target NLL), then the count over domains."""
+    lines, wins_stock, wins_temperature = [], 0, 0
+    for domain, systems in rows.items():
+        nv, vs_t = systems["NV tuned"], against[domain]["NV tuned"]
+        wins_stock += nv["ci_nll"][1] < 0
+        wins_temperature += vs_t["ci_nll"][1] < 0
+        lines.append(
+            f"- {domain}: NV tuned is {_compare(nv)} the unconverted model ({_interval(nv)}) and {_compare(vs_t)} "
+            f"the attention temperature ({_interval(vs_t)})."
+        )
+    n = len(rows)
+    lines.append(
+        f"Verdict: tuned NV beat the unconverted model on {wins_stock} of {n} domains and the one-knob attention "
+        f"temperature on {wins_temperature} of {n} (a win: the whole 95% interval of Δ NLL below 0)."
+    )
+    return "\n".join(lines)
