@@ -1,7 +1,10 @@
-"""The ``nvib`` command line: prior, prior-merge, search, evaluate, run, demo and finetune.
+"""The ``nvib`` command line: prior, prior-merge, search, evaluate, run, tour and finetune.
 
 Errors a user can fix (bad paths, malformed data or config, mismatched priors) are printed as one red
 line with the fix, exit code 2, no traceback. Ctrl-C exits with 130; rerunning resumes.
+
+``--help`` is built from the signatures alone: torch, transformers, optuna and pydantic are imported inside
+the commands that run (``benchmarks/cli_speed.py`` measures it), so option defaults come from light modules.
 """
 
 from __future__ import annotations
@@ -11,23 +14,17 @@ import functools
 import json
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import optuna
-import transformers as tf
 import typer
 from rich.console import Console
 from rich.text import Text
+from typer.core import TyperCommand
 
-from nvib.core.config import NVConfig
-from nvib.core.io import NV_CONFIG, load
-from nvib.core.prior import EmpiricalPrior
-from nvib.workflow.data import load_examples
-from nvib.workflow.distributed import gather_to_rank0, launcher_rank
-from nvib.workflow.models import load_model
-from nvib.workflow.run import Run, describe_data, estimate_prior, parse_shard
-from nvib.workflow.settings import ModelSection, RunConfig, config_schema, describe_schema
-from nvib.workflow.train import KL_CLIPS, START_STDEV_TAU, LambdaSchedule, finetune
+from nvib.workflow.choices import START_STDEV_TAU
+
+if TYPE_CHECKING:
+    from nvib.workflow.settings import RunConfig
 
 app = typer.Typer(
     name="nvib",
@@ -69,6 +66,9 @@ def friendly_errors(fn=None, *, interrupted: str | None = None, also: tuple[type
     return wrapper
 
 
+_LOGGING = {"verbose": False}  # `nvib --verbose`, set by `main`
+
+
 @app.callback()
 def main(
     verbose: Annotated[
@@ -76,11 +76,22 @@ def main(
     ] = False,
 ) -> None:
     """Nonparametric Variational (NV) regularisation of pretrained transformers."""
+    # this runs before a command parses its --help: the commands that load the libraries quiet them
+    _LOGGING["verbose"] = verbose
     if not verbose:
-        optuna.logging.set_verbosity(optuna.logging.ERROR)  # a Ctrl-C would log a failed trial with a traceback
-        tf.logging.set_verbosity_error()
-        tf.logging.disable_progress_bar()
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+
+
+def _quiet_libraries() -> None:
+    """Silence transformers' and optuna's log messages and progress bars, unless ``nvib --verbose``."""
+    if _LOGGING["verbose"]:
+        return
+    import optuna
+    import transformers as tf
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a Ctrl-C would log a failed trial with a traceback
+    tf.logging.set_verbosity_error()
+    tf.logging.disable_progress_bar()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,9 +99,20 @@ def main(
 
 CONFIG_HELP = (
     "\b\nRun config keys (YAML or TOML; paths relative to the config file, package:NAME/sub = a path inside "
-    "an installed package; `nvib demo` runs demo_data/demo.yaml of the nvib package, a commented example; "
-    "`nvib schema` prints the JSON schema):\n" + describe_schema()
+    "an installed package; `nvib tour` runs demo_data/demo.yaml of the nvib package, a commented example; "
+    "`nvib schema` prints the JSON schema):\n"
 )
+
+
+class ConfigHelpCommand(TyperCommand):
+    """A command whose --help ends with the run config's keys, read from the schema only when help is shown."""
+
+    def format_epilog(self, ctx, formatter) -> None:
+        from nvib.workflow.settings import describe_schema
+
+        self.epilog = CONFIG_HELP + describe_schema()
+        super().format_epilog(ctx, formatter)
+
 
 ConfigArg = Annotated[Path, typer.Argument(help="Run config file (.yaml or .toml).", show_default=False)]
 RunDirOpt = Annotated[
@@ -123,6 +145,9 @@ def _with_metric(config: RunConfig, metric: str | None) -> RunConfig:
 
 
 def _run(config: RunConfig, run_dir: Path | None, n_trials: int | None, progress: bool, prior: Path | None = None):
+    from nvib.workflow.run import Run
+
+    _quiet_libraries()
     run = Run(config, run_dir, console=_console(), progress=progress, n_trials=n_trials)
     if prior is not None:
         run.given_prior = prior  # read, never written
@@ -171,6 +196,13 @@ def prior_cmd(
     Under a multi-process launcher (`accelerate launch --num_processes N -m nvib prior ...`, or `torchrun`)
     each process estimates the batches of its rank and rank 0 writes the merged prior (exact).
     """
+    from nvib.core.prior import EmpiricalPrior
+    from nvib.workflow.data import load_examples
+    from nvib.workflow.distributed import gather_to_rank0, launcher_rank
+    from nvib.workflow.models import load_model
+    from nvib.workflow.run import describe_data, estimate_prior, parse_shard
+    from nvib.workflow.settings import ModelSection
+
     shard_spec = parse_shard(shard)
     rank, world = launcher_rank()
     if world > 1:
@@ -180,6 +212,7 @@ def prior_cmd(
                 "Fix: drop --shard, or run single processes with --shard i/n and `nvib prior-merge`"
             )
         shard_spec = (rank, world)
+    _quiet_libraries()
     console = _console()
     loaded, tokenizer = load_model(ModelSection(str(model), kind=kind, seed=seed))
     examples = load_examples(data, source_column, target_column, limit=limit)
@@ -221,6 +254,8 @@ def prior_merge_cmd(
     ),
 ) -> None:
     """Merge priors estimated on disjoint shards of the data (exact)."""
+    from nvib.core.prior import EmpiricalPrior
+
     merged = EmpiricalPrior.merge(*(EmpiricalPrior.load(p) for p in priors))
     output.parent.mkdir(parents=True, exist_ok=True)
     merged.save(output)
@@ -229,7 +264,7 @@ def prior_merge_cmd(
     _console().print(f"merged {len(priors)} priors, {tokens} tokens{note} -> {output}")
 
 
-@app.command("search", epilog=CONFIG_HELP)
+@app.command("search", cls=ConfigHelpCommand)
 @friendly_errors
 def search_cmd(
     config: ConfigArg,
@@ -240,10 +275,12 @@ def search_cmd(
     progress: ProgressOpt = True,
 ) -> None:
     """Tune the NV knobs on the dev set (resumes the study in RUN_DIR); writes RUN_DIR/nv_config.json."""
+    from nvib.workflow.settings import RunConfig
+
     _run(_with_metric(RunConfig.load(config), metric), run_dir, n_trials, progress, prior).search()
 
 
-@app.command("evaluate", epilog=CONFIG_HELP)
+@app.command("evaluate", cls=ConfigHelpCommand)
 @friendly_errors
 def evaluate_cmd(
     config: ConfigArg,
@@ -256,6 +293,9 @@ def evaluate_cmd(
 ) -> None:
     """Evaluate the unconverted model, the baselines (tuned first if needed), NV at equivalence and tuned NV on
     every test set; write the report."""
+    from nvib.core.config import NVConfig
+    from nvib.workflow.settings import RunConfig
+
     run = _run(RunConfig.load(config), run_dir, None, progress, prior)
     if knobs is not None and not knobs.is_file():
         raise FileNotFoundError(f"no knobs file at {knobs}. Fix: pass the nv_config.json written by `nvib search`")
@@ -263,25 +303,33 @@ def evaluate_cmd(
     run.report(evaluation)
 
 
-@app.command("run", epilog=CONFIG_HELP)
+@app.command("run", cls=ConfigHelpCommand)
 @friendly_errors
 def run_cmd(
     config: Annotated[
         Path | None,
-        typer.Argument(help="Run config file (.yaml or .toml); omit with --demo.", show_default=False),
+        typer.Argument(help="Run config file (.yaml or .toml); omit with --tour.", show_default=False),
     ] = None,
-    demo: Annotated[bool, typer.Option("--demo", help="Use the embedded demo config (packaged MiniLM).")] = False,
+    tour: Annotated[
+        bool, typer.Option("--tour", help="Use the tour's embedded toy config (packaged MiniLM, see `nvib tour`).")
+    ] = False,
+    demo: Annotated[bool, typer.Option("--demo", hidden=True, help="Old name of --tour.")] = False,
     run_dir: RunDirOpt = None,
     n_trials: TrialsOpt = None,
     metric: MetricOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
     """Prior -> search -> baselines -> evaluate -> report in one run directory; rerunning reuses finished stages."""
-    if (config is None) == (not demo):
+    from nvib.workflow.settings import RunConfig
+
+    if demo:
+        _console().print(Text("note: `nvib run --demo` is now `nvib run --tour`", style="yellow"))
+        tour = True
+    if (config is None) == (not tour):
         raise ValueError(
-            "give a config file or --demo (not both). Fix: e.g. `nvib run my_run.yaml` or `nvib run --demo`"
+            "give a config file or --tour (not both). Fix: e.g. `nvib run my_run.yaml` or `nvib run --tour`"
         )
-    run_config = _with_metric(RunConfig.demo() if demo else RunConfig.load(config), metric)
+    run_config = _with_metric(RunConfig.tour() if tour else RunConfig.load(config), metric)
     run = _run(run_config, run_dir, n_trials, progress)
     run.all()
     _console().print(f"done: {run.dir}")
@@ -290,20 +338,39 @@ def run_cmd(
 @app.command("schema")
 def schema_cmd() -> None:
     """Print the JSON schema of run config files (for editors: YAML/TOML language servers validate with it)."""
+    from nvib.workflow.settings import config_schema
+
     typer.echo(json.dumps(config_schema(), indent=2))
 
 
-@app.command("demo")
+@app.command("tour")
 @friendly_errors
-def demo_cmd(run_dir: RunDirOpt = None, n_trials: TrialsOpt = None, progress: ProgressOpt = True) -> None:
-    """The README demo, same as `nvib run --demo`: packaged MiniLM as BERT2BERT on tiny docstring data."""
-    run = _run(RunConfig.demo(), run_dir, n_trials, progress)
+def tour_cmd(run_dir: RunDirOpt = None, n_trials: TrialsOpt = None, progress: ProgressOpt = True) -> None:
+    """A tour of the pipeline on toy data, same as `nvib run --tour` (what `make tour` runs; 2-4 minutes on two
+    CPU cores): the packaged MiniLM warm-started as BERT2BERT (its decoder is untrained, so the outputs are poor:
+    it shows the steps, not quality) on tiny docstring data; writes runs/tour/report.html."""
+    from nvib.workflow.settings import RunConfig
+
+    run = _run(RunConfig.tour(), run_dir, n_trials, progress)
     run.all()
     _console().print(f"done: {run.dir}")
 
 
+@app.command("demo", hidden=True)
+def demo_cmd(run_dir: RunDirOpt = None, n_trials: TrialsOpt = None, progress: ProgressOpt = True) -> None:
+    """Old name of `nvib tour`."""
+    _console().print(Text("note: `nvib demo` is now `nvib tour`", style="yellow"))
+    tour_cmd(run_dir, n_trials, progress)
+
+
 def _load_for_finetuning(path: Path, kind: str, seed: int):
     """(model, tokenizer, already_nv) from a local HF model directory or an NV model directory."""
+    import transformers as tf
+
+    from nvib.core.io import NV_CONFIG, load
+    from nvib.workflow.models import load_model
+    from nvib.workflow.settings import ModelSection
+
     if not path.is_dir():
         raise FileNotFoundError(f"no model directory at {path}. Fix: pass a local Hugging Face model directory")
     if (path / NV_CONFIG).is_file():
@@ -470,6 +537,10 @@ def finetune_cmd(
     Checkpoints go to OUTPUT_DIR/checkpoints every --save-steps steps: rerunning the same command after an
     interruption resumes from the last one (--no-resume deletes them and starts over).
     """
+    from nvib.core.config import NVConfig
+    from nvib.workflow.data import load_examples
+    from nvib.workflow.train import KL_CLIPS, LambdaSchedule, finetune
+
     if schedule not in ("constant", "linear", "cyclic"):
         raise ValueError(f"--schedule must be constant, linear or cyclic, got {schedule!r}")
     if kl_clip not in KL_CLIPS:
@@ -483,6 +554,7 @@ def finetune_cmd(
         raise FileNotFoundError(f"no knobs file at {knobs}. Fix: pass an NVConfig JSON such as nv_config.json")
     if prior is not None and not prior.is_file():
         raise FileNotFoundError(f"no prior file at {prior}. Fix: estimate one with `nvib prior`")
+    _quiet_libraries()
     examples = load_examples(train, source_column, target_column, split=split, limit=limit)
     loaded, tokenizer, already_nv = _load_for_finetuning(model, kind, seed)
     if already_nv and prior is not None:
