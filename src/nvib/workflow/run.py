@@ -39,6 +39,7 @@ from nvib.workflow.evaluate import (
     evaluate_variants,
     new_progress,
 )
+from nvib.workflow.formatting import difference_parts, interval_decimals, metric_decimals, metric_label
 from nvib.workflow.identity import check_identity, file_fingerprint
 from nvib.workflow.metrics import LIKELIHOOD_METRICS
 from nvib.workflow.models import batch_kind, load_model, model_location
@@ -684,12 +685,14 @@ def _results_table(evaluation: Evaluation) -> Table:
         table.add_column(column, justify="left" if column in ("test set", "metric") else "right")
     for name in evaluation.equivalence:
         for m in evaluation.metrics:
+            diffs = {v: d[name][m] for v, d in evaluation.differences.items() if m in d.get(name, {})}
+            places = max([metric_decimals(m)] + [interval_decimals(d.ci_low, d.ci_high) for d in diffs.values()])
             cells = []
             for variant in evaluation.results:
-                cell = f"{evaluation.results[variant][name][m]:.2f}"
-                diff = evaluation.differences.get(variant, {}).get(name, {}).get(m)
-                if diff is not None:
-                    cell += f" ({diff.delta:+.2f})"
+                cell = f"{evaluation.results[variant][name][m]:.{places}f}"
+                if variant in diffs:
+                    d = diffs[variant]
+                    cell += f" ({difference_parts(d.delta, d.ci_low, d.ci_high, m)[0]})"
                 cells.append(cell)
-            table.add_row(name, m, *cells)
+            table.add_row(name, metric_label(m), *cells)
     return table
