@@ -2,10 +2,10 @@
 
     python benchmarks/search_workers.py [--n-trials 12] [--workers 1 2]
 
-The embedded demo (packaged MiniLM as BERT2BERT, rougeL on 16 dev docstrings, 16 new tokens) with a
-throw-away PostgreSQL server (tests/postgres.py: Debian's `postgresql`, psycopg). Each setting gets a fresh
-database; its workers are `nvib search` processes started together. Reported: wall time of the whole
-search (process start to last exit), the time from the first trial's start to the last trial's end
+The search of `nvib tour`'s embedded toy config (packaged MiniLM as BERT2BERT, rougeL on 16 dev docstrings,
+16 new tokens) with a throw-away PostgreSQL server (tests/postgres.py: Debian's `postgresql`, psycopg). Each
+setting gets a fresh database; its workers are `nvib search` processes started together. Reported: wall time of the
+whole search (process start to last exit), the time from the first trial's start to the last trial's end
 (trials per minute over that span), and the mean evaluation time of a trial.
 """
 
@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         "## search_workers.py",
         "",
-        f"Demo search (MiniLM BERT2BERT, {args.n_trials} trials, slices 8/16 dev docstrings, 16 new tokens) on one "
+        f"Search of the tour's toy config (MiniLM BERT2BERT, {args.n_trials} trials, slices 8/16 dev docstrings, "
+        "16 new tokens) on one "
         f"PostgreSQL study; {cpu}, OMP_NUM_THREADS=1 per worker, machine shared with other jobs. "
         "`python benchmarks/search_workers.py`",
         "",

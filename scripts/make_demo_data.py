@@ -1,4 +1,4 @@
-"""Regenerate ``src/nvib/demo_data/*.jsonl``: the tiny summarisation set of ``nvib demo``.
+"""Regenerate ``src/nvib/demo_data/*.jsonl``: the tiny summarisation set of ``nvib tour``.
 
 In domain: Python standard-library docstrings (source = body, target = first line), from disjoint module
 groups for train / dev / test. Out of domain: Debian package descriptions of the machine it runs on

@@ -94,7 +94,8 @@ def save_tiny_gguf(path: Path) -> tuple[Path, tf.GPT2LMHeadModel]:
 
 
 def run_config(model_dir: Path, **overrides: Any) -> dict[str, Any]:
-    """A run config over the demo data, small enough for a test; `overrides` replace whole sections."""
+    """A run config over the toy data of `nvib tour` (demo_data/), small enough for a test; `overrides` replace whole
+    sections."""
     config: dict[str, Any] = {
         "model": {"path": str(model_dir), "kind": "seq2seq"},
         "task": "summarisation",

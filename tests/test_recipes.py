@@ -33,7 +33,7 @@ def _stand_in_row(entry: dict, row: dict) -> dict:
 
 def _stand_ins(config: dict, root: Path) -> None:
     """Replace each dataset by a local folder of its configs and splits, each local file by a file of the columns
-    the recipe's README asks for; both hold demo rows."""
+    the recipe's README asks for; both hold rows of the toy data (demo_data/)."""
     data = config["data"]
     entries = [(data, k) for k in ("train", "dev")] + [(data["test"], k) for k in data["test"]]
     datasets: dict[str, dict[tuple[str | None, str], dict]] = {}

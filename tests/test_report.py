@@ -9,6 +9,7 @@ from pathlib import Path
 import optuna
 import torch
 
+from nvib.workflow.formatting import format_difference, interval_decimals, metric_label
 from nvib.workflow.metrics import BootstrapResult
 from nvib.workflow.report import plot_differences, plot_knobs, plot_search_history, write_report
 from nvib.workflow.search import run_search
@@ -148,3 +149,45 @@ def test_rejected_trials_and_differences_plot(tmp_path: Path) -> None:
     assert "best trial's dev diversity | 0.250 / 1.000 / 0.125" in md
     assert plot_differences({"NV": {"a": {"nll": (0.1, -0.2, 0.3)}}}, tmp_path / "d.png").read_bytes()[:8] == PNG_MAGIC
     assert plot_differences({}, tmp_path / "e.png") is None
+
+
+def test_differences_show_the_digits_their_interval_needs() -> None:
+    # two significant digits of the interval's width: its rounded ends differ, and no Δ hides as "+0.00"
+    assert format_difference(0.0004385, 0.0002635, 0.0006299, "nll") == "+0.00044 [+0.00026, +0.00063]"
+    assert format_difference(1.641, 0.512, 2.777, "rouge1") == "+1.64 [+0.51, +2.78]"  # the metric's decimals at least
+    assert format_difference(-12.5, -30.25, 4.0, "bleu") == "-12.50 [-30.25, +4.00]"
+    assert format_difference(0.0, 0.0, 0.0, "nll") == "+0.000 [+0.000, +0.000]"  # an empty interval
+    assert interval_decimals(0.5, float("nan"), 3) == 3
+    for low in (-0.0173, 0.0002635, 1.0, 31.234):
+        for width in (3e-7, 4.5e-5, 0.0099, 0.37, 12.0):
+            d = interval_decimals(low, low + width)
+            assert f"{low:.{d}f}" != f"{low + width:.{d}f}", (low, width, d)
+            assert 10 ** (1 - d) <= width < 10 ** (2 - d)  # two digits of the width, no more
+    assert metric_label("nll") == "nll (nats per target token)" and metric_label("rougeL") == "rougeL"
+
+
+def test_report_table_shows_the_verdicts_digits_and_the_nll_unit(tmp_path: Path, monkeypatch) -> None:
+    from matplotlib.figure import Figure
+
+    from nvib.workflow.evaluate import verdict
+
+    titles: list[str] = []
+    savefig = Figure.savefig
+    monkeypatch.setattr(
+        Figure, "savefig", lambda fig, *a, **k: (titles.append(fig.get_suptitle()), savefig(fig, *a, **k))
+    )
+    diff = BootstrapResult(0.0004385, 0.00044, 0.0002635, 0.0006299, 0.001, 1000)
+    sentence = verdict("ood", "nll", diff, None, None)
+    paths = write_report(
+        tmp_path,
+        results={"unconverted": {"ood": {"nll": 2.3456789}}, "NV tuned": {"ood": {"nll": 2.3461174}}},
+        differences={"NV tuned": {"ood": {"nll": diff}}},
+        baseline="unconverted",
+        verdicts=[sentence],
+    )
+    assert "nll Δ +0.00044 nats per target token, 95% interval [+0.00026, +0.00063]" in sentence
+    for text in (paths.markdown.read_text(encoding="utf-8"), paths.html.read_text(encoding="utf-8")):
+        assert "ood nll (nats per target token)" in text  # the column names the unit
+        assert "2.34612 (Δ +0.00044 [+0.00026, +0.00063])" in text  # the verdict's digits, the value's too
+        assert "2.34568" in text and "+0.00 " not in text and "+0.000 " not in text
+    assert titles == ["Difference to unconverted per test set (variant − unconverted, 95% paired-bootstrap interval)"]

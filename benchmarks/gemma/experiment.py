@@ -58,7 +58,14 @@ from nvib.workflow.baselines import AttentionTemperature, tune
 from nvib.workflow.data import Example
 from nvib.workflow.evaluate import Evaluator, new_progress
 from nvib.workflow.objectives import DevObjective
-from nvib.workflow.prompting import FewShotPrompt, SharedPrefix, check_sharing, draw_demonstrations, prompt_prior
+from nvib.workflow.prompting import (
+    FewShotPrompt,
+    SharedPrefix,
+    check_sharing,
+    describe_sharing,
+    draw_demonstrations,
+    prompt_prior,
+)
 from nvib.workflow.search import SearchSpace, best_knobs, run_search
 from nvib.workflow.settings import PRIOR_ONLY_ALPHA_TAUS, STDEV_RANGES, GenerationArgs
 
@@ -274,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         return {**result, "nll": [[s.nll, s.n] for s in engine.nll(check_items)]}
 
     checks = {"stock": state.get("check stock", stock_check, "check")}
-    log("sharing check (stock):", checks["stock"])
+    log(f"prompt sharing check, stock model: {describe_sharing(checks['stock'])}")
 
     # ---- NV: prior on in-domain prompts, conversion, checks, tuning
     used = {ids[id(e)] for e in demos[IN_DOMAIN]}
@@ -313,7 +320,11 @@ def main(argv: list[str] | None = None) -> None:
         nvib.convert(model, prior=nvib.EmpiricalPrior.load(prior_path))
         if "nv" not in checks:
             checks["nv"] = state.get("check nv", nv_checks, "check")
-            log("sharing check (NV):", checks["nv"])
+            nv, knobs = checks["nv"], ", ".join(f"{k}={v:g}" for k, v in checks["nv"]["regularised"]["knobs"].items())
+            log(
+                f"prompt sharing check, NV: at the identity knobs the NLL equals the stock model's to "
+                f"{nv['identity_nll_gap']:.1e} nats per target token; at {knobs}, {describe_sharing(nv['regularised'])}"
+            )
 
     def dev_objective(d: str, prompt: str, bar, label: str, **kwargs) -> DevObjective:
         """Mean target NLL of d's first n dev pairs behind `prompt`'s demonstrations (maximised as −NLL); each

@@ -1,7 +1,10 @@
-"""The ``nvib`` command line: prior, prior-merge, search, evaluate, run, demo and finetune.
+"""The ``nvib`` command line: prior, prior-merge, search, evaluate, run, tour and finetune.
 
 Errors a user can fix (bad paths, malformed data or config, mismatched priors) are printed as one red
 line with the fix, exit code 2, no traceback. Ctrl-C exits with 130; rerunning resumes.
+
+``--help`` is built from the signatures alone: torch, transformers, optuna and pydantic are imported inside
+the commands that run (``benchmarks/cli_speed.py`` measures it), so option defaults come from light modules.
 """
 
 from __future__ import annotations
@@ -12,26 +15,18 @@ import functools
 import json
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import optuna
-import transformers as tf
 import typer
 from rich.console import Console
 from rich.text import Text
-from safetensors import SafetensorError
+from typer.core import TyperCommand
 
-from nvib.core.config import NVConfig
 from nvib.core.files import DISK_FIX, FULL
-from nvib.core.io import NV_CONFIG, load
-from nvib.core.prior import EmpiricalPrior
-from nvib.workflow.data import load_examples
-from nvib.workflow.distributed import gather_to_rank0, launcher_rank
-from nvib.workflow.limits import Lengths, fit_lengths
-from nvib.workflow.models import NO_REMOTE_CODE, load_model, no_custom_code
-from nvib.workflow.run import Run, describe_data, estimate_prior, parse_shard, save_prior
-from nvib.workflow.settings import MODEL_KINDS, ModelSection, RunConfig, config_schema, describe_schema
-from nvib.workflow.train import START_STDEV_TAU, LambdaSchedule, finetune
+from nvib.workflow.choices import MODEL_KINDS, SCHEDULES, START_STDEV_TAU
+
+if TYPE_CHECKING:
+    from nvib.workflow.settings import RunConfig
 
 app = typer.Typer(
     name="nvib",
@@ -65,7 +60,9 @@ def friendly_errors(fn=None, *, interrupted: str | None = None, also: tuple[type
             message = interrupted or str(err) or "interrupted. Rerun the same command to resume."
             _console().print(Text(message, style="yellow"))
             raise typer.Exit(EXIT_INTERRUPTED) from None
-        except (ValueError, OSError, SafetensorError, *also) as err:  # DataError, ConfigError, ... are ValueErrors
+        except Exception as err:
+            if not (isinstance(err, (ValueError, OSError, *also)) or _is_safetensor_error(err)):
+                raise  # DataError, ConfigError, ... are ValueErrors
             message = _one_line(err)
             if isinstance(err, FileExistsError | NotADirectoryError) and err.filename:
                 message = (
@@ -78,13 +75,23 @@ def friendly_errors(fn=None, *, interrupted: str | None = None, also: tuple[type
     return wrapper
 
 
+def _is_safetensor_error(err: BaseException) -> bool:
+    """A safetensors error (imported only once an error is being reported, so `--help` stays light)."""
+    from safetensors import SafetensorError
+
+    return isinstance(err, SafetensorError)
+
+
 def _one_line(err: BaseException) -> str:
     """The error's message on one line; a full disk (here or in a file transformers writes) says how to go on."""
     message = " ".join(str(err).split()) or type(err).__name__
-    if isinstance(err, SafetensorError):  # transformers' own weight files: a full disk while saving, a damaged file
+    if _is_safetensor_error(err):  # transformers' own weight files: a full disk while saving, a damaged file
         message = f"safetensors: {message}"
     full = getattr(err, "errno", None) in FULL or any(f"os error {code})" in message for code in FULL)
     return f"{message}. {DISK_FIX}" if full and "Fix:" not in message else message
+
+
+_LOGGING = {"verbose": False}  # `nvib --verbose`, set by `main`
 
 
 @app.callback()
@@ -94,11 +101,22 @@ def main(
     ] = False,
 ) -> None:
     """Nonparametric Variational (NV) regularisation of pretrained transformers."""
+    # this runs before a command parses its --help: the commands that load the libraries quiet them
+    _LOGGING["verbose"] = verbose
     if not verbose:
-        optuna.logging.set_verbosity(optuna.logging.ERROR)  # a Ctrl-C would log a failed trial with a traceback
-        tf.logging.set_verbosity_error()
-        tf.logging.disable_progress_bar()
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+
+
+def _quiet_libraries() -> None:
+    """Silence transformers' and optuna's log messages and progress bars, unless ``nvib --verbose``."""
+    if _LOGGING["verbose"]:
+        return
+    import optuna
+    import transformers as tf
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a Ctrl-C would log a failed trial with a traceback
+    tf.logging.set_verbosity_error()
+    tf.logging.disable_progress_bar()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,9 +124,20 @@ def main(
 
 CONFIG_HELP = (
     "\b\nRun config keys (YAML or TOML; paths relative to the config file, package:NAME/sub = a path inside "
-    "an installed package; `nvib demo` runs demo_data/demo.yaml of the nvib package, a commented example; "
-    "`nvib schema` prints the JSON schema):\n" + describe_schema()
+    "an installed package; `nvib tour` runs demo_data/demo.yaml of the nvib package, a commented example; "
+    "`nvib schema` prints the JSON schema):\n"
 )
+
+
+class ConfigHelpCommand(TyperCommand):
+    """A command whose --help ends with the run config's keys, read from the schema only when help is shown."""
+
+    def format_epilog(self, ctx, formatter) -> None:
+        from nvib.workflow.settings import describe_schema
+
+        self.epilog = CONFIG_HELP + describe_schema()
+        super().format_epilog(ctx, formatter)
+
 
 ConfigArg = Annotated[Path, typer.Argument(help="Run config file (.yaml or .toml).", show_default=False)]
 RunDirOpt = Annotated[
@@ -144,7 +173,6 @@ KindOpt = Annotated[
         metavar="[" + "|".join(MODEL_KINDS) + "]",
     ),
 ]
-SCHEDULES, LR_SCHEDULERS = ("constant", "linear", "cyclic"), tuple(s.value for s in tf.SchedulerType)
 
 
 def _one_of(option: str, value: str, choices: tuple[str, ...]) -> None:
@@ -173,6 +201,9 @@ def _run(
     prior: Path | None = None,
     foreign_prior: bool = False,
 ):
+    from nvib.workflow.run import Run
+
+    _quiet_libraries()
     run = Run(config, run_dir, console=_console(), progress=progress, n_trials=n_trials)
     if prior is not None:
         run.given_prior = prior  # read, never written
@@ -233,6 +264,14 @@ def prior_cmd(
     Under a multi-process launcher (`accelerate launch --num_processes N -m nvib prior ...`, or `torchrun`)
     each process estimates the batches of its rank and rank 0 writes the merged prior (exact).
     """
+    from nvib.core.prior import EmpiricalPrior
+    from nvib.workflow.data import load_examples
+    from nvib.workflow.distributed import gather_to_rank0, launcher_rank
+    from nvib.workflow.limits import Lengths, fit_lengths
+    from nvib.workflow.models import load_model
+    from nvib.workflow.run import describe_data, estimate_prior, parse_shard, save_prior
+    from nvib.workflow.settings import ModelSection
+
     _one_of("--kind", kind, MODEL_KINDS)
     shard_spec = parse_shard(shard)
     rank, world = launcher_rank()
@@ -243,6 +282,7 @@ def prior_cmd(
                 "Fix: drop --shard, or run single processes with --shard i/n and `nvib prior-merge`"
             )
         shard_spec = (rank, world)
+    _quiet_libraries()
     console = _console()
     loaded, tokenizer = load_model(ModelSection(str(model), kind=kind, seed=seed))
     given = {k for k, v in (("source", max_source_len), ("target", max_target_len)) if v is not None}
@@ -295,6 +335,9 @@ def prior_merge_cmd(
     ),
 ) -> None:
     """Merge priors estimated on disjoint shards of the data (exact)."""
+    from nvib.core.prior import EmpiricalPrior
+    from nvib.workflow.run import save_prior
+
     merged = EmpiricalPrior.merge(*(EmpiricalPrior.load(p) for p in priors))
     output.parent.mkdir(parents=True, exist_ok=True)
     written = save_prior(merged, output)
@@ -304,7 +347,7 @@ def prior_merge_cmd(
     _console().print(f"merged {len(priors)} priors, {tokens} tokens{note} -> {written}{kept}")
 
 
-@app.command("search", epilog=CONFIG_HELP)
+@app.command("search", cls=ConfigHelpCommand)
 @friendly_errors
 def search_cmd(
     config: ConfigArg,
@@ -316,10 +359,12 @@ def search_cmd(
     progress: ProgressOpt = True,
 ) -> None:
     """Tune the NV knobs on the dev set (resumes the study in RUN_DIR); writes RUN_DIR/nv_config.json."""
+    from nvib.workflow.settings import RunConfig
+
     _run(_with_metric(RunConfig.load(config), metric), run_dir, n_trials, progress, prior, foreign_prior).search()
 
 
-@app.command("evaluate", epilog=CONFIG_HELP)
+@app.command("evaluate", cls=ConfigHelpCommand)
 @friendly_errors
 def evaluate_cmd(
     config: ConfigArg,
@@ -333,6 +378,9 @@ def evaluate_cmd(
 ) -> None:
     """Evaluate the unconverted model, the baselines (tuned first if needed), NV at equivalence and tuned NV on
     every test set; write the report."""
+    from nvib.core.config import NVConfig
+    from nvib.workflow.settings import RunConfig
+
     run = _run(RunConfig.load(config), run_dir, None, progress, prior, foreign_prior)
     if knobs is not None and not knobs.is_file():
         raise FileNotFoundError(f"no knobs file at {knobs}. Fix: pass the nv_config.json written by `nvib search`")
@@ -340,25 +388,33 @@ def evaluate_cmd(
     run.report(evaluation)
 
 
-@app.command("run", epilog=CONFIG_HELP)
+@app.command("run", cls=ConfigHelpCommand)
 @friendly_errors
 def run_cmd(
     config: Annotated[
         Path | None,
-        typer.Argument(help="Run config file (.yaml or .toml); omit with --demo.", show_default=False),
+        typer.Argument(help="Run config file (.yaml or .toml); omit with --tour.", show_default=False),
     ] = None,
-    demo: Annotated[bool, typer.Option("--demo", help="Use the embedded demo config (packaged MiniLM).")] = False,
+    tour: Annotated[
+        bool, typer.Option("--tour", help="Use the tour's embedded toy config (packaged MiniLM, see `nvib tour`).")
+    ] = False,
+    demo: Annotated[bool, typer.Option("--demo", hidden=True, help="Old name of --tour.")] = False,
     run_dir: RunDirOpt = None,
     n_trials: TrialsOpt = None,
     metric: MetricOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
     """Prior -> search -> baselines -> evaluate -> report in one run directory; rerunning reuses finished stages."""
-    if (config is None) == (not demo):
+    from nvib.workflow.settings import RunConfig
+
+    if demo:
+        _console().print(Text("note: `nvib run --demo` is now `nvib run --tour`", style="yellow"))
+        tour = True
+    if (config is None) == (not tour):
         raise ValueError(
-            "give a config file or --demo (not both). Fix: e.g. `nvib run my_run.yaml` or `nvib run --demo`"
+            "give a config file or --tour (not both). Fix: e.g. `nvib run my_run.yaml` or `nvib run --tour`"
         )
-    run_config = _with_metric(RunConfig.demo() if demo else RunConfig.load(config), metric)
+    run_config = _with_metric(RunConfig.tour() if tour else RunConfig.load(config), metric)
     run = _run(run_config, run_dir, n_trials, progress)
     run.all()
     _console().print(f"done: {run.dir}")
@@ -367,20 +423,39 @@ def run_cmd(
 @app.command("schema")
 def schema_cmd() -> None:
     """Print the JSON schema of run config files (for editors: YAML/TOML language servers validate with it)."""
+    from nvib.workflow.settings import config_schema
+
     typer.echo(json.dumps(config_schema(), indent=2))
 
 
-@app.command("demo")
+@app.command("tour")
 @friendly_errors
-def demo_cmd(run_dir: RunDirOpt = None, n_trials: TrialsOpt = None, progress: ProgressOpt = True) -> None:
-    """The README demo, same as `nvib run --demo`: packaged MiniLM as BERT2BERT on tiny docstring data."""
-    run = _run(RunConfig.demo(), run_dir, n_trials, progress)
+def tour_cmd(run_dir: RunDirOpt = None, n_trials: TrialsOpt = None, progress: ProgressOpt = True) -> None:
+    """A tour of the pipeline on toy data, same as `nvib run --tour` (what `make tour` runs; 2-4 minutes on two
+    CPU cores): the packaged MiniLM warm-started as BERT2BERT (its decoder is untrained, so the outputs are poor:
+    it shows the steps, not quality) on tiny docstring data; writes runs/tour/report.html."""
+    from nvib.workflow.settings import RunConfig
+
+    run = _run(RunConfig.tour(), run_dir, n_trials, progress)
     run.all()
     _console().print(f"done: {run.dir}")
 
 
+@app.command("demo", hidden=True)
+def demo_cmd(run_dir: RunDirOpt = None, n_trials: TrialsOpt = None, progress: ProgressOpt = True) -> None:
+    """Old name of `nvib tour`."""
+    _console().print(Text("note: `nvib demo` is now `nvib tour`", style="yellow"))
+    tour_cmd(run_dir, n_trials, progress)
+
+
 def _load_for_finetuning(path: Path, kind: str, seed: int):
     """(model, tokenizer, already_nv) from a local HF model directory or an NV model directory."""
+    import transformers as tf
+
+    from nvib.core.io import NV_CONFIG, load
+    from nvib.workflow.models import NO_REMOTE_CODE, load_model, no_custom_code
+    from nvib.workflow.settings import ModelSection
+
     if not path.is_dir():
         raise FileNotFoundError(f"no model directory at {path}. Fix: pass a local Hugging Face model directory")
     if (path / NV_CONFIG).is_file():
@@ -529,7 +604,8 @@ def finetune_cmd(
     lr_scheduler: Annotated[
         str,
         typer.Option(
-            help="Learning-rate schedule (transformers' SchedulerType).", metavar="[" + "|".join(LR_SCHEDULERS) + "]"
+            help="Learning-rate schedule: a name of transformers' SchedulerType (linear, cosine, constant, ...).",
+            metavar="NAME",
         ),
     ] = "linear",
     warmup_steps: Annotated[int, typer.Option(help="Learning-rate warm-up steps.", min=0)] = 0,
@@ -554,10 +630,16 @@ def finetune_cmd(
     Checkpoints go to OUTPUT_DIR/checkpoints every --save-steps steps: rerunning the same command after an
     interruption resumes from the last one (--no-resume deletes them and starts over).
     """
+    import transformers as tf
+
+    from nvib.core.config import NVConfig
+    from nvib.workflow.data import load_examples
+    from nvib.workflow.train import KL_CLIPS, LambdaSchedule, finetune
+
     _one_of("--kind", kind, MODEL_KINDS)
     _one_of("--schedule", schedule, SCHEDULES)
-    _one_of("--kl-clip", kl_clip, ("separate", "joint"))
-    _one_of("--lr-scheduler", lr_scheduler, LR_SCHEDULERS)
+    _one_of("--kl-clip", kl_clip, KL_CLIPS)
+    _one_of("--lr-scheduler", lr_scheduler, tuple(s.value for s in tf.SchedulerType))
     lambda_schedule = LambdaSchedule(schedule, schedule_steps)  # type: ignore[arg-type]
     if not (train_nv or train_pretrained):
         raise ValueError("nothing to train: --freeze-nv and --freeze-pretrained together freeze everything")
@@ -567,6 +649,7 @@ def finetune_cmd(
         raise FileNotFoundError(f"no knobs file at {knobs}. Fix: pass an NVConfig JSON such as nv_config.json")
     if prior is not None and not prior.is_file():
         raise FileNotFoundError(f"no prior file at {prior}. Fix: estimate one with `nvib prior`")
+    _quiet_libraries()
     examples = load_examples(train, source_column, target_column, split=split, limit=limit)
     loaded, tokenizer, already_nv = _load_for_finetuning(model, kind, seed)
     if already_nv and prior is not None:

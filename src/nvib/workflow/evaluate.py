@@ -27,6 +27,7 @@ from nvib.core.convert import VisiblePriorWarning, configure, convert, is_conver
 from nvib.core.diagnostics import record_prior_mass
 from nvib.core.files import dumps, write_json, write_text
 from nvib.workflow.data import DataError, Example, batches
+from nvib.workflow.formatting import difference_parts, metric_unit
 from nvib.workflow.metrics import (
     LIKELIHOOD_METRICS,
     LOWER_IS_BETTER,
@@ -343,11 +344,11 @@ def verdict(test: str, metric_name: str, vs_unconverted: Any, vs_baseline: Any |
     """One plain sentence: whether NV tuned beat the unconverted model and the best baseline on ``test``."""
     words = {1: "beat", 0: "did not beat", -1: "was worse than"}
 
+    unit = f" {metric_unit(metric_name)}" if metric_unit(metric_name) else ""
+
     def part(what: str, r: Any) -> str:
-        return (
-            f"{words[_outcome(r, metric_name)]} {what} ({metric_name} Δ {r.delta:+.4g}, "
-            f"95% interval [{r.ci_low:+.4g}, {r.ci_high:+.4g}])"
-        )
+        delta, interval = difference_parts(r.delta, r.ci_low, r.ci_high, metric_name)
+        return f"{words[_outcome(r, metric_name)]} {what} ({metric_name} Δ {delta}{unit}, 95% interval {interval})"
 
     text = f"{test}: NV tuned {part('the unconverted model', vs_unconverted)}"
     if vs_baseline is not None:

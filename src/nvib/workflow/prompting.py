@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +33,7 @@ from nvib.workflow.data import Example, pad_and_mask, pad_id
 
 __all__ = [
     "Encoded", "FewShotPrompt", "Scored", "SharedPrefix", "SharingError", "Template", "check_sharing",
-    "draw_demonstrations", "prompt_prior",
+    "describe_sharing", "draw_demonstrations", "prompt_prior",
 ]  # fmt: skip
 
 LM_HEAD_CHUNK = 256  # rows of logits materialised at once (a 262k vocabulary, spec §9)
@@ -359,10 +359,18 @@ def check_sharing(
     }
     if max(result["nll_gap"], result["evaluate_nll_gap"]) > tol or not result["greedy_identical"]:
         raise SharingError(
-            f"the shared prompt prefix changes the results: {result} (tolerance {tol:g} nats per token). "
-            "Fix: report this with the model's type; meanwhile run without a prompt section"
+            f"the shared prompt prefix changes the results: {describe_sharing(result)} (tolerance {tol:g} nats per "
+            "token). Fix: report this with the model's type; meanwhile run without a prompt section"
         )
     return result
+
+
+def describe_sharing(result: Mapping[str, Any]) -> str:
+    """:func:`check_sharing`'s result in words: how close the shared prefix's NLL is to the unshared one, and
+    whether the greedy outputs are the same."""
+    gap = max(result["nll_gap"], result["evaluate_nll_gap"])
+    outputs = "identical" if result["greedy_identical"] else "DIFFERENT"
+    return f"the shared prefix gives the unshared NLL to {gap:.1e} nats per target token, greedy outputs {outputs}"
 
 
 def prompt_prior(

@@ -25,6 +25,8 @@ import numpy as np  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from nvib.core import files  # noqa: E402
+from nvib.workflow.formatting import format_difference, interval_decimals, metric_decimals, metric_label  # noqa: E402
+from nvib.workflow.metrics import LOWER_IS_BETTER  # noqa: E402
 
 __all__ = [
     "ReportPaths",
@@ -82,6 +84,15 @@ def _maximize(study: Any) -> bool:
     return study.direction.name == "MAXIMIZE"
 
 
+def _objective_label(study: Any) -> str:
+    """What a trial's value is: the dev metric with its unit (negated where lower is better: the search maximises)."""
+    metric = study.user_attrs.get("metric")
+    if metric is None:
+        return "objective"
+    sign = "−" if metric in LOWER_IS_BETTER and _maximize(study) else ""
+    return f"dev {sign}{metric_label(metric)}"
+
+
 def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -117,8 +128,8 @@ def plot_search_history(study: Any, path: str | os.PathLike[str]) -> Path | None
     if eq:
         ax.plot([eq[0].number], [eq[0].value], "*", ms=14, color="tab:green", label="equivalence")
     ax.set_xlabel("trial")
-    ax.set_ylabel("metric")
-    ax.set_title("Search history")
+    ax.set_ylabel(_objective_label(study))
+    ax.set_title("Search history: the dev objective per trial")
     ax.legend(fontsize=8)
     return _save(fig, Path(path))
 
@@ -136,10 +147,10 @@ def plot_knobs(study: Any, path: str | os.PathLike[str]) -> Path | None:
         pts = [(t.params[name], t.value) for t in done if name in t.params]
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=18, alpha=0.75)
         ax.set_xlabel(name)
-        ax.set_ylabel("metric")
+        ax.set_ylabel(_objective_label(study))
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
-    fig.suptitle("Metric against each knob")
+    fig.suptitle("Dev objective against each knob")
     return _save(fig, Path(path))
 
 
@@ -180,11 +191,14 @@ def plot_prior_stats(stats: Mapping[str, Mapping[str, Any]], path: str | os.Path
 
 
 def plot_differences(
-    differences: Mapping[str, Mapping[str, Mapping[str, Any]]], path: str | os.PathLike[str]
+    differences: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    path: str | os.PathLike[str],
+    reference: str = "the reference",
 ) -> Path | None:
-    """Δ against the baseline with its interval, per test set (x) and variant (marker), one panel per metric.
+    """Δ = variant − ``reference`` with its interval, per test set (x) and variant (marker), one panel per metric.
 
-    ``differences``: variant -> test set -> metric -> bootstrap result or ``(delta, low, high)``. None if empty.
+    ``differences``: variant -> test set -> metric -> bootstrap result or ``(delta, low, high)``; ``reference``
+    names what they are differences to (the title says it). None if empty.
     """
     metrics: list[str] = []
     sets: list[str] = []
@@ -218,10 +232,10 @@ def plot_differences(
                 ax.errorbar(xs, ys, yerr=[lows, highs], fmt="o", capsize=4, label=variant)
         ax.axhline(0, color="0.5", lw=0.8)
         ax.set_xticks(range(len(sets)), sets, rotation=20, ha="right")
-        ax.set_ylabel(f"Δ {metric}")
+        ax.set_ylabel(f"Δ {metric_label(metric)}")
         ax.set_title(metric)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Difference to the baseline per test set (95% interval)")
+    fig.suptitle(f"Difference to {reference} per test set (variant − {reference}, 95% paired-bootstrap interval)")
     return _save(fig, Path(path))
 
 
@@ -240,10 +254,6 @@ def plot_prior_mass(mass: Mapping[str, float], path: str | os.PathLike[str]) -> 
 # tables
 
 
-#: Metrics shown with 3 decimals (their differences are often below 0.01).
-_PRECISE = frozenset({"nll"})
-
-
 def _results_table(
     results: Mapping[str, Mapping[str, Mapping[str, float]]],
     differences: Mapping[str, Mapping[str, Mapping[str, Any]]] | None,
@@ -254,17 +264,28 @@ def _results_table(
             for metric in metrics:
                 if (test_set, metric) not in columns:
                     columns.append((test_set, metric))
-    header = ["variant"] + [f"{ts} {m}" for ts, m in columns]
+    header = ["variant"] + [f"{ts} {metric_label(m)}" for ts, m in columns]
+    diffs = {
+        (variant, ts, m): _diff_parts(d)
+        for variant, per_set in (differences or {}).items()
+        for ts, per_metric in per_set.items()
+        for m, d in per_metric.items()
+    }
+    # a column's values show as many decimals as its finest interval (each Δ as many as its own interval)
+    decimals = {
+        (ts, m): max(
+            [metric_decimals(m)]
+            + [interval_decimals(low, high) for (_, t, n), (_, low, high) in diffs.items() if (t, n) == (ts, m)]
+        )
+        for ts, m in columns
+    }
     body = []
     for variant, per_set in results.items():
         row = [variant]
         for ts, m in columns:
-            k = 3 if m in _PRECISE else 2
-            cell = _fmt(per_set.get(ts, {}).get(m), k)
-            d = (differences or {}).get(variant, {}).get(ts, {}).get(m)
-            if d is not None:
-                delta, low, high = _diff_parts(d)
-                cell += f" (Δ {delta:+.{k}f} [{low:+.{k}f}, {high:+.{k}f}])"
+            cell = _fmt(per_set.get(ts, {}).get(m), decimals[ts, m])
+            if (variant, ts, m) in diffs:
+                cell += f" (Δ {format_difference(*diffs[variant, ts, m], m)})"
             row.append(cell)
         body.append(row)
     return header, body
@@ -406,7 +427,7 @@ def write_report(
             label, per_set = against
             header = ["test set", "metric", f"NV tuned − {label} (Δ, 95% paired-bootstrap interval)"]
             body = [
-                [ts, m, "{:+.4g} [{:+.4g}, {:+.4g}]".format(*_diff_parts(r))]
+                [ts, metric_label(m), format_difference(*_diff_parts(r), m)]
                 for ts, per in per_set.items()
                 for m, r in per.items()
             ]
@@ -424,10 +445,11 @@ def write_report(
         md = (caption + "\n\n" if caption else "") + _md_table(header, body)
         ht = (f"<p>{html.escape(caption.replace('**', ''))}</p>" if caption else "") + _html_table(header, body)
         if differences:
-            p = plot_differences(differences, run / PLOTS_DIR / "differences.png")
+            reference = baseline or "the reference"
+            p = plot_differences(differences, run / PLOTS_DIR / "differences.png", reference)
             if p is not None:
                 plots["differences"] = p
-                m, h = image("differences", "difference to the baseline per test set, with intervals")
+                m, h = image("differences", f"difference to {reference} per test set, with intervals")
                 md += "\n\n" + m
                 ht += h
         sections.append(("Results", md, ht))

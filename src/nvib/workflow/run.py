@@ -42,6 +42,7 @@ from nvib.workflow.evaluate import (
     evaluate_variants,
     new_progress,
 )
+from nvib.workflow.formatting import difference_parts, interval_decimals, metric_decimals, metric_label
 from nvib.workflow.identity import check_identity, check_prior_weights, file_fingerprint, prior_digest
 from nvib.workflow.limits import Lengths, fit_lengths
 from nvib.workflow.metrics import LIKELIHOOD_METRICS
@@ -843,12 +844,14 @@ def _results_table(evaluation: Evaluation) -> Table:
         table.add_column(column, justify="left" if column in ("test set", "metric") else "right")
     for name in evaluation.equivalence:
         for m in evaluation.metrics:
+            diffs = {v: d[name][m] for v, d in evaluation.differences.items() if m in d.get(name, {})}
+            places = max([metric_decimals(m)] + [interval_decimals(d.ci_low, d.ci_high) for d in diffs.values()])
             cells = []
             for variant in evaluation.results:
-                cell = f"{evaluation.results[variant][name][m]:.2f}"
-                diff = evaluation.differences.get(variant, {}).get(name, {}).get(m)
-                if diff is not None:
-                    cell += f" ({diff.delta:+.2f})"
+                cell = f"{evaluation.results[variant][name][m]:.{places}f}"
+                if variant in diffs:
+                    d = diffs[variant]
+                    cell += f" ({difference_parts(d.delta, d.ci_low, d.ci_high, m)[0]})"
                 cells.append(cell)
-            table.add_row(name, m, *cells)
+            table.add_row(name, metric_label(m), *cells)
     return table

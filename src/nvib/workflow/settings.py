@@ -17,9 +17,8 @@ import typing
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import torch
 import yaml
 from annotated_types import Ge, Gt, Le
 from pydantic import BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
@@ -28,8 +27,10 @@ from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
 from nvib.core.config import KNOBS, bounds
-from nvib.workflow.data import HubDataset
-from nvib.workflow.prompting import Template
+from nvib.workflow.choices import MODEL_KINDS, ModelKind
+
+if TYPE_CHECKING:  # imported where used: the schema (and `nvib run --help`) needs no torch
+    from nvib.workflow.data import HubDataset
 
 __all__ = [
     "DEFAULT_OBJECTIVE",
@@ -127,11 +128,9 @@ class GenerationArgs:
             raise ValueError(f"kwargs may not set {sorted(reserved)}: use the generation fields of the same name")
 
 
-ModelKind = Literal["auto", "seq2seq", "causal_lm", "bert2bert"]
 Task = Literal["summarisation", "translation", "lm"]
-MODEL_KINDS: tuple[str, ...] = typing.get_args(ModelKind)
 assert typing.get_args(Task) == TASKS
-DEMO_CONFIG = "demo.yaml"
+TOUR_CONFIG = "demo.yaml"  # in demo_data/ of the nvib package (names kept: configs point at them)
 
 
 class ConfigError(ValueError):
@@ -177,6 +176,8 @@ class ModelSection:
 
     def __post_init__(self) -> None:
         if self.device != "auto":
+            import torch
+
             try:
                 torch.device(self.device)
             except RuntimeError:
@@ -209,6 +210,8 @@ class DatasetSection:
         name = self.dataset
         if name.startswith(("./", "../")):
             name = str(resolve_path(name, base_dir))
+        from nvib.workflow.data import HubDataset
+
         return HubDataset(name, self.split, self.config, self.source, self.target, self.translation)
 
 
@@ -283,6 +286,8 @@ class PromptSection:
     check: bool = True
 
     def __post_init__(self) -> None:
+        from nvib.workflow.prompting import Template
+
         Template.parse(self.template)
 
 
@@ -488,10 +493,10 @@ class RunConfig:
         return cls.from_dict(raw, path.resolve().parent, str(path))
 
     @classmethod
-    def demo(cls) -> RunConfig:
-        """The embedded demo: the packaged MiniLM warm-started as BERT2BERT on a tiny docstring set."""
-        demo_dir = Path(str(resources.files("nvib") / "demo_data"))
-        return cls.load(demo_dir / DEMO_CONFIG)
+    def tour(cls) -> RunConfig:
+        """The tour's embedded config (`nvib tour`): the packaged MiniLM warm-started as BERT2BERT on a tiny
+        docstring set."""
+        return cls.load(Path(str(resources.files("nvib") / "demo_data")) / TOUR_CONFIG)
 
     def default_run_dir(self) -> Path:
         return Path(self.run_dir) if self.run_dir else Path("runs") / Path(self.source).stem

@@ -23,6 +23,7 @@ from nvib.core.config import KINDS, SUFFIX, NVConfig
 from nvib.core.convert import LAYERS, configure, convert, enable_per_token_variance, is_converted, nv_layers
 from nvib.core.io import save
 from nvib.core.prior import EmpiricalPrior, weights_hash
+from nvib.workflow.choices import START_STDEV_TAU
 from nvib.workflow.data import BatchKind, Example, batches, fingerprint
 from nvib.workflow.identity import check_prior_weights
 from nvib.workflow.models import batch_kind
@@ -52,7 +53,6 @@ __all__ = [
 CHECKPOINTS = "checkpoints"  # under output_dir: the Trainer's checkpoints, for resuming
 RUN_ARGS = "finetune_args.json"  # under output_dir: the settings of the run (checked on resume)
 RUN_LOG = "finetune_log.json"  # under output_dir: the Trainer's log history of the finished run
-START_STDEV_TAU = 0.1  # per-token variances asked for: the starting τ_σ of the kinds whose knobs give none
 
 # ----------------------------------------------------------------------------------------------
 # model and data preparation

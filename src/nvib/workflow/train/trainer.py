@@ -15,6 +15,7 @@ from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
 
 from nvib.core.convert import LAYERS, is_converted, kl_terms, nv_layers
 from nvib.core.prior import EmpiricalPrior
+from nvib.workflow.choices import KL_CLIPS, SCHEDULES, KLClip
 from nvib.workflow.train.regularisers import L2SP, FeatureMean, check_weight
 
 __all__ = ["KL_CLIPS", "KLClip", "LambdaSchedule", "NVCausalLMTrainer", "NVTrainer", "check_kl_clip", "check_lambda"]
@@ -41,7 +42,7 @@ class LambdaSchedule:
     ramp: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.kind not in ("constant", "linear", "cyclic"):
+        if self.kind not in SCHEDULES:
             raise ValueError(f"schedule must be 'constant', 'linear' or 'cyclic', got {self.kind!r}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
             raise ValueError(f"schedule steps must be an integer >= 0, got {self.steps!r}")
@@ -74,10 +75,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DataParallel / DDP
         model = model.module
     return model
-
-
-KLClip = Literal["joint", "separate"]
-KL_CLIPS = ("joint", "separate")
 
 
 class _NVLoss:
