@@ -154,7 +154,7 @@ def _check_objective(study: optuna.Study, wanted: dict[str, Any], where: str) ->
     stored = study.user_attrs.get(OBJECTIVE_ATTR)
     if stored is None:
         return
-    for key in sorted(set(stored) | set(wanted)):
+    for key in sorted(set(stored) | set(wanted), key=lambda k: (k != "metric", k)):  # a changed metric first
         if stored.get(key) != wanted.get(key):
             raise ObjectiveMismatchError(
                 f"the study {study.study_name!r} in {where} was created for {key}={stored.get(key)!r}, this run "
