@@ -28,3 +28,17 @@ def test_python_api_snippet_runs_as_pasted(tmp_path, monkeypatch, capsys) -> Non
     mass = re.search(r"\{'encoder': [0-9.e-]+, 'decoder': [0-9.e-]+, 'cross': [0-9.e-]+\}", printed)
     assert mass, printed[-2000:]  # the prior's attention mass per site kind, from the reloaded NV model
     assert (tmp_path / "nv-tiny-bart" / "nv_config.json").is_file()
+
+
+def test_readme_run_config_is_complete_and_valid(tmp_path, monkeypatch) -> None:
+    """The README's complete run config loads as a RunConfig (every key it shows exists, every value is allowed)."""
+    from nvib.workflow.settings import RunConfig
+
+    text = README.read_text()
+    section = text[text.index("\n### Your own run\n") :]
+    match = re.search(r"```yaml\n(.*?)```", section, re.S)
+    assert match, "the README's 'Your own run' section has no ```yaml block"
+    (tmp_path / "run.yaml").write_text(match.group(1))
+    config = RunConfig.load(tmp_path / "run.yaml")
+    assert set(config.data.test) == {"target", "in_domain"} and config.search.metric == "nll"
+    assert config.baselines.temperature and config.generation.num_beams == 4
