@@ -68,3 +68,11 @@ def test_finetune_lr_help_and_check_agree(tmp_path: Path) -> None:
     assert "> 0" in lr and "x>=0" not in lr
     result = invoke("finetune", tmp_path, DEMO_DATA / "train.jsonl", "-o", tmp_path / "out", "--lr", "0")
     assert_user_error(result, "--lr must be > 0, got 0. Fix:")
+
+
+def test_prior_help_and_its_missing_model_error_describe_the_same_inputs(tmp_path: Path) -> None:
+    """`nvib prior`'s help names what MODEL may be, and the error for a missing model suggests only what prior takes."""
+    help_text = " ".join(invoke("prior", "--help").output.split())
+    assert "hub id" in help_text and "--gguf-file" in help_text
+    result = invoke("prior", tmp_path / "no-model", DEMO_DATA / "train.jsonl", "-o", tmp_path / "p.safetensors")
+    assert_user_error(result, f"no model at {tmp_path / 'no-model'}", "--gguf-file", "hub id")

@@ -218,7 +218,12 @@ def _run(
 @app.command("prior")
 @friendly_errors
 def prior_cmd(
-    model: Annotated[Path, typer.Argument(help="Local Hugging Face model directory.", show_default=False)],
+    model: Annotated[
+        Path,
+        typer.Argument(
+            help="A local Hugging Face model directory, or a hub id already in the local cache.", show_default=False
+        ),
+    ],
     data: Annotated[
         Path,
         typer.Argument(help="In-domain data: .jsonl/.csv/.tsv or a save_to_disk directory.", show_default=False),
@@ -256,6 +261,9 @@ def prior_cmd(
         ),
     ] = None,
     kind: KindOpt = "auto",
+    gguf_file: Annotated[
+        str | None, typer.Option("--gguf-file", help="A .gguf file inside MODEL to load (dequantised to float32).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the weights a bert2bert warm start initialises.")] = 0,
     progress: ProgressOpt = True,
 ) -> None:
@@ -284,7 +292,7 @@ def prior_cmd(
         shard_spec = (rank, world)
     _quiet_libraries()
     console = _console()
-    loaded, tokenizer = load_model(ModelSection(str(model), kind=kind, seed=seed))
+    loaded, tokenizer = load_model(ModelSection(str(model), kind=kind, seed=seed, gguf_file=gguf_file))
     given = {k for k, v in (("source", max_source_len), ("target", max_target_len)) if v is not None}
     lengths, notes = fit_lengths(
         loaded, Lengths(max_source_len or 512, max_target_len or 128), explicit=given,

@@ -56,8 +56,8 @@ def load_model(section: ModelSection, task: str | None = None, base_dir: str | P
     if not gguf and not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"no model at {path} (expected a directory with config.json). "
-            "Fix: set the model path to a local Hugging Face model directory (or model.gguf_file to a .gguf "
-            "file in it), or to a hub id such as facebook/bart-large-xsum"
+            "Fix: give a local Hugging Face model directory (with a GGUF file in it: model.gguf_file in a run "
+            "config, --gguf-file on the command line), or a hub id such as facebook/bart-large-xsum"
         )
     return _load(section, task, base_dir, path, gguf)
 
