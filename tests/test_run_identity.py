@@ -23,6 +23,7 @@ from nvib.workflow.objectives import TrialResult
 from nvib.workflow.run import Run
 from nvib.workflow.search import ObjectiveMismatchError
 from nvib.workflow.settings import ConfigError, RunConfig
+from nvib.workflow.stages.records import start_run
 from nvib.workflow.train.finetune import prepare_model
 
 TEMPLATE = "Text: {source}\nSummary: {target}"
@@ -94,13 +95,13 @@ def test_demonstrations_are_identified_by_their_contents(gpt2: Path, tmp_path: P
     absolute = _run(_prompt_config(gpt2, str(tmp_path / "demos.jsonl")), tmp_path, tmp_path / "run")
     before = relative.identity()
     assert before == absolute.identity()  # one file, two names: the same run
-    relative._start()
-    absolute._start()  # resumes it
+    start_run(relative.dir, relative.config)
+    start_run(absolute.dir, absolute.config)  # resumes it
     _demos(tmp_path / "demos.jsonl", words=13)  # edited in place: another prompt
     edited = _run(_prompt_config(gpt2, "demos.jsonl"), tmp_path, tmp_path / "run")
     assert edited.identity()["prompt"] != before["prompt"]
     with pytest.raises(RunMismatchError, match="another prompt.*Fix: use a new run directory") as err:
-        edited._start()
+        start_run(edited.dir, edited.config)
     assert "\n" not in str(err.value)
 
 
