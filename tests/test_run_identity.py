@@ -17,12 +17,13 @@ from test_cli import assert_user_error, invoke
 
 import nvib
 from nvib.workflow.baselines import AttentionTemperature, tune
-from nvib.workflow.identity import RunMismatchError
+from nvib.workflow.identity import RunMismatchError, check_identity, refuse_changes
 from nvib.workflow.limits import LengthError, Lengths, fit_lengths, position_limit
 from nvib.workflow.objectives import TrialResult
 from nvib.workflow.run import Run
 from nvib.workflow.search import ObjectiveMismatchError
 from nvib.workflow.settings import ConfigError, RunConfig
+from nvib.workflow.stages.records import start_run
 from nvib.workflow.train.finetune import prepare_model
 
 TEMPLATE = "Text: {source}\nSummary: {target}"
@@ -57,6 +58,34 @@ def _prompt_config(model_dir: Path, demos: str, **data) -> dict:
     return config
 
 
+# ---- issue 37, item 4: one piece compares a stored record with the current one (run identity, fine-tuning settings)
+
+
+def test_one_record_check_serves_the_run_identity_and_the_finetune_settings(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "run.json"
+    check_identity(path, {"model": "a", "task": "lm"}, "use a new run directory")  # the first call writes it
+    assert json.loads(path.read_text()) == {"model": "a", "task": "lm"}
+    check_identity(path, {"model": "a", "task": "lm"}, "use a new run directory")
+    with pytest.raises(RunMismatchError, match=r"another model \(model: 'a' then, 'b' now\).*Fix: use a new run"):
+        check_identity(path, {"model": "b", "task": "lm"}, "use a new run directory")
+    with pytest.raises(RunMismatchError, match="another prompt"):  # a key only one side has is a change
+        check_identity(path, {"model": "a", "task": "lm", "prompt": "p"}, "use a new run directory")
+    settings = tmp_path / "ft" / "finetune_args.json"
+    refusal = "{dir} holds checkpoints of a run with different settings ({changed})"
+    refuse_changes(settings, {"lr": 1.0}, refusal, "another directory", shared_keys_only=True)  # none: nothing to do
+    assert not settings.exists()  # never written by the check
+    settings.parent.mkdir()
+    settings.write_text(json.dumps({"lr": 1.0, "max_steps": 4}))
+    refuse_changes(settings, {"lr": 1.0, "new_option": 2}, refusal, "another directory", shared_keys_only=True)
+    with pytest.raises(ValueError, match=r"different settings \(lr\)\. Fix: another directory"):
+        refuse_changes(settings, {"lr": 2.0}, refusal, "another directory", shared_keys_only=True)
+    settings.write_text("{not json")
+    refuse_changes(settings, {"lr": 2.0}, refusal, "another directory", shared_keys_only=True, damaged_ok=True)
+    path.write_text("{not json")
+    with pytest.raises(RunMismatchError, match="is damaged.*Fix: use a new run directory"):
+        check_identity(path, {"model": "a", "task": "lm"}, "use a new run directory")
+
+
 # ---- item 5: the run identity hashes the demonstrations' contents, not their path
 
 
@@ -66,13 +95,13 @@ def test_demonstrations_are_identified_by_their_contents(gpt2: Path, tmp_path: P
     absolute = _run(_prompt_config(gpt2, str(tmp_path / "demos.jsonl")), tmp_path, tmp_path / "run")
     before = relative.identity()
     assert before == absolute.identity()  # one file, two names: the same run
-    relative._start()
-    absolute._start()  # resumes it
+    start_run(relative.dir, relative.config)
+    start_run(absolute.dir, absolute.config)  # resumes it
     _demos(tmp_path / "demos.jsonl", words=13)  # edited in place: another prompt
     edited = _run(_prompt_config(gpt2, "demos.jsonl"), tmp_path, tmp_path / "run")
     assert edited.identity()["prompt"] != before["prompt"]
     with pytest.raises(RunMismatchError, match="another prompt.*Fix: use a new run directory") as err:
-        edited._start()
+        start_run(edited.dir, edited.config)
     assert "\n" not in str(err.value)
 
 

@@ -81,14 +81,14 @@ def test_interrupted_prior_keeps_the_complete_one(model_dir: Path, tmp_path: Pat
     keep = tmp_path / "keep.safetensors"
     assert prior_cmd(model_dir, keep).exit_code == 0
     before = keep.read_bytes()
-    real = __import__("nvib.workflow.run", fromlist=["batches"]).batches
+    real = __import__("nvib.workflow.stages.prior", fromlist=["batches"]).batches
 
     def interrupted(*args, **kwargs):  # Ctrl-C after the first batch of the new estimate
         it = real(*args, **kwargs)
         yield next(it)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("nvib.workflow.run.batches", interrupted)
+    monkeypatch.setattr("nvib.workflow.stages.prior.batches", interrupted)
     result = prior_cmd(model_dir, keep)
     assert result.exit_code == 130, result.output
     assert keep.read_bytes() == before

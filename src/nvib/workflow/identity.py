@@ -62,20 +62,46 @@ def prior_digest(prior: EmpiricalPrior) -> str:
     return digest.hexdigest()[:16]
 
 
+def refuse_changes(
+    path: Path,
+    current: Mapping[str, Any],
+    refusal: str,
+    fix: str,
+    *,
+    shared_keys_only: bool = False,
+    damaged_ok: bool = False,
+) -> None:
+    """Refuse (one line, `RunMismatchError`) when the JSON record at ``path`` differs from ``current``; nothing at
+    ``path``: nothing to refuse.
+
+    ``refusal`` says what the record's directory holds, filled in from ``{dir}`` (that directory), ``{changed}``
+    (the keys that differ) and ``{detail}`` (the first one's value then and now); ``Fix: {fix}`` follows. With
+    ``shared_keys_only`` only the keys both records hold are compared (a key one side lacks is no change); a record
+    that is not JSON is refused, or with ``damaged_ok`` taken as no record."""
+    if not path.is_file():
+        return
+    try:
+        stored = files.json_safe(json.loads(path.read_text()))  # records before issue 36 may hold Infinity
+    except json.JSONDecodeError as err:
+        if damaged_ok:
+            return
+        raise RunMismatchError(f"{path} is damaged ({err}). Fix: {fix}") from None
+    keys = set(stored) & set(current) if shared_keys_only else set(stored) | set(current)
+    changed = [k for k in sorted(keys) if stored.get(k) != current.get(k)]
+    if changed:
+        k = changed[0]
+        detail = f"{k}: {stored.get(k)!r} then, {current.get(k)!r} now"
+        message = refusal.format(dir=path.parent, changed=", ".join(changed), detail=detail)
+        raise RunMismatchError(f"{message}. Fix: {fix}")
+
+
 def check_identity(path: Path, identity: Mapping[str, Any], fix: str) -> None:
     """Write `identity` to `path` (JSON) the first time; afterwards refuse (one line) an identity that differs."""
     if path.is_file():
-        try:
-            stored = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise RunMismatchError(f"{path} is damaged ({err}). Fix: {fix}") from None
-        changed = [k for k in sorted(set(stored) | set(identity)) if stored.get(k) != identity.get(k)]
-        if changed:
-            k = changed[0]
-            raise RunMismatchError(
-                f"{path.parent} was started with another {', '.join(changed)} ({k}: {stored.get(k)!r} then, "
-                f"{identity.get(k)!r} now): resuming would mix incomparable results. Fix: {fix}"
-            )
+        refuse_changes(
+            path, identity, "{dir} was started with another {changed} ({detail}): resuming would mix incomparable "
+            "results", fix,
+        )  # fmt: skip
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     files.write_json(path, dict(identity))

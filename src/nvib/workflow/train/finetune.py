@@ -25,7 +25,7 @@ from nvib.core.io import save
 from nvib.core.prior import EmpiricalPrior, weights_hash
 from nvib.workflow.choices import START_STDEV_TAU
 from nvib.workflow.data import BatchKind, Example, batches, fingerprint
-from nvib.workflow.identity import check_prior_weights
+from nvib.workflow.identity import check_prior_weights, refuse_changes
 from nvib.workflow.models import batch_kind
 from nvib.workflow.train.regularisers import check_weight
 from nvib.workflow.train.trainer import (
@@ -434,7 +434,11 @@ def finetune(
     checkpoint_dir = out / CHECKPOINTS
     last = get_last_checkpoint(str(checkpoint_dir)) if resume and checkpoint_dir.is_dir() else None
     if last is not None:
-        _check_same_run(out / RUN_ARGS, settings)
+        refuse_changes(
+            out / RUN_ARGS, settings, "{dir} holds checkpoints of a run with different settings ({changed})",
+            "use another output directory, the same settings, or --no-resume to start over",
+            shared_keys_only=True, damaged_ok=True,
+        )  # fmt: skip
     elif not resume and checkpoint_dir.is_dir():
         shutil.rmtree(checkpoint_dir)
 
@@ -490,19 +494,4 @@ def _check_plain(model: nn.Module, nv_config, per_token_variance, train_pretrain
     if not train_pretrained:
         raise ValueError(
             "nothing to train: a plain model with its pretrained weights frozen. Fix: train_pretrained=True"
-        )
-
-
-def _check_same_run(path: Path, settings: dict) -> None:
-    if not path.is_file():
-        return
-    try:
-        before = files.json_safe(json.loads(path.read_text()))  # files before issue 36 hold Infinity
-    except json.JSONDecodeError:
-        return
-    changed = sorted(k for k in settings if k in before and before[k] != settings[k])
-    if changed:
-        raise ValueError(
-            f"{path.parent} holds checkpoints of a run with different settings ({', '.join(changed)}). "
-            "Fix: use another output directory, the same settings, or --no-resume to start over"
         )

@@ -16,6 +16,7 @@ from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
 from nvib.core.convert import LAYERS, is_converted, kl_terms, nv_layers
 from nvib.core.prior import EmpiricalPrior
 from nvib.workflow.choices import KL_CLIPS, SCHEDULES, KLClip
+from nvib.workflow.train.clipping import SeparateClipping
 from nvib.workflow.train.regularisers import L2SP, FeatureMean, check_weight
 
 __all__ = ["KL_CLIPS", "KLClip", "LambdaSchedule", "NVCausalLMTrainer", "NVTrainer", "check_kl_clip", "check_lambda"]
@@ -137,9 +138,8 @@ class _NVLoss:
         self.kl_clip = kl_clip if self.args.max_grad_norm > 0 else "joint"
         self._kl_sums: dict[str, torch.Tensor] = {}
         self._kl_count = 0
-        self._kl_grads: dict[int, torch.Tensor] = {}  # kl_clip="separate": id(param) -> KL gradient so far
-        self._kl_grad_norms: list[float] = []
-        if self.kl_clip == "separate":
+        self._clipping = SeparateClipping() if self.kl_clip == "separate" else None
+        if self._clipping is not None:
             self.add_callback(_AddClippedKLGradients(self))
 
     def create_optimizer(self, *args: Any, **kwargs: Any):
@@ -195,42 +195,12 @@ class _NVLoss:
                 penalty = penalty / accumulated
                 task = loss * accumulated
             self._record(task, per_kind, terms)
-            if self.kl_clip == "separate" and penalty.requires_grad and torch.is_grad_enabled():
+            if self._clipping is not None and penalty.requires_grad and torch.is_grad_enabled():
                 # training_step divides an unscaled loss by the accumulation steps before its backward
-                self._accumulate_kl_gradients(base, penalty if scaled_for_ga else penalty / accumulated)
+                self._clipping.accumulate(base, penalty if scaled_for_ga else penalty / accumulated)
                 penalty = penalty.detach()  # logged in the loss, but its gradient goes through the callback
             loss = loss + penalty
         return (loss, outputs) if return_outputs else loss
-
-    def _accumulate_kl_gradients(self, model: nn.Module, penalty: torch.Tensor) -> None:
-        params = [p for p in model.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(penalty, params, retain_graph=True, allow_unused=True)
-        for param, grad in zip(params, grads, strict=True):
-            if grad is not None:
-                key = id(param)
-                self._kl_grads[key] = self._kl_grads[key] + grad if key in self._kl_grads else grad
-
-    @torch.no_grad()
-    def _add_clipped_kl_gradients(self, model: nn.Module) -> None:
-        """After the Trainer clipped the task gradient: clip the accumulated KL gradient alone and add it."""
-        if not self._kl_grads:
-            return
-        params = {id(p): p for p in model.parameters()}
-        grads = self._kl_grads
-        self._kl_grads = {}
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            for grad in grads.values():  # the Trainer's backward all-reduces the task gradient; do the same
-                torch.distributed.all_reduce(grad)
-                grad /= torch.distributed.get_world_size()
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads.values()]))
-        self._kl_grad_norms.append(float(norm))
-        scale = (self.args.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-        for key, grad in grads.items():
-            param = params[key]
-            if param.grad is None:
-                param.grad = (grad * scale).to(param.dtype)
-            else:
-                param.grad.add_((grad * scale).to(param.grad.dtype))
 
     def _task_loss_scaled_for_ga(self, num_items_in_batch) -> bool:
         if getattr(self, "loss_is_scaled_for_ga", None) is not None:
@@ -271,14 +241,15 @@ class _NVLoss:
             if self._kl_count:
                 for key, total in self._kl_sums.items():
                     logs[key] = float(total) / self._kl_count
-            if self._kl_grad_norms:
-                logs["kl_grad_norm"] = sum(self._kl_grad_norms) / len(self._kl_grad_norms)
+            norm = self._clipping.mean_norm() if self._clipping is not None else None
+            if norm is not None:
+                logs["kl_grad_norm"] = norm
             lambda_g, lambda_d = self.current_lambdas()
             logs["lambda_g"], logs["lambda_d"] = lambda_g, lambda_d
             for name in ("l2sp", "feature_mean"):
                 if getattr(self, name):
                     logs[f"lambda_{name}"] = self.schedule(getattr(self, name), self.state.global_step)
-            self._kl_sums, self._kl_count, self._kl_grad_norms = {}, 0, []
+            self._kl_sums, self._kl_count = {}, 0
         super().log(logs, start_time)
 
 
@@ -289,7 +260,7 @@ class _AddClippedKLGradients(TrainerCallback):
         self.trainer = weakref.proxy(trainer)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._add_clipped_kl_gradients(_unwrap(self.trainer.model))
+        self.trainer._clipping.add_clipped(_unwrap(self.trainer.model), self.trainer.args.max_grad_norm)
 
 
 class NVTrainer(_NVLoss, Seq2SeqTrainer):
