@@ -160,3 +160,24 @@ def test_seq2seq_batches_without_targets_are_refused(name):
     if name == "bart":  # a standalone half has no decoder to feed
         encoder_prior = nvib.EmpiricalPrior.estimate(model.get_encoder(), [source], progress=False)
         assert encoder_prior.sites["encoder.0"].count == int(source["attention_mask"].sum())
+
+
+def test_prior_module_keeps_every_name_it_exported():
+    """`nvib.core.prior` is split by job (statistics, pass, provenance, file format): every public name it had
+    before the split is still importable from it, the same objects as in the modules that now hold them."""
+    from nvib.core import prior, prior_file, prior_pass, prior_provenance, site_stats
+
+    homes = {
+        site_stats: ("TOKEN_SAMPLE", "SiteStats"),
+        prior_pass: ("TARGET_KEYS", "valid_mask"),
+        prior_provenance: (
+            "EXAMPLE_SKETCH", "WEIGHT_SAMPLES", "PriorMismatchError", "example_hashes", "model_signature",
+            "weights_hash",
+        ),
+        prior_file: ("FIX", "REQUIRED"),
+    }  # fmt: skip
+    for module, names in homes.items():
+        for name in names:
+            assert getattr(prior, name) is getattr(module, name), name
+    assert set(prior.__all__) == {n for names in homes.values() for n in names} | {"EmpiricalPrior"}
+    assert nvib.EmpiricalPrior is prior.EmpiricalPrior and nvib.PriorMismatchError is prior.PriorMismatchError

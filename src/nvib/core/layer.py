@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from nvib.core.config import IDENTITY_ALPHA_TAU
+from nvib.core.fast_form import FastTerms, fast_terms
 from nvib.core.kl import kl_dirichlet, kl_gaussian
 from nvib.core.memo import SampleReplay, tensor_state
 
@@ -98,24 +99,6 @@ def variance_scale(
         low, high = torch.where(below, mid, low), torch.where(below, high, mid)
     lam = torch.where(target > 0, ((low + high) / 2).exp(), torch.zeros_like(low))
     return lam, clamped
-
-
-@dataclasses.dataclass
-class FastTerms:
-    """Per-site vectors of the fast form (spec §6), all of size P unless noted.
-
-    For a token z: k̃ = W_k(key_scale ⊙ z + key_shift); c = c_lin·z + c_quad·(z⊙z) (token constant
-    removed: it is the same for every token and drops out of the softmax).
-    """
-
-    key_scale: torch.Tensor
-    key_shift: torch.Tensor
-    c_lin: torch.Tensor
-    c_quad: torch.Tensor
-    ratio: torch.Tensor  # σ²/β of the tokens
-    prior_point: torch.Tensor  # √E m_0/β_0
-    prior_ratio: torch.Tensor  # s_0²/β_0
-    prior_c: torch.Tensor  # scalar: c_0 minus the token constant
 
 
 @dataclasses.dataclass
@@ -290,26 +273,8 @@ class NVIBLayer(PriorWeight, Sampling, nn.Module):
     # ---- evaluation (spec §4, §6) -------------------------------------------------------------
 
     def fast_terms(self) -> FastTerms:
-        """The fast-form vectors in float64 (differentiable in the layer's parameters)."""
-        f = torch.float64
-        s, b = self.mu_scale.to(f), self.mu_bias.to(f)
-        var = self.logvar_bias.to(f).exp()
-        beta = var + self.noise
-        d = self.noise / beta
-        m0, s0sq = self.prior_mean.to(f), self.prior_var.to(f)
-        beta0 = s0sq + self.noise
-        token_const = self.alpha_bias.to(f) - 0.5 * (b * b / beta).sum() - 0.5 * beta.log().sum()
-        c0 = self.prior_log_alpha.to(f) - 0.5 * (m0 * m0 / beta0).sum() - 0.5 * beta0.log().sum()
-        return FastTerms(
-            key_scale=d * s,
-            key_shift=d * b,
-            c_lin=self.alpha_w1.to(f) - s * b / beta,
-            c_quad=self.alpha_w2.to(f) - s * s / (2 * beta),
-            ratio=var / beta,
-            prior_point=self.noise * m0 / beta0,
-            prior_ratio=s0sq / beta0,
-            prior_c=c0 - token_const + self.prior_gate.to(f),
-        )
+        """The fast-form vectors in float64 (differentiable in the layer's parameters): `fast_form.fast_terms`."""
+        return fast_terms(self)
 
     def token_terms(self, z: torch.Tensor) -> TokenTerms:
         """Spec §4 per token, for variances that differ per token; memoised for the modules sharing z.
