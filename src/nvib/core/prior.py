@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nvib.core import caching, keyspace
-from nvib.core.architectures import Site, find_sites
+from nvib.core.architectures import LANGUAGE_MODELS, Site, find_sites
 from nvib.core.config import NVConfig
 from nvib.core.layer import LAYERS, is_converted, set_knobs
 
@@ -324,6 +324,8 @@ class EmpiricalPrior:
         pad_id = getattr(model.config, "pad_token_id", None)
         if pad_id is None and model.config.model_type == "encoder-decoder":
             pad_id = model.config.decoder.pad_token_id
+        if pad_id is None and model.config.model_type in LANGUAGE_MODELS:  # multimodal: its language model's
+            pad_id = getattr(getattr(model.config, LANGUAGE_MODELS[model.config.model_type][0]), "pad_token_id", None)
         seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
         if prefix and seq2seq:
             raise ValueError("a shared prefix is for decoder-only models. Fix: put the prefix into the batches")
