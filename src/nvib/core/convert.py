@@ -104,7 +104,7 @@ def _install(model: nn.Module, config: NVConfig, prior, sites: list[Site], layer
 
 # ---- the converted model stays a transformers model (issue 23) ----------------------------------------------------
 
-HOSTS = ("eager", "sdpa")  # implementations a user may ask for that NV attention stands in for
+HOSTS = tuple(masks.HOSTS)  # implementations a user may ask for that NV attention stands in for ("sdpa", "eager")
 
 
 class PinnedConfig:
