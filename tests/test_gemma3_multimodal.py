@@ -127,3 +127,14 @@ def test_cache_matches_no_cache(images: bool) -> None:
         cached = nv.generate(**batch, max_new_tokens=6, do_sample=False)
         plain = nv.generate(**batch, max_new_tokens=6, do_sample=False, use_cache=False)
     assert torch.equal(cached, plain)
+
+
+def test_save_and_load(tmp_path) -> None:
+    nv = converted(build(), REGULARISED)
+    batch = inputs(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nvib.save(nv, tmp_path)
+        loaded = nvib.load(tmp_path)
+    assert type(loaded) is tf.Gemma3ForConditionalGeneration
+    assert torch.equal(result(loaded, batch), result(nv, batch))
