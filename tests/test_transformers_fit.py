@@ -421,6 +421,8 @@ def test_config_keeps_the_users_implementation(name: str, monkeypatch) -> None:
     assert name in ("bert2bert", "t5") or any(len(w) > 0 for w in got.values())  # their halves have own configs
     assert {n: len(w) for n, w in got.items()} == {n: len(w) for n, w in ref.items()}
     model.config.output_attentions = False
+    with pytest.raises(ValueError, match='`attn_implementation="foo"` is not supported'):  # transformers' own error
+        model.set_attn_implementation("foo")
     nvib.unload(model)
     assert [m.config._attn_implementation for m in model.modules() if isinstance(m, tf.PreTrainedModel)] == before
     made.clear()

@@ -8,6 +8,7 @@ import warnings
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from nvib.core import attention, keyspace, masks, saving
 from nvib.core.architectures import Site, find_sites
@@ -172,9 +173,15 @@ def _save_pretrained(model: nn.Module, save_directory, *args, **kwargs) -> None:
 
 def _set_attn(attn_name: str, module: nn.Module, attn_implementation, allow_all_kernels: bool = False) -> None:
     """`set_attn_implementation` on a converted model (or a sub-model of it): "eager" and "sdpa" are set as usual
-    (they choose the masks; the converted attention modules keep NV attention, `PinnedConfig`), and stay after
-    `nvib.unload`; other implementations cannot host NV attention."""
-    refused = [name for name in _leaves(attn_implementation) if name not in (*HOSTS, attn_name)]
+    (they choose the masks' format, `masks.host_mask`; the converted attention modules keep NV attention,
+    `PinnedConfig`), and stay after `nvib.unload`; other implementations cannot host NV attention; a name
+    transformers does not know gets transformers' own error."""
+    known = {"eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()}  # others (a hub kernel aside) transformers refuses
+    refused = [
+        name
+        for name in _leaves(attn_implementation)
+        if name not in (*HOSTS, attn_name) and (name in known or "/" in str(name))
+    ]
     if refused:
         raise ValueError(
             f"attn_implementation={refused[0]!r} cannot run NV attention (it runs on the eager/sdpa kernels as "
