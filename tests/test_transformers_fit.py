@@ -338,3 +338,119 @@ def test_save_pretrained_writes_the_nv_model(name: str, tmp_path) -> None:
     plain = type(stock).from_pretrained(tmp_path).eval()  # the stock model (the NV weights are ignored)
     assert not nvib.is_converted(plain)
     torch.testing.assert_close(output(plain, inputs), output(stock, inputs), rtol=0, atol=0)
+
+
+# ---- 7. attention weights and the config's implementation (issue 38) -----------------------------------------------
+
+
+def weights_of(out) -> dict[str, tuple[torch.Tensor, ...]]:
+    names = ("attentions", "encoder_attentions", "decoder_attentions", "cross_attentions")
+    return {n: getattr(out, n) for n in names if getattr(out, n, None) is not None}
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bart", "t5", "bert", "llama", "gemma3_text"])
+def test_attention_weights_as_the_stock_model_returns_them(name: str) -> None:
+    """`output_attentions=True` gives one weight tensor per attention module, as the eager stock model does (GPT-2
+    drops the argument: transformers' output-capturing hooks ask for them), equal to stock's at the identity."""
+    case = BY_NAME[name]
+    torch.manual_seed(0)
+    stock = case.build().eval()
+    stock.set_attn_implementation("eager")
+    nv = nvib.convert(copy.deepcopy(stock))
+    inputs = case.inputs()
+    with torch.no_grad():
+        ref, got = weights_of(stock(**inputs, output_attentions=True)), weights_of(nv(**inputs, output_attentions=True))
+    assert ref.keys() == got.keys() and any(len(w) > 0 for w in ref.values())
+    for n in ref:
+        assert len(got[n]) == len(ref[n]), n
+        for a, b in zip(got[n], ref[n], strict=True):
+            torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6)  # row 0 has no padding
+
+
+def test_assisted_generation_returns_attention_weights() -> None:
+    """GPT-2's assisted decoding with output_attentions and return_dict_in_generate (an IndexError when NV returned
+    no weights) gives what the stock models give."""
+    case = BY_NAME["gpt2"]
+    outs = []
+    for convert in (False, True):
+        torch.manual_seed(0)
+        model, assistant = case.build().eval(), case.build().eval()
+        for m in (model, assistant):
+            m.set_attn_implementation("eager")  # stock sdpa returns no weights
+            m.generation_config.pad_token_id = case.pad
+            if convert:
+                nvib.convert(m)
+        ids = case.inputs()["input_ids"][:1]
+        with torch.no_grad():
+            outs.append(
+                model.generate(
+                    input_ids=ids,
+                    assistant_model=assistant,
+                    max_new_tokens=4,
+                    do_sample=False,
+                    output_attentions=True,
+                    return_dict_in_generate=True,
+                )  # fmt: skip
+            )
+    ref, got = outs
+    assert torch.equal(got.sequences, ref.sequences)
+    assert len(got.attentions) == len(ref.attentions) > 0
+    assert [len(step) for step in got.attentions] == [len(step) for step in ref.attentions]
+
+
+@pytest.mark.parametrize("name", ["bart", "bert2bert", "gpt2", "llama", "t5"])
+def test_config_keeps_the_users_implementation(name: str, monkeypatch) -> None:
+    """The configs keep the implementation the user chose ("eager" here), so `config.output_attentions = True`
+    (refused for any other name) works and returns what it returns on the stock model; the masks are still NV's
+    (`masks.nv_mask`), and only on converted models; `unload` leaves the names as they were."""
+    from nvib.core import masks
+
+    case = BY_NAME[name]
+    torch.manual_seed(0)
+    stock = case.build().eval()
+    stock.set_attn_implementation("eager")
+    model = copy.deepcopy(stock)
+    before = [m.config._attn_implementation for m in model.modules() if isinstance(m, tf.PreTrainedModel)]
+    nvib.convert(model)
+    after = [m.config._attn_implementation for m in model.modules() if isinstance(m, tf.PreTrainedModel)]
+    assert after == before and model.config._attn_implementation == "eager"
+    made, nv_mask = [], masks.nv_mask
+
+    def counted(*args, **kwargs):
+        made.append(1)
+        return nv_mask(*args, **kwargs)
+
+    monkeypatch.setattr(masks, "nv_mask", counted)
+    for m in (stock, model):
+        m.config.output_attentions = True  # a ValueError when the config read "nvib"
+    inputs = case.inputs()
+    with torch.no_grad():
+        ref, got = weights_of(stock(**inputs)), weights_of(model(**inputs))
+    assert made  # the masks were NV's
+    assert name in ("bert2bert", "t5") or any(len(w) > 0 for w in got.values())  # their halves have own configs
+    assert {n: len(w) for n, w in got.items()} == {n: len(w) for n, w in ref.items()}
+    model.config.output_attentions = False
+    with pytest.raises(ValueError, match='`attn_implementation="foo"` is not supported'):  # transformers' own error
+        model.set_attn_implementation("foo")
+    nvib.unload(model)
+    assert [m.config._attn_implementation for m in model.modules() if isinstance(m, tf.PreTrainedModel)] == before
+    made.clear()
+    with torch.no_grad():
+        model(**inputs)
+    assert not made  # a stock model's masks are the stock ones
+
+
+def test_a_non_host_implementation_becomes_sdpa_until_unload() -> None:
+    """A config naming an implementation NV cannot stand in for (flex here) reads "sdpa" while converted."""
+    case = BY_NAME["llama"]
+    torch.manual_seed(0)
+    model = case.build().eval()
+    inputs = case.inputs()
+    ref = output(model, inputs)
+    model.config._attn_implementation = "flex_attention"
+    nvib.convert(model)
+    assert model.config._attn_implementation == "sdpa"
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(output(model, inputs)[valid], ref[valid], rtol=1e-5, atol=1e-5)
+    nvib.unload(model)
+    assert model.config._attn_implementation == "flex_attention"

@@ -94,7 +94,10 @@ ARCHITECTURES.update(
     gemma3_text=Architecture(sites=_ROTARY_SITES, key_space=True, k_norm="k_norm", key_layout="heads_first"),
     olmo2=Architecture(sites=_ROTARY_SITES, key_space=True, k_norm="k_norm"),  # RMSNorm over all heads at once
 )
-SUPPORTED = sorted([*ARCHITECTURES, "encoder-decoder"])
+# multimodal models: model type -> (the sub-config of their language model, the attribute that holds it); only the
+# language model is converted (its model type must be in ARCHITECTURES), the vision tower stays stock
+LANGUAGE_MODELS: dict[str, tuple[str, str]] = {"gemma3": ("text_config", "language_model")}
+SUPPORTED = sorted([*ARCHITECTURES, *LANGUAGE_MODELS, "encoder-decoder"])
 FUSED_PROJECTIONS = ("qkv_proj", "query_key_value", "Wqkv", "c_attn", "qkv")
 
 
@@ -184,6 +187,15 @@ def _parts(model: nn.Module) -> Iterator[tuple[str, object, str | None]]:
     if config.model_type == "encoder-decoder":  # EncoderDecoderModel: two HF models side by side
         yield "encoder.", config.encoder, "encoder"
         yield "decoder.", config.decoder, "decoder"
+    elif config.model_type in LANGUAGE_MODELS:
+        sub_config, holder = LANGUAGE_MODELS[config.model_type]
+        names = [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] == holder]
+        if not names:
+            raise UnsupportedModelError(
+                f"found no {holder!r} module in {type(model).__name__} (a {config.model_type!r} model); nvib converts "
+                f"the language model of {config.model_type!r} models"
+            )
+        yield names[0] + ".", getattr(config, sub_config), None
     else:
         yield "", config, None
 

@@ -8,8 +8,9 @@ import warnings
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from nvib.core import attention, keyspace, saving
+from nvib.core import attention, keyspace, masks, saving
 from nvib.core.architectures import Site, find_sites
 from nvib.core.config import NVConfig
 from nvib.core.layer import LAYERS, NVIBLayer, is_converted, nv_layers, set_knobs
@@ -89,7 +90,7 @@ def _install(model: nn.Module, config: NVConfig, prior, sites: list[Site], layer
     model.add_module(LAYERS, nn.ModuleDict({n.replace(".", "_"): layer for n, layer in layers.items()}))
     model.__dict__["_nv_sites"] = sites
     model.__dict__["nv_prior"] = prior
-    _select_attention(model, path.ATTN_NAME)
+    _host_attention(model, sites)
     for site in sites:
         _path(site).install(site, layers[site.name])
         _pin_attention(site.module, path.ATTN_NAME)
@@ -104,7 +105,7 @@ def _install(model: nn.Module, config: NVConfig, prior, sites: list[Site], layer
 
 # ---- the converted model stays a transformers model (issue 23) ----------------------------------------------------
 
-HOSTS = ("eager", "sdpa")  # implementations a user may ask for that NV attention stands in for
+HOSTS = tuple(masks.HOSTS)  # implementations a user may ask for that NV attention stands in for ("sdpa", "eager")
 
 
 class PinnedConfig:
@@ -172,9 +173,15 @@ def _save_pretrained(model: nn.Module, save_directory, *args, **kwargs) -> None:
 
 def _set_attn(attn_name: str, module: nn.Module, attn_implementation, allow_all_kernels: bool = False) -> None:
     """`set_attn_implementation` on a converted model (or a sub-model of it): "eager" and "sdpa" are set as usual
-    (they choose the masks; the converted attention modules keep NV attention, `PinnedConfig`), and stay after
-    `nvib.unload`; other implementations cannot host NV attention."""
-    refused = [name for name in _leaves(attn_implementation) if name not in (*HOSTS, attn_name)]
+    (they choose the masks' format, `masks.host_mask`; the converted attention modules keep NV attention,
+    `PinnedConfig`), and stay after `nvib.unload`; other implementations cannot host NV attention; a name
+    transformers does not know gets transformers' own error."""
+    known = {"eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()}  # others (a hub kernel aside) transformers refuses
+    refused = [
+        name
+        for name in _leaves(attn_implementation)
+        if name not in (*HOSTS, attn_name) and (name in known or "/" in str(name))
+    ]
     if refused:
         raise ValueError(
             f"attn_implementation={refused[0]!r} cannot run NV attention (it runs on the eager/sdpa kernels as "
@@ -254,26 +261,36 @@ def enable_per_token_variance(model: nn.Module) -> nn.Module:
     return model
 
 
-def _select_attention(model: nn.Module, name: str) -> None:
-    """Select attention `name` on every config the model's modules read (sub-models may hold their own
-    copies, e.g. inside a deep-copied EncoderDecoderModel); what to restore is kept on the model first."""
-    configs = {id(model.config): model.config}
-    for module in model.modules():
+def _host_attention(model: nn.Module, sites: list[Site]) -> None:
+    """Let the mask builders of the sub-models that hold the sites make NV's masks (`masks.host_mask`), while their
+    configs keep the user's implementation name ("eager" or "sdpa": transformers' `config.output_attentions`,
+    `save_pretrained` and its tests read it); a config naming another one (None, flash, flex) is set to "sdpa", which
+    NV attention stands in for. The attention modules themselves run NV attention (`PinnedConfig`). A sub-model that
+    holds no site (Gemma 3's vision tower) keeps its config as it is. What to restore is kept on the model first."""
+    holders = [site.module_name for site in sites]
+    configs = {}
+    for name, module in model.named_modules():
         config = getattr(module, "config", None)
-        if isinstance(config, PretrainedConfig):
+        inside = name == "" or any(h.startswith(name + ".") for h in holders)
+        if inside and isinstance(config, PretrainedConfig):
             configs.setdefault(id(config), config)
     model.__dict__["_nv_attn_original"] = [(c, c._attn_implementation) for c in configs.values()]
-    model.set_attn_implementation(name)
+    model.__dict__["_nv_mask_configs"] = list(configs.values())
+    masks.register_hosts()
+    masks.mark_configs(configs.values(), True)
     for config in configs.values():
-        config._attn_implementation = name
+        if config._attn_implementation not in HOSTS:
+            config._attn_implementation = {"": "sdpa"}  # this config only, not its sub-configs
 
 
 def _restore_attention(model: nn.Module) -> None:
-    """The attention implementation of before `convert`, on the configs still set to NV's (one the user set since
-    stays)."""
+    """The attention implementation of before `convert`, on the configs still set to what conversion left (NV's
+    name, set by `set_attn_implementation`, or the "sdpa" it put for a non-host one); one the user set since stays."""
+    masks.mark_configs(model.__dict__.pop("_nv_mask_configs", ()), False)
     for config, implementation in model.__dict__.pop("_nv_attn_original", ()):
-        if config._attn_implementation in (attention.ATTN_NAME, keyspace.ATTN_NAME):
-            config._attn_implementation = implementation
+        left = (attention.ATTN_NAME, keyspace.ATTN_NAME, implementation if implementation in HOSTS else "sdpa")
+        if config._attn_implementation in left:
+            config._attn_implementation = {"": implementation}
 
 
 def configure(model: nn.Module, config: NVConfig) -> nn.Module:

@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
-from transformers.masking_utils import sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from nvib.core import kernels
+
+try:  # transformers' collector of outputs (attention weights, hidden states) recorded by forward hooks
+    from transformers.utils.output_capturing import _active_collector as _COLLECTOR
+except ImportError:  # a transformers without one: the argument and the config decide
+    _COLLECTOR = None
 
 # Evaluation on CPU attends to the tokens with the fused kernel that also returns the log-sum-exp of the scores, and
 # merges the prior component afterwards (`Slot.attend_split`): no per-call copy of the keys and values with the prior
@@ -22,10 +27,27 @@ _SPLIT_BIAS = WeakIdKeyDictionary()
 
 
 def wants_weights(module: torch.nn.Module, kwargs: dict) -> bool:
-    """Whether an attention call is to return its weights: its `output_attentions` argument, else the module's config
-    (transformers collects every attention module's weights when `config.output_attentions` is set, passing nothing)."""
+    """Whether an attention call is to return its weights: its `output_attentions` argument; else whether the model's
+    output-capturing hooks are recording attentions in this forward (transformers 5 collects them from each attention
+    module's output, passing the module nothing: GPT-2 drops the argument; its eager attention always returns them);
+    else the module's config (`config.output_attentions`)."""
     asked = kwargs.get("output_attentions")
-    return bool(getattr(getattr(module, "config", None), "output_attentions", False) if asked is None else asked)
+    if asked is None:
+        asked = recording_attentions()
+    if asked is None:
+        asked = getattr(getattr(module, "config", None), "output_attentions", False)
+    return bool(asked)
+
+
+def recording_attentions() -> bool | None:
+    """Whether the output-capturing forward running now records attention weights (any "...attentions" output);
+    None outside one."""
+    if _COLLECTOR is None or (compiling() and not getattr(_COLLECTOR, "compiling", False)):
+        return None  # torch.compile traces the collector only once a compiled forward has set it
+    collected = _COLLECTOR.get()
+    if collected is None:
+        return None
+    return any(key.endswith("attentions") for key in collected)
 
 
 def through_weights(a: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,9 +113,52 @@ def split_bias(mask, position_bias, query: torch.Tensor, n_tokens: int, is_causa
     return bias, prior_bias
 
 
-def nv_mask(*args, **kwargs):
+def nv_mask(*args, stock=sdpa_mask, **kwargs):
+    """The mask NV attention is given: the implementation's own, never skipped for a causal one (`key_mask` would
+    then rebuild it in every layer), and marked as made for this forward (`split_bias` may keep what it makes from
+    it)."""
     kwargs["allow_is_causal_skip"] = False
-    mask = sdpa_mask(*args, **kwargs)
+    mask = stock(*args, **kwargs)
     if mask is not None and not compiling():
-        _SPLIT_BIAS[mask] = None  # ours: `split_bias` may keep the bias it makes from it
+        _SPLIT_BIAS[mask] = None
     return mask
+
+
+# ---- the masks of a converted model whose config keeps the user's implementation name -----------------------------
+
+HOSTS = {"sdpa": sdpa_mask, "eager": eager_mask}  # implementations a converted model's config may name
+# id of a config read by converted models' mask builders -> how many converted models read it (ids, not a weak
+# dictionary: torch.compile traces the lookup; an id reused by a config freed without `unload` only costs its model
+# the causal-mask skip, since `nv_mask` makes the host's own mask)
+_NV_CONFIGS: dict[int, int] = {}
+
+
+def host_mask(stock):
+    """The mask function registered for host implementation `stock` ("sdpa"/"eager"): transformers picks masks by
+    the config's implementation name and passes the config along, so the configs of converted models get `nv_mask`
+    in the host's own format (so a stock model sharing the config reads them too), every other model the stock mask."""
+
+    def mask(*args, config=None, **kwargs):
+        if config is not None and id(config) in _NV_CONFIGS:
+            return nv_mask(*args, stock=stock, config=config, **kwargs)
+        return stock(*args, config=config, **kwargs)
+
+    mask.nv_host = stock
+    return mask
+
+
+def register_hosts() -> None:
+    """Register `host_mask` for "sdpa" and "eager" (once; a stock model's masks stay the stock ones)."""
+    for name, stock in HOSTS.items():
+        if getattr(AttentionMaskInterface._global_mapping.get(name), "nv_host", None) is not stock:
+            AttentionMaskInterface.register(name, host_mask(stock))
+
+
+def mark_configs(configs, converted: bool) -> None:
+    """Count `configs` as read (or no longer read) by a converted model's mask builders."""
+    for config in configs:
+        count = _NV_CONFIGS.get(id(config), 0) + (1 if converted else -1)
+        if count > 0:
+            _NV_CONFIGS[id(config)] = count
+        else:
+            _NV_CONFIGS.pop(id(config), None)

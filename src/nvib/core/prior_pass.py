@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from nvib.core import caching, keyspace
-from nvib.core.architectures import Site, find_sites
+from nvib.core.architectures import LANGUAGE_MODELS, Site, find_sites
 from nvib.core.config import NVConfig
 from nvib.core.layer import is_converted, set_knobs
 from nvib.core.prior_provenance import EXAMPLE_SKETCH, batch_digest, example_hashes
@@ -214,6 +214,8 @@ def read_sites(
     pad_id = getattr(model.config, "pad_token_id", None)
     if pad_id is None and model.config.model_type == "encoder-decoder":
         pad_id = model.config.decoder.pad_token_id
+    if pad_id is None and model.config.model_type in LANGUAGE_MODELS:  # multimodal: its language model's
+        pad_id = getattr(getattr(model.config, LANGUAGE_MODELS[model.config.model_type][0]), "pad_token_id", None)
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     # encoder and decoder in one model (not a standalone half): the decoder needs the targets (teacher forcing)
     whole_seq2seq = seq2seq and {"encoder", "decoder"} <= {site.kind for site in sites}
