@@ -11,7 +11,7 @@ import torch
 import transformers as tf
 
 import nvib
-from nvib.core.convert import PinnedConfig
+from nvib.core.hooks import PinnedConfig
 
 IMAGE = 90  # image_token_id; an image is 4 of them (mm_tokens_per_image)
 REGULARISED = nvib.NVConfig(alpha_tau_d=0.0, stdev_tau_d=0.3)

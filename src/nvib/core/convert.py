@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from nvib.core import attention, keyspace, masks, saving
+from nvib.core import attention, hooks, keyspace
 from nvib.core.architectures import Site, find_sites
 from nvib.core.config import NVConfig
 from nvib.core.layer import LAYERS, NVIBLayer, is_converted, nv_layers, set_knobs
@@ -90,11 +87,11 @@ def _install(model: nn.Module, config: NVConfig, prior, sites: list[Site], layer
     model.add_module(LAYERS, nn.ModuleDict({n.replace(".", "_"): layer for n, layer in layers.items()}))
     model.__dict__["_nv_sites"] = sites
     model.__dict__["nv_prior"] = prior
-    _host_attention(model, sites)
+    hooks.host_attention(model, sites)
     for site in sites:
         _path(site).install(site, layers[site.name])
-        _pin_attention(site.module, path.ATTN_NAME)
-    _hook_model(model, path.ATTN_NAME)
+        hooks.pin_attention(site.module, path.ATTN_NAME)
+    hooks.hook_model(model, path.ATTN_NAME, _reinit_layers)
     _warn_clamped(_set_config(model, config), stacklevel=3)  # the caller of nvib.convert
     if not any(layer.prior_mean.is_meta for layer in layers.values()):
         _warn_visible_prior(layers.values(), stacklevel=3)
@@ -103,110 +100,16 @@ def _install(model: nn.Module, config: NVConfig, prior, sites: list[Site], layer
     return model
 
 
-# ---- the converted model stays a transformers model (issue 23) ----------------------------------------------------
-
-HOSTS = tuple(masks.HOSTS)  # implementations a user may ask for that NV attention stands in for ("sdpa", "eager")
-
-
-class PinnedConfig:
-    """A converted attention module's view of its model's config: every attribute read through, but the attention
-    implementation pinned to NV's, so `config._attn_implementation = "eager"` (assisted decoding, transformers'
-    tests) or `set_attn_implementation` never hands this module's E+1-channel heads to stock attention."""
-
-    def __init__(self, config: PretrainedConfig, name: str):
-        object.__setattr__(self, "nv_wrapped", config)
-        object.__setattr__(self, "_attn_implementation", name)
-
-    def __getattr__(self, key: str):
-        if key == "nv_wrapped":  # not yet set (copy and pickle build the object without __init__)
-            raise AttributeError(key)
-        return getattr(self.nv_wrapped, key)
-
-    def __setattr__(self, key: str, value) -> None:
-        setattr(self.nv_wrapped, key, value)
-
-
-def _pin_attention(module: nn.Module, name: str) -> None:
-    config = module.__dict__.get("config")
-    if isinstance(config, PretrainedConfig):
-        module.__dict__["config"] = PinnedConfig(config, name)
-
-
-def _unpin_attention(module: nn.Module) -> None:
-    config = module.__dict__.get("config")
-    if isinstance(config, PinnedConfig):
-        module.__dict__["config"] = config.nv_wrapped
-
-
-def _hook_model(model: nn.Module, attn_name: str) -> None:
-    """Instance overrides of transformers methods that would otherwise undo or drop the NV form: `save_pretrained`
-    (writes what `nvib.load` needs), `set_attn_implementation` (on every sub-model; keeps NV attention) and
-    `_init_weights` (re-initialises the NV layers after `to_empty`). `unload` removes them."""
-    hooks = [(model, "save_pretrained", functools.partial(_save_pretrained, model))]
-    hooks.append((model, "_init_weights", functools.partial(_init_weights, model)))
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel):
-            hooks.append((module, "set_attn_implementation", functools.partial(_set_attn, attn_name, module)))
-    for module, name, hook in hooks:
-        module.__dict__[name] = hook
-    model.__dict__["_nv_hooks"] = [(module, name) for module, name, _ in hooks]
-
-
-def _unhook_model(model: nn.Module) -> None:
-    for module, name in model.__dict__.pop("_nv_hooks", ()):
-        module.__dict__.pop(name, None)
-
-
-def _save_pretrained(model: nn.Module, save_directory, *args, **kwargs) -> None:
-    """`model.save_pretrained` of an NV model: `nvib.save` (pretrained weights as usual plus the NV parts)."""
-    if args:
-        raise TypeError("save_pretrained of an NV model takes its options by keyword (as transformers documents)")
-    if kwargs.get("state_dict") is None:  # with the NV layers, as transformers writes them: the Trainer resumes
-        kwargs["state_dict"] = model.state_dict()
-    saving.save(model, save_directory, **kwargs)
-    warnings.warn(
-        f"saved an NV model to {save_directory}: load it with nvib.load({str(save_directory)!r}); transformers' "
-        "from_pretrained on that directory gives the stock pretrained model without the NV layers",
-        stacklevel=2,
-    )
-
-
-def _set_attn(attn_name: str, module: nn.Module, attn_implementation, allow_all_kernels: bool = False) -> None:
-    """`set_attn_implementation` on a converted model (or a sub-model of it): "eager" and "sdpa" are set as usual
-    (they choose the masks' format, `masks.host_mask`; the converted attention modules keep NV attention,
-    `PinnedConfig`), and stay after `nvib.unload`; other implementations cannot host NV attention; a name
-    transformers does not know gets transformers' own error."""
-    known = {"eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()}  # others (a hub kernel aside) transformers refuses
-    refused = [
-        name
-        for name in _leaves(attn_implementation)
-        if name not in (*HOSTS, attn_name) and (name in known or "/" in str(name))
-    ]
-    if refused:
-        raise ValueError(
-            f"attn_implementation={refused[0]!r} cannot run NV attention (it runs on the eager/sdpa kernels as "
-            f"{attn_name!r}). Fix: nvib.unload(model) first for the plain model, or keep the NV model as it is"
-        )
-    type(module).set_attn_implementation(module, attn_implementation, allow_all_kernels)
-
-
-def _leaves(value) -> list:
-    return [leaf for v in value.values() for leaf in _leaves(v)] if isinstance(value, dict) else [value]
-
-
 @torch.no_grad()
-def _init_weights(model: nn.Module, module: nn.Module) -> None:
-    """transformers' `_init_weights`, and for the NV layers (all at once, when their ModuleDict is reached) the
-    prior and the knobs again: what `to_empty` after a conversion on the meta device leaves uninitialised."""
-    type(model)._init_weights(model, module)
-    if module is model._modules.get(LAYERS):
-        prior = model.__dict__.get("nv_prior")
-        for name, layer in nv_layers(model).items():
-            if prior is None:
-                layer.set_default_prior()
-            else:
-                _set_prior(layer, prior.sites[name])
-        _set_config(model, model.nv_config)
+def _reinit_layers(model: nn.Module) -> None:
+    """The NV layers' prior and knobs set again (after `to_empty`, through transformers' `init_weights`)."""
+    prior = model.__dict__.get("nv_prior")
+    for name, layer in nv_layers(model).items():
+        if prior is None:
+            layer.set_default_prior()
+        else:
+            _set_prior(layer, prior.sites[name])
+    _set_config(model, model.nv_config)
 
 
 class VisiblePriorWarning(UserWarning):
@@ -233,13 +136,13 @@ def _warn_visible_prior(layers, stacklevel: int, at_least: float = 1e-3) -> None
 
 def _rollback(model: nn.Module, sites: list[Site]) -> None:
     """Undo a partial `_install`: the model is as it was before `convert`."""
-    _unhook_model(model)
+    hooks.unhook_model(model)
     for site in sites:
-        _unpin_attention(site.module)
+        hooks.unpin_attention(site.module)
         if "_nv_slot" in site.module.__dict__:
             _path(site).uninstall(site)
     model._modules.pop(LAYERS, None)
-    _restore_attention(model)
+    hooks.restore_attention(model)
     for key in ("_nv_sites", "nv_prior", "nv_config"):
         model.__dict__.pop(key, None)
 
@@ -259,38 +162,6 @@ def enable_per_token_variance(model: nn.Module) -> nn.Module:
         attention.uninstall(site)
         attention.install(site, layers[site.name])
     return model
-
-
-def _host_attention(model: nn.Module, sites: list[Site]) -> None:
-    """Let the mask builders of the sub-models that hold the sites make NV's masks (`masks.host_mask`), while their
-    configs keep the user's implementation name ("eager" or "sdpa": transformers' `config.output_attentions`,
-    `save_pretrained` and its tests read it); a config naming another one (None, flash, flex) is set to "sdpa", which
-    NV attention stands in for. The attention modules themselves run NV attention (`PinnedConfig`). A sub-model that
-    holds no site (Gemma 3's vision tower) keeps its config as it is. What to restore is kept on the model first."""
-    holders = [site.module_name for site in sites]
-    configs = {}
-    for name, module in model.named_modules():
-        config = getattr(module, "config", None)
-        inside = name == "" or any(h.startswith(name + ".") for h in holders)
-        if inside and isinstance(config, PretrainedConfig):
-            configs.setdefault(id(config), config)
-    model.__dict__["_nv_attn_original"] = [(c, c._attn_implementation) for c in configs.values()]
-    model.__dict__["_nv_mask_configs"] = list(configs.values())
-    masks.register_hosts()
-    masks.mark_configs(configs.values(), True)
-    for config in configs.values():
-        if config._attn_implementation not in HOSTS:
-            config._attn_implementation = {"": "sdpa"}  # this config only, not its sub-configs
-
-
-def _restore_attention(model: nn.Module) -> None:
-    """The attention implementation of before `convert`, on the configs still set to what conversion left (NV's
-    name, set by `set_attn_implementation`, or the "sdpa" it put for a non-host one); one the user set since stays."""
-    masks.mark_configs(model.__dict__.pop("_nv_mask_configs", ()), False)
-    for config, implementation in model.__dict__.pop("_nv_attn_original", ()):
-        left = (attention.ATTN_NAME, keyspace.ATTN_NAME, implementation if implementation in HOSTS else "sdpa")
-        if config._attn_implementation in left:
-            config._attn_implementation = {"": implementation}
 
 
 def configure(model: nn.Module, config: NVConfig) -> nn.Module:
@@ -331,12 +202,12 @@ def _warn_clamped(clamped: list[str], stacklevel: int) -> None:
 def unload(model: nn.Module) -> nn.Module:
     """Remove the NV layers and give back the plain pretrained model, in place."""
     nv_layers(model)
-    _unhook_model(model)
+    hooks.unhook_model(model)
     for site in model.__dict__.pop("_nv_sites"):
-        _unpin_attention(site.module)
+        hooks.unpin_attention(site.module)
         _path(site).uninstall(site)
     del model._modules[LAYERS]
-    _restore_attention(model)
+    hooks.restore_attention(model)
     model.__dict__.pop("nv_config", None)
     model.__dict__.pop("nv_prior", None)
     return model
