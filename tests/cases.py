@@ -183,7 +183,7 @@ def _tiny_rotary(config_cls, model_cls, **extra):
 
 _SLIDING = dict(sliding_window=4, layer_types=["sliding_attention", "sliding_attention", "full_attention"])
 
-# Rotary decoder-only families in key space (spec §10); a sliding window of 4 is shorter than the test inputs.
+# Rotary decoder-only families in key space (docs/method.md §10); a sliding window of 4 is shorter than the test inputs.
 ROTARY = [
     Case("llama", _tiny_rotary(tf.LlamaConfig, tf.LlamaForCausalLM), "lm", 96),
     Case("mistral", _tiny_rotary(tf.MistralConfig, tf.MistralForCausalLM, sliding_window=4), "lm", 96),

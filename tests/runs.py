@@ -33,7 +33,7 @@ def save_tiny_model(path: Path, kind: str = "seq2seq", seed: int = 0) -> Path:
             max_position_embeddings=128, decoder_start_token_id=0, **special,
         )  # fmt: skip
         model = tf.MarianMTModel(config)
-    elif kind == "llama":  # rotary decoder-only, key space (spec §10)
+    elif kind == "llama":  # rotary decoder-only, key space (docs/method.md §10)
         config = tf.LlamaConfig(
             vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256, **special,

@@ -331,7 +331,7 @@ def test_knob_bounds_keep_outputs_finite(name: str) -> None:
 
 
 def test_files_from_before_the_alpha_floor_load_with_their_scaling(saved: Path, tmp_path: Path) -> None:
-    """nv_config.json written before spec §11 has no alpha_scale_min / centre_alpha: those files computed
+    """nv_config.json written before docs/method.md §11 has no alpha_scale_min / centre_alpha: those files computed
     b_α = τ_α·ς, so they load with alpha_scale_min = 0 and no centring (and the saved layers as they are)."""
     old = edited(saved, tmp_path, lambda i: json.dumps({**i, "nv_config": {
         k: v for k, v in i["nv_config"].items() if k not in ("alpha_scale_min", "centre_alpha")}}))  # fmt: skip

@@ -1,4 +1,4 @@
-"""The common NV tester: every architecture, at the equivalence setting, is the pretrained model (spec §5)."""
+"""The common NV tester: every architecture, at the equivalence setting, is the pretrained model (docs/method.md §5)."""
 
 from __future__ import annotations
 
@@ -109,7 +109,8 @@ def randomise_variances(model, scale: float = 2.0) -> None:
 
 @pytest.mark.parametrize("case", TINY, ids=lambda c: c.name)
 def test_per_token_variances_general_form(case: Case):
-    """The general form (spec §4) at W_σ = 0 is the fast form; with W_σ ≠ 0 the caches still match no cache."""
+    """The general form (docs/method.md §4) at W_σ = 0 is the fast form; with W_σ ≠ 0 the caches
+    still match no cache."""
     _, nv = pair(case)
     nvib.configure(nv, REGULARISED)
     inputs = case.inputs()

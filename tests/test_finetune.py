@@ -1,4 +1,4 @@
-"""NVIB fine-tuning (spec §8): NVTrainer, λ schedules, freezing, resume, save/load, CLI."""
+"""NVIB fine-tuning (docs/method.md §8): NVTrainer, λ schedules, freezing, resume, save/load, CLI."""
 
 from __future__ import annotations
 
@@ -198,7 +198,7 @@ def test_real_weights_step0_with_empirical_prior_and_finite_kl(tmp_path):
     grads = {n: p.grad for n, p in nv.named_parameters() if p.grad is not None}
     assert len(grads) > 100 and all(torch.isfinite(g).all() for g in grads.values())
     # once training wakes the dead dimensions up (their LayerNorm gains ~1e-33 grow), 1/s0² would explode (~1e6);
-    # with the floor (spec §8) KL_G stays of the size of the other terms
+    # with the floor (docs/method.md §8) KL_G stays of the size of the other terms
     with torch.no_grad():
         for gain in (nv.encoder.encoder.layer[5].output.LayerNorm.weight,):
             gain[gain.abs() < 1e-6] = 1e-2
@@ -353,7 +353,7 @@ def test_finetune_reduces_loss_logs_kl_and_round_trips(tmp_path):
     assert task_loss(model, batch) < before - 0.2
     for site, layer in nvib.nv_layers(model).items():  # training gave the tokens their own variances
         assert layer.logvar_weight.abs().max() > 0, site
-    assert all(site.module._nv_slot.spare > 0 for site in model.__dict__["_nv_sites"])  # evaluated by spec §4
+    assert all(site.module._nv_slot.spare > 0 for site in model.__dict__["_nv_sites"])  # evaluated by docs/method.md §4
     log = json.loads((out / RUN_LOG).read_text())
     train_logs = [entry for entry in log if "loss" in entry]
     assert len(train_logs) == 4
@@ -471,7 +471,7 @@ def test_other_architectures_train(case, tmp_path):
 
 
 def tiny_llama() -> tf.LlamaForCausalLM:
-    """Rotary, grouped-query attention: converted in key space (spec §10)."""
+    """Rotary, grouped-query attention: converted in key space (docs/method.md §10)."""
     bos, pad, eos, _ = SPECIALS["gpt2"]
     config = tf.LlamaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                             num_key_value_heads=2, intermediate_size=64, pad_token_id=pad, bos_token_id=bos,

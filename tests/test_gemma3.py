@@ -1,4 +1,5 @@
-"""Real Gemma 3 270M (base) weights in key space (spec §10, §11): exact at the default knobs, regularising below."""
+"""Real Gemma 3 270M (base) weights in key space (docs/method.md §10, §11): exact at the default
+knobs, regularising below."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Multimodal Gemma 3 (model type "gemma3", issue 38): the language model inside converts (key space, spec §10), the
-vision tower stays stock; tiny random configs, with and without images."""
+"""Multimodal Gemma 3 (model type "gemma3", issue 38): the language model inside converts (key space, docs/method.md
+§10), the vision tower stays stock; tiny random configs, with and without images."""
 
 from __future__ import annotations
 

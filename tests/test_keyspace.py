@@ -1,4 +1,4 @@
-"""Rotary decoder-only models in key space (spec §10, §11): the common tester, the §10 reference, training."""
+"""Rotary decoder-only models in key space (docs/method.md §10, §11): the common tester, the §10 reference, training."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def test_half_precision_finite(case: Case, dtype):
 
 
 def reference(q, k_rot, mu, v, allowed, layer, scaling) -> torch.Tensor:
-    """Spec §10 written out, float64: q [B, Hq, Q, E], rotated keys and values [B, G, N, E], means μ_n = k_n
+    """docs/method.md §10 written out, float64: q [B, Hq, Q, E], rotated keys and values [B, G, N, E], means μ_n = k_n
     [B, G, N, E], allowed [B, 1, Q, N] -> [B, Hq, Q, E]."""
     noise, G = layer.noise, layer.heads
     beta = layer.logvar_bias.exp() + noise  # [G, E]
@@ -119,7 +119,8 @@ def test_fast_form_equals_the_spec_10_reference(case: Case, split: bool, monkeyp
 
 
 def test_prior_statistics_per_key_value_head():
-    """The key-space prior is the direct per-head statistics of the unrotated keys and of the values (spec §10)."""
+    """The key-space prior is the direct per-head statistics of the unrotated keys and of the values
+    (docs/method.md §10)."""
     case = ROTARY[3]  # qwen3: the key norm's output is the unrotated key
     stock, _ = pair(case)
     data = [case.inputs(batch=3, src=9 + i, seed=i) for i in range(3)]
@@ -142,7 +143,7 @@ def test_prior_statistics_per_key_value_head():
 
 
 def test_alpha_tau_is_centred_and_moves_prior_mass_monotonically():
-    """Spec §11: τ_α = 0 gives the prior about an average token's weight; the mass rises as τ_α falls."""
+    """docs/method.md §11: τ_α = 0 gives the prior about an average token's weight; the mass rises as τ_α falls."""
     case = ROTARY[0]
     stock, _ = pair(case)
     nv = nvib.convert(copy.deepcopy(stock), prior=prior_for(stock, case))
@@ -174,7 +175,7 @@ def test_training_kl_and_gradients():
 
 
 def test_kl_gaussian_in_key_space_matches_direct():
-    """At τ_σ = 0.3 the key-space KL_G of one sequence equals the spec §8 formula written out per head."""
+    """At τ_σ = 0.3 the key-space KL_G of one sequence equals the docs/method.md §8 formula written out per head."""
     case = ROTARY[0]
     stock, _ = pair(case, torch.float64)
     nv = nvib.convert(

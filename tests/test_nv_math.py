@@ -1,4 +1,5 @@
-"""NV attention against the reference form (spec §4), KL terms against closed forms (spec §8), training pieces."""
+"""NV attention against the reference form (docs/method.md §4), KL terms against closed forms (docs/method.md
+§8), training pieces."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from nvib.core.layer import sample_log_gamma
 
 
 def reference_attention(x, z, allowed, module, layer, per_token_var=None):
-    """Spec §4 literally, one head at a time, float64: lift each query into P-space.
+    """docs/method.md §4 literally, one head at a time, float64: lift each query into P-space.
 
     x [M, P] queries' inputs, z [N, P] keys' inputs, allowed [N] bool; returns the module output [M, P].
     """
@@ -70,7 +71,7 @@ def randomise(layer, generator):
 @pytest.mark.parametrize("split", [True, False], ids=["split-prior", "prepended-prior"])
 @pytest.mark.parametrize("site", ["encoder.0", "decoder.1", "cross"])
 def test_fast_form_equals_reference(site, split, monkeypatch):
-    """Both ways of attending to the prior (merged by log-sum-exp, or prepended to the keys) are spec §4."""
+    """Both ways of attending to the prior (merged by log-sum-exp, or prepended to the keys) are docs/method.md §4."""
     monkeypatch.setattr(nvib.core.masks, "SPLIT_PRIOR", split)
     g = torch.Generator().manual_seed(0)
     _, nv = pair(TINY[0], torch.float64)
@@ -170,8 +171,8 @@ def test_eval_mode_gradients(case, monkeypatch):
 @pytest.mark.parametrize("chunk", [None, 1], ids=["heads-at-once", "head-by-head"])
 @pytest.mark.parametrize("site", ["encoder.0", "decoder.1", "cross"])
 def test_general_form_equals_reference(site, chunk, monkeypatch):
-    """Per-token variances (W_σ ≠ 0): the module output is spec §4 computed literally (heads in one group or one
-    at a time, as for long inputs)."""
+    """Per-token variances (W_σ ≠ 0): the module output is docs/method.md §4 computed literally (heads in one group or
+    one at a time, as for long inputs)."""
     if chunk is not None:
         monkeypatch.setattr(nvib.core.attention, "GENERAL_CHUNK", chunk)
     g = torch.Generator().manual_seed(3)
@@ -240,7 +241,8 @@ def test_kl_gaussian_closed_form():
 
 
 def test_kl_gaussian_prior_variance_floor_against_a_direct_loop():
-    """Spec §8 conditioning: s̄0² = max(s0², 1e-3·median s0²), checked element by element in plain Python floats."""
+    """docs/method.md §8 conditioning: s̄0² = max(s0², 1e-3·median s0²), checked element by element
+    in plain Python floats."""
     g = torch.Generator().manual_seed(5)
     B, N, P = 2, 4, 6  # even P: the median is the mean of the two middle values
     mu = torch.randn(B, N, P, generator=g, dtype=torch.float64)

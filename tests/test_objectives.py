@@ -206,7 +206,7 @@ def test_dev_objective_likelihood_scores_only(fake) -> None:
 
 @torch.inference_mode()
 def test_target_nll_on_a_converted_rotary_model(tokenizer) -> None:
-    """The target-positions-only LM head path holds for an NV model too (key space, spec §10), away from
+    """The target-positions-only LM head path holds for an NV model too (key space, docs/method.md §10), away from
     equivalence: against full logits, one unpadded example at a time."""
     import nvib
 

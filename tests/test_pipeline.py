@@ -202,7 +202,7 @@ def test_decoder_only_generation_strips_prompt(models) -> None:
     assert all(1 <= o.n_tokens <= 4 for o in a)
 
 
-@pytest.mark.parametrize("name", ["causal_lm", "llama"])  # GPT-2 in z-space, Llama in key space (spec §10)
+@pytest.mark.parametrize("name", ["causal_lm", "llama"])  # GPT-2 in z-space, Llama in key space (docs/method.md §10)
 def test_lm_run_perplexity(models, tmp_path: Path, name: str) -> None:
     raw = run_config(models[name], task="lm", search={"n_trials": 3, "slices": [4, 8], "n_startup_trials": 1})
     raw["model"] = {"path": str(models[name])}  # kind auto -> causal_lm

@@ -1,4 +1,4 @@
-"""The empirical prior (spec §7): exact statistics, exact merging, storage, mismatches."""
+"""The empirical prior (docs/method.md §7): exact statistics, exact merging, storage, mismatches."""
 
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def test_prior_enters_the_layers_and_keeps_equivalence():
 
 
 def test_alpha_scale_floor_restores_equivalence():
-    """Spec §11: a random-weight model's LayerNorm fixes ‖z‖ (ς ≈ 0). With the original scaling τ_α·ς
+    """docs/method.md §11: a random-weight model's LayerNorm fixes ‖z‖ (ς ≈ 0). With the original scaling τ_α·ς
     (alpha_scale_min = 0) τ_α = 10 leaves the prior a visible weight and convert says so; the default floor ς_min = 1
     gives back the pretrained model."""
     case = TINY[0]

@@ -18,7 +18,8 @@ KNOBS = nvib.NVConfig(alpha_tau_e=-1.0, alpha_tau_c=0.5, alpha_tau_d=-2.0, stdev
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_saved_model_loads_and_computes_the_same(name: str) -> None:
     model = nvib.load(SAVED / name)
-    # written before stdev_unit existed, in spec §3's unit: key-space models (whose default is now "bias") say so
+    # written before stdev_unit existed, in docs/method.md §3's unit: key-space models (whose
+    # default is now "bias") say so
     assert model.nv_config == (KNOBS.replace(stdev_unit="prior") if name == "llama" else KNOBS)
     assert model.nv_prior is not None
     saved = torch.load(SAVED / f"{name}_outputs.pt")

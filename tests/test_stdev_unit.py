@@ -1,4 +1,5 @@
-"""Spec §12: the "bias" unit of the stdev knob (τ_σ nats of spread of the score bias B_n), its prior moments."""
+"""docs/method.md §12: the "bias" unit of the stdev knob (τ_σ nats of spread of the score bias
+B_n), its prior moments."""
 
 from __future__ import annotations
 

@@ -109,9 +109,9 @@ def test_compiled_static_cache_generate(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["bart", "gpt2"])
 def test_compiled_model_reads_the_fold_of_the_eager_call(name: str, monkeypatch) -> None:
-    """After an eager evaluation call a compiled forward folds nothing itself (spec §6's weights are graph inputs),
-    follows `nvib.configure`, and after training or `load_state_dict` (weights changed in place) folds again rather
-    than read a stale memo."""
+    """After an eager evaluation call a compiled forward folds nothing itself (docs/method.md §6's weights are graph
+    inputs), follows `nvib.configure`, and after training or `load_state_dict` (weights changed in place) folds again
+    rather than read a stale memo."""
     case = BY_NAME[name]
     model, inputs = converted(case).eval(), case.inputs()
     ref = output(model, inputs)  # eager: folds

@@ -17,8 +17,8 @@ Protocol (fixed before any number was seen):
   target-domain demonstrations instead of Debian ones (3 from the domain's train split, drawn as the Debian
   ones; no tuning); NV tuned on top of target-domain demonstrations.
   For debian the two target-demonstration systems are the unconverted and NV-tuned ones and are not rerun.
-- `--stdev-unit bias` (the second run, issue 21): the NV systems read τσ in spec §12's unit (nats of spread of the
-  per-token score bias, one scale per KV head), default range [0, 2]; the prior-only points (τσ = 0, τα ∈ {−2, 0,
+- `--stdev-unit bias` (the second run, issue 21): the NV systems read τσ in docs/method.md §12's unit (nats of spread of
+  the per-token score bias, one scale per KV head), default range [0, 2]; the prior-only points (τσ = 0, τα ∈ {−2, 0,
   +2}) are tried right after the identity point, and each NV study's best prior-only trial is scored on test as
   its own row ("…, prior only"). The stock systems, the prior and the stock check are the same steps as in the
   first run and are shared with it in one state file.
@@ -81,8 +81,8 @@ NV_SYSTEMS = ("NV tuned", "NV + target demos")
 SYSTEMS = ("unconverted", "temperature", "target demos", *NV_SYSTEMS, *(f"{s}, prior only" for s in NV_SYSTEMS))
 TEMPERATURE = (0.5, 2.0)
 REGULARISED = {"alpha_tau_d": 0.0, "stdev_tau_d": 0.3}  # the sharing check's NV setting
-# Key-space τ_α is centred on an average in-domain token and counted in units ς ≥ 1 (spec §11): τ_α = 0 gives the
-# prior an average token's weight, -3 gives it e^{3ς} ≥ 20 tokens' worth (all the attention where ς ≈ 50), +3 at
+# Key-space τ_α is centred on an average in-domain token and counted in units ς ≥ 1 (docs/method.md §11): τ_α = 0 gives
+# the prior an average token's weight, -3 gives it e^{3ς} ≥ 20 tokens' worth (all the attention where ς ≈ 50), +3 at
 # most e^-3 of a token. The equivalence point (10) is tried first and widens the range to it (nvib.workflow.search).
 ALPHA_RANGE, STDEV_RANGE = (-3.0, 3.0), STDEV_RANGES["prior"]
 PROTOCOL = {"dev": 64, "trials": 20, "test": 300}
@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
         "--stdev-unit",
         choices=("prior", "bias"),
         default="prior",
-        help='unit of stdev_tau_d: "prior" (spec §3, the first run) or "bias" (spec §12, the second run)',
+        help='unit of stdev_tau_d: "prior" (docs/method.md §3, the first run) or "bias" '
+        "(docs/method.md §12, the second run)",
     )
     parser.add_argument(
         "--stdev-range", type=float, nargs=2, metavar=("LOW", "HIGH"),

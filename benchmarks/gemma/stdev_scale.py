@@ -1,4 +1,4 @@
-"""What the key-space stdev knob does to Gemma 3 270M's attention scores (spec §10), measured on real keys.
+"""What the key-space stdev knob does to Gemma 3 270M's attention scores (docs/method.md §10), measured on real keys.
 
     python benchmarks/gemma/stdev_scale.py [--prior runs/gemma/prior-<key>.safetensors] [--examples 16]
 

@@ -40,7 +40,7 @@ def render(rows: dict, details: dict, meta: dict, section: str = "gemma", agains
         f"greedy, ≤ {b['max_new_tokens']} new tokens, stopped at the newline. Knobs tuned per domain on its dev pairs "
         f"({b['trials']} Optuna trials per tuned system, objective = mean target NLL; τα in [-3, 3] and the identity "
         f"point 10, τσ in {b.get('stdev_range', [0.0, 2.0] if 'stdev_unit' in b else [0.0, 0.5])}"
-        f"{' nats of score-bias spread (spec §12)' if 'stdev_unit' in b else ' (spec §3 unit)'}"
+        f"{' nats of score-bias spread (docs/method.md §12)' if 'stdev_unit' in b else ' (docs/method.md §3 unit)'}"
         f"{' (post-hoc range)' if 'stdev_range' in b else ''}), scored on its test pairs. "
         "ROUGE-L F1 ×100, NLL in nats per target token (lower is better); Δ = system − unconverted with the 95% "
         "paired bootstrap interval (1000 resamples). distinct = distinct predictions / n, top = share of the most "

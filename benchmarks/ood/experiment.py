@@ -11,8 +11,8 @@
    sampler seed each), tunes on that domain's dev subset, at the same budget and with the same objective (the
    mean token NLL of the dev references under teacher forcing, `nvib.workflow.objectives`), (a) the six NV knobs,
    (b) a softmax temperature on all attention, (c) WiSE-FT interpolation between the warm-start and the
-   fine-tuned weights (both the product's `nvib.workflow.baselines`), (d) the six NV knobs with τσ in spec §12's
-   unit (`stdev_unit="bias"`, range [0, 2] nats, the prior-only points τσ = 0, τα ∈ {−2, 0, +2} tried after the
+   fine-tuned weights (both the product's `nvib.workflow.baselines`), (d) the six NV knobs with τσ in docs/method.md
+   §12's unit (`stdev_unit="bias"`, range [0, 2] nats, the prior-only points τσ = 0, τα ∈ {−2, 0, +2} tried after the
    identity point; issue 21); once per domain also (e) the NV knobs with the ROUGE-L objective, trials whose
    outputs are less diverse than half the unconverted model's pruned. Each is scored on the test split: ROUGE-L
    of greedy outputs, target NLL, output diversity, 95% paired bootstrap intervals against the unconverted model.
@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOMAINS = ("debian", "docstrings", "wikipara", "wiki")
 KINDS = {"encoder", "decoder", "cross"}
 TUNED = ("NV", "NV bias", "temperature", "WiSE-FT")  # tuned per seed with the likelihood objective
-# NV in spec §12's unit: its default range, and the prior alone tried first (as `nvib run` does)
+# NV in docs/method.md §12's unit: its default range, and the prior alone tried first (as `nvib run` does)
 BIAS_SPACE = SearchSpace(stdev_tau=STDEV_RANGES["bias"])
 BIAS_STARTS = [{k: (a if k.startswith("alpha") else 0.0) for k in knob_names(KINDS)} for a in PRIOR_ONLY_ALPHA_TAUS]
 

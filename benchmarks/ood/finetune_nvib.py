@@ -9,9 +9,9 @@ Each run starts from the same warm start as `finetune_base.py` (BERT2BERT from a
 cross-attention weights drawn with the run's seed), converted to NV form with the empirical prior of the warm
 start on in-domain data (identity initialisation; with the initial τ_σ = 0, step 0 is the warm-start model),
 and trains with the same recipe and data order as the base model through `nvib.workflow.train` (NV attention samples
-during training, spec §8; the seed also drives the samples and dropout). Runs differ in λ_G = λ_D, the seed,
+during training, docs/method.md §8; the seed also drives the samples and dropout). Runs differ in λ_G = λ_D, the seed,
 the gradient clipping (`kl_clip`), the initial τ_σ, and whether the layers learn a variance per token (W_σ;
-evaluated by the general form of spec §4) or keep one shared variance per site (the fast form). Each
+evaluated by the general form of docs/method.md §4) or keep one shared variance per site (the fast form). Each
 fine-tuned NV model is scored on the test splits like `experiment.py` (ROUGE-L of greedy outputs) and by the
 teacher-forced NLL per target token; the scores are kept next to the model, and the results table lists every
 setting with the mean and spread (min–max) over its seeds.
@@ -244,8 +244,8 @@ def write_table(args: argparse.Namespace, recipe: dict) -> None:
         f"Fine-tuning with the NVIB regularisers (`python benchmarks/ood/finetune_nvib.py "
         f"{'--from-base ' if args.from_base else ''}--steps {args.steps} --test {args.test} --prior-examples "
         f"{args.prior_examples}`): {begin} through `nvib.workflow.train` (NV attention sampling, "
-        "spec §8, KL_G with the prior-variance floor) with λ_G = λ_D = λ (KL: G+D) or λ_G = λ, λ_D = 0 (KL: G) "
-        "(linear warm-up over the first fifth), "
+        "docs/method.md §8, KL_G with the prior-variance floor) with λ_G = λ_D = λ (KL: G+D) or λ_G = λ, λ_D = 0 (KL: "
+        "G) (linear warm-up over the first fifth), "
         "from the identity initialisation with the empirical prior (estimated on the first "
         f"{args.prior_examples} training pairs) and the initial τ_σ shown (τ_α = 10); clip: `kl_clip` (task "
         "and KL gradients clipped to 1.0 separately, or their sum jointly); variance: one per site (fast form at "

@@ -8,7 +8,7 @@ with 30 warm-up steps, clipping at 1.0) but a constant λ_G = λ_D = λ from ste
 gradients of the task loss, of λ·Σ KL_G and of λ·Σ KL_D separately (all trainable parameters) and records
 their norms; the update then clips either their sum (``joint``: the Trainer's usual clipping) or the task and
 KL parts separately (``separate``, `NVTrainer(kl_clip="separate")`). `--floors` sets the relative
-prior-variance floor of KL_G (spec §8; 0 = none). Writes a JSON of the per-step norms (runs/) and prints a
+prior-variance floor of KL_G (docs/method.md §8; 0 = none). Writes a JSON of the per-step norms (runs/) and prints a
 summary table.
 """
 

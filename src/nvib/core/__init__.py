@@ -1,1 +1,1 @@
-"""The NV core: what `import nvib` is for (spec §1–12)."""
+"""The NV core: what `import nvib` is for (docs/method.md §1–12)."""

@@ -1,4 +1,4 @@
-"""Where the attention sites of each architecture are (spec §1), as data.
+"""Where the attention sites of each architecture are (docs/method.md §1), as data.
 
 Each `Architecture` lists, per site kind, a regular expression over module names (as in
 `model.named_modules()`) that matches the attention modules of that kind; the first group is the
@@ -24,7 +24,7 @@ class Architecture:
     fused_qkv: str | None = None  # GPT-2: one Conv1D producing [q | k | v]
     head_dim_attr: str = "head_dim"
     uses_attention_interface: bool = True  # MPNet computes attention itself
-    # key-space sites (spec §10): rotary decoder-only models; the unrotated key is the output of `k_norm`
+    # key-space sites (docs/method.md §10): rotary decoder-only models; the unrotated key is the output of `k_norm`
     # (or of the k projection where there is none), laid out as "flat" [B, N, G·E], "heads" [B, N, G, E]
     # or "heads_first" [B, G, N, E]
     key_space: bool = False
@@ -33,7 +33,7 @@ class Architecture:
 
     @property
     def key_source(self) -> str:
-        """The submodule whose output is the unrotated key (spec §10)."""
+        """The submodule whose output is the unrotated key (docs/method.md §10)."""
         return self.k_norm or self.k
 
 
@@ -89,7 +89,7 @@ ARCHITECTURES.update(
     llama=_ROTARY,
     mistral=_ROTARY,
     qwen2=_ROTARY,
-    gemma2=_ROTARY,  # logit soft-capping: the bias is added after the cap (spec §10)
+    gemma2=_ROTARY,  # logit soft-capping: the bias is added after the cap (docs/method.md §10)
     qwen3=Architecture(sites=_ROTARY_SITES, key_space=True, k_norm="k_norm", key_layout="heads"),
     gemma3_text=Architecture(sites=_ROTARY_SITES, key_space=True, k_norm="k_norm", key_layout="heads_first"),
     olmo2=Architecture(sites=_ROTARY_SITES, key_space=True, k_norm="k_norm"),  # RMSNorm over all heads at once
@@ -126,7 +126,7 @@ class Site:
 
     @property
     def noise(self) -> float:
-        """The query noise variance √E, or 1/s where the module scales scores by s (spec §1)."""
+        """The query noise variance √E, or 1/s where the module scales scores by s (docs/method.md §1)."""
         E = getattr(self.module, self.arch.head_dim_attr)
         if hasattr(self.module, "_nv_slot"):
             E = self.module._nv_slot.head_dim

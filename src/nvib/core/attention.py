@@ -1,4 +1,4 @@
-"""NV attention inside transformers' attention modules (spec §6, §8, §9).
+"""NV attention inside transformers' attention modules (docs/method.md §6, §8, §9).
 
 The module's own code keeps running. Its q/k/v projections are replaced (instance `forward`) by ones
 that emit, per head, E+1 channels: the transformed query/key/value of the fast form plus one
@@ -10,7 +10,7 @@ registered attention function "nvib" then prepends the prior component and calls
 drives positions); for cross-attention, whose cached keys do not change between decoding steps,
 the keys and values with the prior prepended are kept until the cache hands over new ones.
 
-Layers with per-token variances (after fine-tuning) need the general form (spec §4): the scores are
+Layers with per-token variances (after fine-tuning) need the general form (docs/method.md §4): the scores are
 still standard attention over per-token k̃_n and c_n, but the output gains W_v[(Σ_n a_mn σ²_n/β_n) ⊙ W_kᵀq_m].
 The per-token ratios σ²_n/β_n (size P) ride in `spare` extra channels per head of the keys and values
 (half in each), so they live in the ordinary KV cache and follow its beam reordering.
@@ -65,7 +65,8 @@ class Slot(HeadLayout):
 
     @property
     def training(self) -> bool:
-        """Sampling (spec §8) follows the attention module's mode, so `model.get_decoder().eval()` reaches it."""
+        """Sampling (docs/method.md §8) follows the attention module's mode, so
+        `model.get_decoder().eval()` reaches it."""
         return self.module.training
 
     def qkv_weights(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -144,7 +145,7 @@ class Slot(HeadLayout):
         return z
 
     def _project_train(self, which: str, x: torch.Tensor) -> torch.Tensor:
-        """Spec §8: keys/values of a sampled z̃, with log γ − ‖z̃‖²/(2√E) as the key's bias channel."""
+        """docs/method.md §8: keys/values of a sampled z̃, with log γ − ‖z̃‖²/(2√E) as the key's bias channel."""
         z_t, bias, prior_z, prior_bias = self.layer.sample(x, (id(self), which))
         if which == "k":
             out, prior = (
@@ -191,7 +192,7 @@ class Slot(HeadLayout):
 
     def correct(self, out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """The attention output over prior and tokens [B, H, Q, E+1] (a_m0 in the last channel) → the corrected
-        head outputs [B, Q, H, E] (spec §6)."""
+        head outputs [B, Q, H, E] (docs/method.md §6)."""
         out, E = out.transpose(1, 2), self.head_dim
         o, a0 = out[..., :E], out[..., E : E + 1]
         log_prior_mass(self.mass_log, a0)
@@ -251,7 +252,7 @@ def fast_weights(slot: Slot, static: bool = False) -> dict:
     q_terms = torch.cat(parts, 2)
     return dict(
         general=False,
-        # k̃ = W_k(key_scale ⊙ z + key_shift) + b_k: transform z, not the weights (spec §6 with W_μ = τ_μ I)
+        # k̃ = W_k(key_scale ⊙ z + key_shift) + b_k: transform z, not the weights (docs/method.md §6 with W_μ = τ_μ I)
         scale=scale if scale is not None or shift is None else torch.ones_like(shift),
         shift=shift if shift is not None or scale is None else torch.zeros_like(scale),
         c_lin=t.c_lin.to(f) if static or bool(t.c_lin.abs().max() > 0) else None,
@@ -284,7 +285,7 @@ def attend_split(
     Returns the corrected head outputs [B, Q, H, E].
 
     With l_m = log Σ_n≥1 exp(s_mn) from the kernel, the prior's weight is a_m0 = sigmoid(s_m0 − l_m) and
-    (1 − a_m0)·(token output) + a_m0·ṽ_0 is exactly softmax over n = 0..N (spec §6); the query correction
+    (1 − a_m0)·(token output) + a_m0·ṽ_0 is exactly softmax over n = 0..N (docs/method.md §6); the query correction
     follows. Everything after the kernel works on its output in place, in the [B, Q, H, ·] layout the kernel
     writes, so the only new [B, Q, H, E]-sized tensors are G q (one batched product) and the result.
     """
@@ -315,7 +316,7 @@ def products(slot: Slot, terms: torch.Tensor, B: int, Q: int) -> tuple[torch.Ten
 
 
 def general_attention(slot: Slot, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask, want_weights):
-    """Spec §4 with per-token variances: q/k/v [B, H, *, width] (prior at n = 0) -> [B, Q, H, E] and, if
+    """docs/method.md §4 with per-token variances: q/k/v [B, H, *, width] (prior at n = 0) -> [B, Q, H, E] and, if
     `want_weights`, the attention on the tokens [B, H, Q, N] (else None).
 
     Costs eager attention plus B·H·Q·(N+1)·P multiply-adds for Σ_n a_mn σ²_n/β_n and 2·B·H·Q·E·P for the lift
@@ -375,7 +376,7 @@ def nv_attention_forward(
         bias, prior_bias = split_bias(attention_mask, position_bias, query, key.shape[2], causal)
         return slot.attend_split(query, key, value, bias, prior_bias), None
     key, value = slot.prepend_prior(key, value)
-    if slot.spare and slot.training:  # sampling (spec §8) needs no ratios
+    if slot.spare and slot.training:  # sampling (docs/method.md §8) needs no ratios
         query, key, value = (t[..., : slot.head_dim + 1] for t in (query, key, value))
     n_tokens = key.shape[2] - 1
     if attention_mask is not None and attention_mask.shape[-1] > n_tokens:
@@ -412,7 +413,7 @@ def explicit_attention(query, key, value, mask, scale: float, dropout: float = 0
 
 
 def register() -> None:
-    """Make "nvib" selectable by `model.set_attn_implementation` (spec §9)."""
+    """Make "nvib" selectable by `model.set_attn_implementation` (docs/method.md §9)."""
     AttentionInterface.register(ATTN_NAME, nv_attention_forward)
     AttentionMaskInterface.register(ATTN_NAME, nv_mask)
 

@@ -1,5 +1,5 @@
 """A shared prefix's KV cache, as transformers 5.x spells it: the keyword its models take, a fresh cache, and a
-copy of one cache for every row of a batch. The NV models' caches hold ordinary keys and values (spec §10)."""
+copy of one cache for every row of a batch. The NV models' caches hold ordinary keys and values (docs/method.md §10)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`NVConfig`: the regularisation knobs of an NV model (spec §3)."""
+"""`NVConfig`: the regularisation knobs of an NV model (docs/method.md §3)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ KNOBS = tuple(f"{p}_{s}" for p in ("alpha_tau", "stdev_tau") for s in SUFFIX.val
 TEXT_FIELDS = ("centre_alpha", "stdev_unit")  # the fields that are not numbers
 NON_FINITE = ("inf", "-inf", "nan")  # how JSON files hold non-finite knobs (`nvib.core.files.json_safe`)
 STDEV_MEANING = '; it is a width in prior standard deviations (stdev_unit "prior") or nats of score spread ("bias")'
-#: Knob prefix -> (low, high, whether low itself is allowed): ranges inside which every term of spec §3-6
+#: Knob prefix -> (low, high, whether low itself is allowed): ranges inside which every term of docs/method.md §3-6
 #: stays finite in float32 and bfloat16 (tests/test_bad_input.py::test_knob_bounds_keep_outputs_finite).
 BOUNDS: dict[str, tuple[float, float, bool]] = {
     "alpha_tau": (-1e3, 1e3, True),
@@ -55,12 +55,13 @@ class NVConfig:
     stdev_tau_c: float = 0.0
     stdev_tau_d: float = 0.0
     mu_tau: float = 1.0
-    # spec §11: b_α = τ_α·max(ς, alpha_scale_min) (+ δ_0 where centred); 0 gives the original code's τ_α·ς
+    # docs/method.md §11: b_α = τ_α·max(ς, alpha_scale_min) (+ δ_0 where centred); 0 gives the original code's τ_α·ς
     alpha_scale_min: float = 1.0
-    # centre τ_α on an average in-domain token (spec §11); key-space sites (spec §10) are always centred
+    # centre τ_α on an average in-domain token (docs/method.md §11); key-space sites
+    # (docs/method.md §10) are always centred
     centre_alpha: bool = False
-    # the unit of stdev_tau: "prior" (spec §3: σ = τ_σ·s_0) or "bias" (spec §12: τ_σ nats of spread of the score
-    # bias the variance adds); None: each site's default, "prior" in z-space and "bias" in key space
+    # the unit of stdev_tau: "prior" (docs/method.md §3: σ = τ_σ·s_0) or "bias" (docs/method.md §12: τ_σ nats of spread
+    # of the score bias the variance adds); None: each site's default, "prior" in z-space and "bias" in key space
     stdev_unit: str | None = None
 
     def __post_init__(self) -> None:
@@ -104,8 +105,8 @@ class NVConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> NVConfig:
-        """From `to_dict` output; a dict without ``stdev_unit`` was written before it existed, in spec §3's unit.
-        A knob may be the string "inf" (as `nvib.core.files` writes +inf to JSON; older files hold Infinity)."""
+        """From `to_dict` output; a dict without ``stdev_unit`` was written before it existed, in docs/method.md §3's
+        unit. A knob may be the string "inf" (as `nvib.core.files` writes +inf to JSON; older files hold Infinity)."""
         data = {"stdev_unit": "prior", **data}
         data = {k: float(v) if _non_finite(k, v) else v for k, v in data.items()}
         known = {f.name for f in dataclasses.fields(cls)}

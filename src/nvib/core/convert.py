@@ -17,11 +17,11 @@ from nvib.core.prior import EmpiricalPrior
 def convert(
     model: nn.Module, config: NVConfig | None = None, prior=None, per_token_variance: bool = False
 ) -> nn.Module:
-    """Attach one NVIB layer per attention site (spec §1) with the identity initialisation (§3), in place.
+    """Attach one NVIB layer per attention site (docs/method.md §1) with the identity initialisation (§3), in place.
 
     `prior` is an `EmpiricalPrior` (§7); without one every site gets the default prior.
     `per_token_variance` gives every layer a trainable W_σ (zero at first, so the model is unchanged); its
-    evaluation then takes the general form of spec §4, which costs more than the fast form (§6).
+    evaluation then takes the general form of docs/method.md §4, which costs more than the fast form (§6).
     Every argument is checked before the model is touched, and on any error the model is left as it was.
     """
     if not isinstance(model, nn.Module):
@@ -46,7 +46,7 @@ def convert(
 
 
 def _path(site: Site):
-    """The attention path of a site: z-space (spec §2–6) or key space (spec §10)."""
+    """The attention path of a site: z-space (docs/method.md §2–6) or key space (docs/method.md §10)."""
     return keyspace if site.arch.key_space else attention
 
 
@@ -56,7 +56,7 @@ def _new_layer(site: Site, per_token_variance: bool) -> NVIBLayer | keyspace.Key
     if per_token_variance:
         raise ValueError(
             f"per-token variances are not available at key-space site {site.name} (rotary decoder-only models, "
-            "spec §10): convert with per_token_variance=False"
+            "docs/method.md §10): convert with per_token_variance=False"
         )
     return keyspace.KeySpaceLayer(site.name, site.kind, *keyspace.site_shape(site), site.noise)
 
@@ -113,22 +113,23 @@ def _reinit_layers(model: nn.Module) -> None:
 
 
 class VisiblePriorWarning(UserWarning):
-    """A finite alpha_tau leaves the prior a visible weight: the NV model is not the pretrained one (spec §11)."""
+    """A finite alpha_tau leaves the prior a visible weight: the NV model is not the pretrained one
+    (docs/method.md §11)."""
 
 
 class StdevClampWarning(UserWarning):
-    """stdev_tau is above the largest score-bias spread of some mixtures and was clamped there (spec §12)."""
+    """stdev_tau is above the largest score-bias spread of some mixtures and was clamped there (docs/method.md §12)."""
 
 
 def _warn_visible_prior(layers, stacklevel: int, at_least: float = 1e-3) -> None:
-    """Spec §11: where a finite τ_α leaves the prior a visible weight, say so (τ_α = +∞ leaves it none)."""
+    """docs/method.md §11: where a finite τ_α leaves the prior a visible weight, say so (τ_α = +∞ leaves it none)."""
     visible = {layer.site: w for layer in layers if (w := layer.prior_weight()) > at_least}
     if visible:
         worst = ", ".join(f"{site} ({w:.2g}×)" for site, w in sorted(visible.items(), key=lambda kv: -kv[1])[:5])
         warnings.warn(
             f"at the finite alpha_tau of this NVConfig the prior keeps a visible weight at {len(visible)} site(s), "
             f"relative to an average in-domain token: {worst}; the NV model differs from the pretrained one there "
-            "(spec §11). For the pretrained model exactly use alpha_tau = inf (the NVConfig() default)",
+            "(docs/method.md §11). For the pretrained model exactly use alpha_tau = inf (the NVConfig() default)",
             VisiblePriorWarning,
             stacklevel=stacklevel + 1,
         )
@@ -149,12 +150,14 @@ def _rollback(model: nn.Module, sites: list[Site]) -> None:
 
 def enable_per_token_variance(model: nn.Module) -> nn.Module:
     """Give every NV layer a trainable W_σ (zero, so outputs do not change), in place; from then on evaluation
-    takes the general form of spec §4. A no-op for layers that have one."""
+    takes the general form of docs/method.md §4. A no-op for layers that have one."""
     layers = nv_layers(model)
     if all(layer.per_token_variance for layer in layers.values()):
         return model
     if any(isinstance(layer, keyspace.KeySpaceLayer) for layer in layers.values()):
-        raise ValueError("per-token variances are not available for rotary decoder-only models (key space, spec §10)")
+        raise ValueError(
+            "per-token variances are not available for rotary decoder-only models (key space, docs/method.md §10)"
+        )
     with torch.inference_mode(False):
         for layer in layers.values():
             layer.enable_per_token_variance()
@@ -192,8 +195,8 @@ def _warn_clamped(clamped: list[str], stacklevel: int) -> None:
     if clamped:
         warnings.warn(
             f"stdev_tau is above the largest score-bias spread at {len(clamped)} mixture(s): "
-            f"{', '.join(clamped[:6])}{', ...' if len(clamped) > 6 else ''}; clamped there (spec §12: attention by "
-            "key norm alone). Fix: a smaller stdev_tau, if that is not what you meant",
+            f"{', '.join(clamped[:6])}{', ...' if len(clamped) > 6 else ''}; clamped there (docs/method.md §12: "
+            "attention by key norm alone). Fix: a smaller stdev_tau, if that is not what you meant",
             StdevClampWarning,
             stacklevel=stacklevel + 1,
         )
@@ -214,7 +217,7 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def kl_terms(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Site -> (KL_G, KL_D) of the last training-mode forward pass (spec §8)."""
+    """Site -> (KL_G, KL_D) of the last training-mode forward pass (docs/method.md §8)."""
     terms = {}
     for name, layer in nv_layers(model).items():
         if layer.kl_gaussian is None:

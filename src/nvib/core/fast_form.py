@@ -13,7 +13,7 @@ from torch import nn
 
 @dataclasses.dataclass
 class FastTerms:
-    """Per-site vectors of the fast form (spec §6), all of size P unless noted.
+    """Per-site vectors of the fast form (docs/method.md §6), all of size P unless noted.
 
     For a token z: k̃ = W_k(key_scale ⊙ z + key_shift); c = c_lin·z + c_quad·(z⊙z) (token constant
     removed: it is the same for every token and drops out of the softmax).

@@ -36,7 +36,8 @@ def saved_info_schema() -> type:
         sites: list[str]
         prior: str | None = None
         per_token_variance: bool = False
-        stdev_unit: str = "prior"  # the unit the knobs were evaluated in (spec §12); files before it used §3's
+        # the unit the knobs were evaluated in (docs/method.md §12); files before it used §3's
+        stdev_unit: str = "prior"
 
     return SavedInfo
 
@@ -126,7 +127,7 @@ def _model_class(name: str, file: Path) -> type[transformers.PreTrainedModel]:
 
 
 # NVConfig fields added after files were first written, with the values that reproduce what those files computed
-# (spec §11: before the floor, b_α = τ_α·ς, uncentred)
+# (docs/method.md §11: before the floor, b_α = τ_α·ς, uncentred)
 ADDED_LATER = {"alpha_scale_min": 0.0, "centre_alpha": False, "stdev_unit": None}  # stdev_unit: see `load`
 
 

@@ -1,4 +1,5 @@
-"""Key-space NV attention for rotary decoder-only models: Llama, Mistral, Qwen 2/3, Gemma 2/3, OLMo 2 (spec §10).
+"""Key-space NV attention for rotary decoder-only models: Llama, Mistral, Qwen 2/3, Gemma 2/3,
+OLMo 2 (docs/method.md §10).
 
 The module's own code keeps running: it projects, normalises and rotates q and k, updates its KV cache with the
 ordinary keys and values and calls the registered attention function "nvib-key", which computes everything from
@@ -36,11 +37,11 @@ C_LIMIT = 1e4  # |c_n| bound so the bias stays finite in float16 (e^-1e4 is alre
 
 
 class KeySpaceLayer(PriorWeight, nn.Module):
-    """One key-space NV site (spec §10): per key/value head g, the prior (m_0, s_0², m_v, a_0, ς) as buffers and
-    the knob-derived parameters log σ² [G, E] (shared by the tokens) and b_α [G]."""
+    """One key-space NV site (docs/method.md §10): per key/value head g, the prior (m_0, s_0², m_v, a_0, ς) as buffers
+    and the knob-derived parameters log σ² [G, E] (shared by the tokens) and b_α [G]."""
 
     per_token_variance = False
-    STDEV_UNIT = "bias"  # key space: one τ_σ means the same spread of scores at every head (spec §12)
+    STDEV_UNIT = "bias"  # key space: one τ_σ means the same spread of scores at every head (docs/method.md §12)
 
     def __init__(self, site: str, kind: str, heads: int, head_dim: int, noise: float):
         super().__init__()
@@ -56,7 +57,7 @@ class KeySpaceLayer(PriorWeight, nn.Module):
         self.register_buffer("prior_log_alpha", torch.zeros(heads))
         self.register_buffer("prior_scale", torch.ones(heads))
         self.register_buffer("prior_gate", torch.zeros(()), persistent=False)  # set from the knobs by `reset`
-        self.register_buffer("prior_sq_var", torch.full((heads, head_dim), 2.0), persistent=False)  # spec §12
+        self.register_buffer("prior_sq_var", torch.full((heads, head_dim), 2.0), persistent=False)  # docs/method.md §12
         self.prior_sample: torch.Tensor | None = None
         self.kl_gaussian: torch.Tensor | None = None
         self.kl_dirichlet: torch.Tensor | None = None
@@ -67,11 +68,11 @@ class KeySpaceLayer(PriorWeight, nn.Module):
 
     @torch.no_grad()
     def set_prior(self, mean, var, log_alpha_mean, log_alpha_std, value_mean=None, sq_var=None, sample=None) -> None:
-        """Per-head statistics [G, E] / [G]; s_0² is averaged over each rotary pair (spec §10); Var(k²) [G, E]
-        (None: unknown, spec §12)."""
+        """Per-head statistics [G, E] / [G]; s_0² is averaged over each rotary pair (docs/method.md §10); Var(k²) [G, E]
+        (None: unknown, docs/method.md §12)."""
         G, E = self.heads, self.head_dim
         self.prior_sq_var.copy_(torch.full((G, E), math.nan) if sq_var is None else sq_var.reshape(G, E))
-        self.prior_sample = None if sample is None else sample.reshape(-1, G, E)  # [K, G, E], spec §12
+        self.prior_sample = None if sample is None else sample.reshape(-1, G, E)  # [K, G, E], docs/method.md §12
         pair = var.reshape(G, 2, E // 2).mean(1)
         self.prior_mean.copy_(mean.reshape(G, E))
         self.prior_var.copy_(pair.repeat(1, 2))
@@ -84,12 +85,12 @@ class KeySpaceLayer(PriorWeight, nn.Module):
         self, alpha_tau: float, stdev_tau: float, mu_tau: float = 1.0, alpha_scale_min: float = 1.0,
         centre: bool = True, stdev_unit: str = STDEV_UNIT,
     ) -> torch.Tensor:  # fmt: skip
-        """Identity initialisation with knobs; b_α = τ_α·max(ς, ς_min) + δ_0, always centred here (spec §11); σ² =
-        λ_g·s_0² per head (§12). Returns whether τ_σ was clamped, per head."""
+        """Identity initialisation with knobs; b_α = τ_α·max(ς, ς_min) + δ_0, always centred here (docs/method.md §11);
+        σ² = λ_g·s_0² per head (§12). Returns whether τ_σ was clamped, per head."""
         if mu_tau != 1.0:
             raise ValueError(
-                f"mu_tau = {mu_tau} is not available at key-space site {self.site}: spec §10 reads the rotated keys, "
-                "which fixes τ_μ = 1; leave mu_tau at 1 for rotary decoder-only models"
+                f"mu_tau = {mu_tau} is not available at key-space site {self.site}: docs/method.md §10 reads the "
+                "rotated keys, which fixes τ_μ = 1; leave mu_tau at 1 for rotary decoder-only models"
             )
         s0sq = self.prior_var.double()
         lam, clamped = variance_scale(
@@ -134,7 +135,7 @@ class KeySlot:
     folded_key: tuple | None = None
     mass_log: list | None = None  # record_prior_mass: (Σ a_m0, number of queries) per call
     unrotated: torch.Tensor | None = None  # training: this forward's unrotated keys [B, N, G, E]
-    module: nn.Module | None = None  # the attention module: its train/eval mode decides sampling (spec §8)
+    module: nn.Module | None = None  # the attention module: its train/eval mode decides sampling (docs/method.md §8)
 
     def capture(self, _module, _args, out: torch.Tensor) -> None:
         """Forward hook on the key norm (or k projection): keep the unrotated keys for KL_G in training."""
@@ -176,7 +177,7 @@ def _bias_mask(allowed: torch.Tensor | None, bias: torch.Tensor, q_len: int, dty
     bias = bias.clamp(-C_LIMIT, C_LIMIT).to(dtype)[:, :, None, :]
     if allowed is None:
         return bias.expand(-1, -1, q_len, -1)
-    allowed = F.pad(allowed, (1, 0), value=True)  # the prior is never hidden (spec §10)
+    allowed = F.pad(allowed, (1, 0), value=True)  # the prior is never hidden (docs/method.md §10)
     return torch.where(allowed, bias, torch.finfo(dtype).min)
 
 
@@ -191,7 +192,7 @@ def _attend(query, key, value, mask, slot: KeySlot, dropout: float, softcap: flo
     key, value = (t.repeat_interleave(Hq // G, 1) for t in (key, value))
     scores = (query @ key.transpose(-1, -2)).float() * slot.scaling
     if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)  # the bias comes after the cap (spec §10)
+        scores = softcap * torch.tanh(scores / softcap)  # the bias comes after the cap (docs/method.md §10)
     a = (scores + mask.float()).softmax(-1)
     if slot.mass_log is not None:  # queries that see some token (a padding query sees the prior alone)
         sees = (mask[..., 1:] > torch.finfo(mask.dtype).min / 2).any(-1).expand_as(a[..., 0])
@@ -258,12 +259,14 @@ def _attend_bias_channel(query, key, value, allowed, prior_c, w: dict, dropout: 
     bias = torch.cat([prior_c.to(c.dtype), c], -1).clamp(-C_LIMIT, C_LIMIT)
     key = torch.cat([key, bias[..., None].to(key.dtype)], -1)
     query = F.pad(query, (0, 1), value=1.0 / w["scaling"])
-    mask = None if allowed is None else F.pad(allowed, (1, 0), value=True)  # the prior is never hidden (spec §10)
+    # the prior is never hidden (docs/method.md §10)
+    mask = None if allowed is None else F.pad(allowed, (1, 0), value=True)
     return kernels.sdpa(query, key, value, mask, w["scaling"], dropout)
 
 
 def token_bias(key: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Spec §10: c_n = ½ Σ_p k̂²_np (1/√E − 1/β_p) of keys [B, G, N, E] (`weight` [G, E] holds the factor): [B, G, N]."""
+    """docs/method.md §10: c_n = ½ Σ_p k̂²_np (1/√E − 1/β_p) of keys [B, G, N, E] (`weight` [G, E] holds
+    the factor): [B, G, N]."""
     return (key.to(weight.dtype).square() * weight[:, None, :]).sum(-1)
 
 
@@ -298,8 +301,8 @@ def _attend_split(query, key, value, allowed, w: dict) -> torch.Tensor:
 
 
 def _train_attention(slot: KeySlot, query, key, value, allowed, dropout: float, softcap, weights: bool = False):
-    """Spec §8 in key space: sampled keys k̃ = k̂ + σ ⊙ ε (σ is constant on rotary pairs, so this has the law of
-    R_n(μ_n + σε)), scores s·q̂·k̃ + log γ − ‖k̃‖²/(2√E); the prior's key sampled from N(m_0, s_0²); KL terms."""
+    """docs/method.md §8 in key space: sampled keys k̃ = k̂ + σ ⊙ ε (σ is constant on rotary pairs, so this has the law
+    of R_n(μ_n + σε)), scores s·q̂·k̃ + log γ − ‖k̃‖²/(2√E); the prior's key sampled from N(m_0, s_0²); KL terms."""
     layer, B, G, N, E = slot.layer, key.shape[0], key.shape[1], key.shape[2], key.shape[3]
     f = torch.promote_types(key.dtype, torch.float32)
     k32 = key.to(f)
@@ -320,7 +323,7 @@ def _train_attention(slot: KeySlot, query, key, value, allowed, dropout: float, 
 
 
 def _set_kl(slot: KeySlot, log_alpha: torch.Tensor, allowed, B: int, N: int) -> None:
-    """KL_G and KL_D (spec §8) per sequence and head, from the unrotated keys μ_n = k_n, averaged."""
+    """KL_G and KL_D (docs/method.md §8) per sequence and head, from the unrotated keys μ_n = k_n, averaged."""
     layer, mu = slot.layer, slot.unrotated
     if mu is None or mu.shape[:2] != (B, N):
         raise RuntimeError(
@@ -343,7 +346,7 @@ def _set_kl(slot: KeySlot, log_alpha: torch.Tensor, allowed, B: int, N: int) -> 
 
 
 def register() -> None:
-    """Make "nvib-key" selectable by `model.set_attn_implementation` (spec §9)."""
+    """Make "nvib-key" selectable by `model.set_attn_implementation` (docs/method.md §9)."""
     AttentionInterface.register(ATTN_NAME, nv_key_attention)
     AttentionMaskInterface.register(ATTN_NAME, nv_mask)
 

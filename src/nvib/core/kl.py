@@ -1,4 +1,4 @@
-"""The NVIB regularisers KL_G and KL_D of spec §8, per sequence."""
+"""The NVIB regularisers KL_G and KL_D of docs/method.md §8, per sequence."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 # like ((K−1)/2)·log Σα, but Σα itself must stay finite: it is clamped at e^60.
 MAX_LOG_PSEUDO_COUNT = 60.0
 MIN_PRIOR_VARIANCE = 1e-12  # real models have dimensions with (float32) zero variance: s0² = 0 would give 0/0
-# Spec §8 conditioning: KL_G divides by s̄0² = max(s0², PRIOR_VARIANCE_FLOOR · median_p s0²), so dimensions the
-# pretrained model keeps (about) constant cannot dominate the regulariser.
+# docs/method.md §8 conditioning: KL_G divides by s̄0² = max(s0², PRIOR_VARIANCE_FLOOR · median_p s0²), so dimensions
+# the pretrained model keeps (about) constant cannot dominate the regulariser.
 PRIOR_VARIANCE_FLOOR = 1e-3
 SERIES_FROM = 10.0  # Stirling-type series for lnΓ and ψ from here on (truncation error < 1e-10)
 
@@ -25,7 +25,7 @@ def _with_prior(log_alpha: torch.Tensor, valid: torch.Tensor, prior_log_alpha: t
 
 
 def floored_prior_var(prior_var: torch.Tensor, floor: float | None = None) -> torch.Tensor:
-    """s̄0² [P] = max(s0², floor · median_p s0², 1e-12) (spec §8; the median of an even P is the mean of the
+    """s̄0² [P] = max(s0², floor · median_p s0², 1e-12) (docs/method.md §8; the median of an even P is the mean of the
     two middle values); `floor` None reads PRIOR_VARIANCE_FLOOR. Used by KL_G only: at evaluation
     β0 = s0² + √E is well conditioned without it."""
     floor = PRIOR_VARIANCE_FLOOR if floor is None else floor
@@ -64,9 +64,9 @@ def feature_mean(z, valid, prior_mean, prior_var, floor: float | None = None) ->
 
 
 def kl_dirichlet(log_alpha, valid, prior_log_alpha, delta: float = 1.0) -> torch.Tensor:
-    """KL_D [B] between Dir(α) and the prior Dirichlet, in float64 (spec §8); L = K.
+    """KL_D [B] between Dir(α) and the prior Dirichlet, in float64 (docs/method.md §8); L = K.
 
-    The spec's lnΓ(A_q) − lnΓ(A_p) + (A_q − A_p)(ψ(A_q/K) − ψ(A_q)) + K(lnΓ(A_p/K) − lnΓ(A_q/K)) cancels
+    docs/method.md §8's lnΓ(A_q) − lnΓ(A_p) + (A_q − A_p)(ψ(A_q/K) − ψ(A_q)) + K(lnΓ(A_p/K) − lnΓ(A_q/K)) cancels
     terms of size A·log A, hopeless in float64 once A ≳ 1e6. With lnΓ(x) = (x−½)ln x − x + ½ln 2π + r(x)
     and ψ(x) = ln x + s(x) it is exactly
     ((K−1)/2)(ln A_q − ln A_p) + (A_q − A_p)(s(A_q/K) − s(A_q)) + R(A_q) − R(A_p), R(A) = r(A) − K·r(A/K),

@@ -1,4 +1,4 @@
-"""`NVIBLayer`: the parameters of one NV site and what they imply (spec §2, §3, §6, §8).
+"""`NVIBLayer`: the parameters of one NV site and what they imply (docs/method.md §2, §3, §6, §8).
 
 The layer maps a key-side vector z (size P) to a Gaussian component (μ, σ²) and a log
 pseudo-count log α. It is parameterised so that its identity initialisation costs nothing:
@@ -20,7 +20,7 @@ from nvib.core.fast_form import FastTerms, fast_terms
 from nvib.core.kl import kl_dirichlet, kl_gaussian
 from nvib.core.memo import SampleReplay, tensor_state
 
-TINY_VARIANCE = 1e-12  # spec §3: b_σ = log((s_0 τ_σ)² + tiny)
+TINY_VARIANCE = 1e-12  # docs/method.md §3: b_σ = log((s_0 τ_σ)² + tiny)
 LOG_ALPHA_GAUSSIAN = 10.0  # above this log α, Gamma(α, 1) is sampled by its normal approximation
 LAYERS = "nvib_layers"  # the ModuleDict of NV layers on a converted model
 # added to the prior's score at τ_α = +∞: e^-1e4 is 0 in every float format, and it stays finite, so no 0·∞ in a
@@ -40,7 +40,7 @@ def nv_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def set_knobs(model: nn.Module, config) -> list[str]:
-    """Re-initialise every NV layer of `model` from the knobs of an `NVConfig` (spec §3, §12); returns the
+    """Re-initialise every NV layer of `model` from the knobs of an `NVConfig` (docs/method.md §3, §12); returns the
     mixtures ("site" or "site head g") whose τ_σ was clamped at the largest spread the site allows (§12)."""
     clamped = []
     for layer in nv_layers(model).values():
@@ -62,10 +62,10 @@ def variance_scale(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """λ of σ_d² = λ·s_0d² per mixture ([...] over the leading dims of s_0² [..., D]) and whether τ_σ was clamped.
 
-    "prior" (spec §3): λ = τ_σ². "bias" (spec §12): Std_n(B_n) = τ_σ nats, B_n = ½Σ_d (1 − r_d) z_nd²/ν, w_d =
-    (1 − r_d)/ν, found by bisection on log λ (float64): computed on the prior's token `sample` [K, ..., D] where it
-    has one, else Var(B) ≈ ¼Σ_d w_d² Var(z_d²)·(ς/ς_diag)² (the diagonal estimate, off by up to 89% at LayerNorm
-    sites: benchmarks/stdev_unit.py)."""
+    "prior" (docs/method.md §3): λ = τ_σ². "bias" (docs/method.md §12): Std_n(B_n) = τ_σ nats, B_n = ½Σ_d (1 − r_d)
+    z_nd²/ν, w_d = (1 − r_d)/ν, found by bisection on log λ (float64): computed on the prior's token `sample` [K, ...,
+    D] where it has one, else Var(B) ≈ ¼Σ_d w_d² Var(z_d²)·(ς/ς_diag)² (the diagonal estimate, off by up to 89% at
+    LayerNorm sites: benchmarks/stdev_unit.py)."""
     s0sq, spread = s0sq.to(torch.float64), spread.to(torch.float64)
     shape = s0sq.shape[:-1]
     if unit == "prior" or stdev_tau == 0:
@@ -76,8 +76,9 @@ def variance_scale(
         spread = (z2.sum(-1) / (2 * noise)).std(0)  # its own λ → ∞ end, so every target below it is reachable
     elif bool(torch.isnan(sq_var).any()):
         raise ValueError(
-            f'stdev_unit="bias" at site {site} needs the fourth moments of its prior (spec §12), which this prior '
-            'does not record (estimated by an older nvib). Fix: estimate the prior again, or use stdev_unit="prior"'
+            f'stdev_unit="bias" at site {site} needs the fourth moments of its prior (docs/method.md §12), which this '
+            "prior does not record (estimated by an older nvib). Fix: estimate the prior again, "
+            'or use stdev_unit="prior"'
         )
     diag = 0.5 * sq_var.sum(-1).sqrt() / noise  # ς_diag: Std_diag(B) as λ → ∞
     ratio = torch.where(diag > 0, spread / diag.clamp(min=1e-300), torch.zeros_like(diag))
@@ -103,7 +104,7 @@ def variance_scale(
 
 @dataclasses.dataclass
 class TokenTerms:
-    """Per-token terms of the general form (spec §4) for key vectors z [B, N, P], float32 or wider.
+    """Per-token terms of the general form (docs/method.md §4) for key vectors z [B, N, P], float32 or wider.
 
     k̃ = W_k(point), ṽ = W_v(point); c is c_n minus the token constant of `FastTerms`.
     """
@@ -114,7 +115,7 @@ class TokenTerms:
 
 
 class PriorWeight:
-    """How much weight the knobs leave the prior component (spec §11), for layers with prior_mean, prior_var,
+    """How much weight the knobs leave the prior component (docs/method.md §11), for layers with prior_mean, prior_var,
     logvar_bias (shared variances), alpha_bias, noise and prior_gate (0, or `PRIOR_OFF` at τ_α = +∞)."""
 
     @torch.no_grad()
@@ -175,7 +176,8 @@ class Sampling:
         return out
 
     def compute_kl(self, valid: torch.Tensor | None) -> None:
-        """KL_G and KL_D of the last sample (spec §8), averaged over the batch; `valid` [B, N] marks real keys."""
+        """KL_G and KL_D of the last sample (docs/method.md §8), averaged over the batch; `valid`
+        [B, N] marks real keys."""
         if self.drawn.posterior is None or self.kl_gaussian is not None:
             return
         mu, logvar, log_alpha = self.drawn.posterior
@@ -191,10 +193,10 @@ class Sampling:
 class NVIBLayer(PriorWeight, Sampling, nn.Module):
     """One NV site: P-dimensional NVIB parameters plus the site's prior statistics (buffers).
 
-    `noise` is the query noise variance √E (1/s for models scaling scores by s, spec §1).
+    `noise` is the query noise variance √E (1/s for models scaling scores by s, docs/method.md §1).
     """
 
-    STDEV_UNIT = "prior"  # z-space: the paper's knob values keep their meaning (spec §12)
+    STDEV_UNIT = "prior"  # z-space: the paper's knob values keep their meaning (docs/method.md §12)
 
     def __init__(self, site: str, kind: str, dim: int, noise: float, per_token_variance: bool = False):
         super().__init__()
@@ -211,8 +213,8 @@ class NVIBLayer(PriorWeight, Sampling, nn.Module):
         self.register_buffer("prior_log_alpha", torch.zeros(()))
         self.register_buffer("prior_scale", torch.ones(()))
         self.register_buffer("prior_gate", torch.zeros(()), persistent=False)  # set from the knobs by `reset`
-        # Var(z_d²) of the prior's tokens (spec §12; 2 for the default N(0, 1), NaN for priors without it); the
-        # prior file holds it, so it is not saved with the layer
+        # Var(z_d²) of the prior's tokens (docs/method.md §12; 2 for the default N(0, 1), NaN for priors without it);
+        # the prior file holds it, so it is not saved with the layer
         self.register_buffer("prior_sq_var", torch.full((dim,), 2.0), persistent=False)
         self.prior_sample: torch.Tensor | None = None
         self.kl_gaussian: torch.Tensor | None = None
@@ -241,7 +243,7 @@ class NVIBLayer(PriorWeight, Sampling, nn.Module):
     ):  # fmt: skip
         """m_0, s_0², Var(z²) [P] (None: unknown), a_0, ς; `value_mean` is for key-space sites only."""
         self.prior_sq_var.copy_(torch.full_like(var, math.nan) if sq_var is None else sq_var)
-        self.prior_sample = sample  # [K, P] or None (spec §12; kept on the CPU, read by `reset` only)
+        self.prior_sample = sample  # [K, P] or None (docs/method.md §12; kept on the CPU, read by `reset` only)
         self.prior_mean.copy_(mean)
         self.prior_var.copy_(var)
         self.prior_log_alpha.fill_(float(log_alpha_mean))
@@ -252,8 +254,8 @@ class NVIBLayer(PriorWeight, Sampling, nn.Module):
         self, alpha_tau: float, stdev_tau: float, mu_tau: float = 1.0, alpha_scale_min: float = 1.0,
         centre: bool = False, stdev_unit: str = STDEV_UNIT,
     ) -> torch.Tensor:  # fmt: skip
-        """Identity initialisation with knobs (spec §3), b_α = τ_α·max(ς, ς_min) (+ δ_0 if `centre`, §11), σ² = λ·s_0²
-        with λ from `variance_scale` (§12); returns whether τ_σ was clamped."""
+        """Identity initialisation with knobs (docs/method.md §3), b_α = τ_α·max(ς, ς_min) (+ δ_0 if `centre`, §11), σ²
+        = λ·s_0² with λ from `variance_scale` (§12); returns whether τ_σ was clamped."""
         m0 = self.prior_mean.to(self.mu_bias.dtype)
         s0sq = self.prior_var.to(torch.float64)
         lam, clamped = variance_scale(
@@ -270,14 +272,14 @@ class NVIBLayer(PriorWeight, Sampling, nn.Module):
         self.alpha_bias.fill_(bias + (float(self.prior_offset()) if centre else 0.0))
         return clamped
 
-    # ---- evaluation (spec §4, §6) -------------------------------------------------------------
+    # ---- evaluation (docs/method.md §4, §6) -------------------------------------------------------------
 
     def fast_terms(self) -> FastTerms:
         """The fast-form vectors in float64 (differentiable in the layer's parameters): `fast_form.fast_terms`."""
         return fast_terms(self)
 
     def token_terms(self, z: torch.Tensor) -> TokenTerms:
-        """Spec §4 per token, for variances that differ per token; memoised for the modules sharing z.
+        """docs/method.md §4 per token, for variances that differ per token; memoised for the modules sharing z.
 
         Written as the fast form's terms plus corrections that vanish with W_σ (no cancellation in float32):
         with β̄ = σ̄² + √E the shared form and δ = 1/β̄ − 1/β_n,

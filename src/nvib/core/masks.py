@@ -1,6 +1,6 @@
 """What z-space (`attention`) and key-space (`keyspace`) NV attention share: masks over the tokens, the test for the
-CPU split path (the prior merged after a fused tokens-only kernel call, by its log-sum-exp; spec §6, §9), and the
-attention weights that transformers asks for."""
+CPU split path (the prior merged after a fused tokens-only kernel call, by its log-sum-exp; docs/method.md §6, §9), and
+the attention weights that transformers asks for."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`EmpiricalPrior`: per-site statistics of the key vectors on in-domain data (spec §7).
+"""`EmpiricalPrior`: per-site statistics of the key vectors on in-domain data (docs/method.md §7).
 
 One streaming pass, float64 accumulators merged with Chan's parallel update, so shards estimated by
 separate processes or machines merge exactly (`EmpiricalPrior.merge`). Its pieces: `site_stats` (the exact,

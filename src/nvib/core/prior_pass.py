@@ -168,7 +168,7 @@ class SiteReader:
         return hook
 
     def _key_hooks(self, site: Site) -> list:
-        """Key space (spec §10): the unrotated keys (key norm or k projection output) and the values."""
+        """Key space (docs/method.md §10): the unrotated keys (key norm or k projection output) and the values."""
         seen: dict[str, torch.Tensor] = {}
         G, E = keyspace.site_shape(site)
 
@@ -226,7 +226,7 @@ def read_sites(
     was_training, old_config = model.training, getattr(model, "nv_config", None)
     model.eval()
     if is_converted(model):
-        set_knobs(model, NVConfig())  # the pretrained computation (spec §5)
+        set_knobs(model, NVConfig())  # the pretrained computation (docs/method.md §5)
     device = next(model.parameters()).device
     complete, fingerprint, examples = True, hashlib.sha256(), set()
     bar = _progress_bar(progress)

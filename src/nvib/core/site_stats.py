@@ -12,20 +12,22 @@ import hashlib
 
 import torch
 
-TOKEN_SAMPLE = 256  # token vectors kept per site for spec §12's Std(B)
+TOKEN_SAMPLE = 256  # token vectors kept per site for docs/method.md §12's Std(B)
 
 
 @dataclasses.dataclass
 class SiteStats:
-    """Statistics of one site over `count` token vectors z, float64: z-space sites have z of size P (spec §7),
-    key-space sites one key k of size E per key/value head, [G, E] (spec §10).
+    """Statistics of one site over `count` token vectors z, float64: z-space sites have z of size P (docs/method.md §7),
+    key-space sites one key k of size E per key/value head, [G, E] (docs/method.md §10).
 
     mean, var: per-dimension mean and unbiased variance of z (m_0, s_0²);
     log_alpha_mean, log_alpha_std: mean and standard deviation of ‖z‖²/(2√E) (a_0, ς; one per head in key space);
     value_mean: key space only, the mean of the values (m_v) [G, E];
-    m3, m4: Σ (z − mean)³ and Σ (z − mean)⁴ per dimension (spec §12), None in priors saved before they existed;
+    m3, m4: Σ (z − mean)³ and Σ (z − mean)⁴ per dimension (docs/method.md §12), None in priors
+    saved before they existed;
     sample, sample_key: `TOKEN_SAMPLE` of the tokens [K, ...] (float32) with the random keys that chose them (the K
-    smallest keys: merging two samples keeps the K smallest of both, a uniform sample of the union), for spec §12.
+    smallest keys: merging two samples keeps the K smallest of both, a uniform sample of the
+    union), for docs/method.md §12.
     """
 
     count: int
@@ -49,7 +51,7 @@ class SiteStats:
 
     @property
     def sq_var(self) -> torch.Tensor | None:
-        """Var(z_d²) per dimension over the tokens (spec §12), or None without the higher moments."""
+        """Var(z_d²) per dimension over the tokens (docs/method.md §12), or None without the higher moments."""
         if self.m3 is None or self.m4 is None:
             return None
         n = max(self.count, 1)

@@ -123,7 +123,7 @@ def _load_trusting_nothing(
         for cfg in (model.config, model.generation_config):
             for key, token in special.items():
                 setattr(cfg, key, token)
-    if gguf:  # dequantised: drop the quantizer so that save_pretrained / nvib.save accept the model (spec §9)
+    if gguf:  # dequantised: drop the quantizer so that save_pretrained / nvib.save accept the model (docs/method.md §9)
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config

@@ -294,8 +294,8 @@ class DevObjective:
 
     def configure(self, config: NVConfig) -> None:
         """Set the trial's knobs. The search chose them, so a finite alpha_tau's visible prior is no news, and a
-        clamped stdev_tau (above some mixture's largest spread, spec §12) is said for the first trial only: later
-        trials that reach the clamp compute the clamped point, as designed, and a warning per trial is noise."""
+        clamped stdev_tau (above some mixture's largest spread, docs/method.md §12) is said for the first trial only:
+        later trials that reach the clamp compute the clamped point, as designed, and a warning per trial is noise."""
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             configure(self.evaluator.model, config)

@@ -5,14 +5,14 @@ A template such as ``"Text: {source}\\nSummary: {target}"`` is cut at its placeh
 piece and each text is tokenised on its own and the ids are concatenated, and the whitespace just before a
 placeholder goes with the text (``" " + source``), as a word-piece tokeniser joins it to the next word. So an
 example's ids are the same in the shared and the unshared prompt, and only the target tokens are scored
-(spec §9). The prefix is ``[BOS] + prefix text + (demonstration + separator) × k``.
+(docs/method.md §9). The prefix is ``[BOS] + prefix text + (demonstration + separator) × k``.
 
 :class:`SharedPrefix` runs the prefix once per model setting (call :meth:`SharedPrefix.reset` after the knobs
 change) and gives each batch a copy of its cache, expanded to the batch size. Rows hold ``suffix + target``
 right-padded, with explicit position ids, so every real token sees exactly the keys and positions it sees in the
 unshared prompt; :func:`check_sharing` measures that. The NV model's cache holds ordinary keys and values
-(spec §10), so the same code serves it. A sliding-window cache counts slots, padding included, so a batch whose
-longest padded row passes the window is refused.
+(docs/method.md §10), so the same code serves it. A sliding-window cache counts slots, padding included, so a batch
+whose longest padded row passes the window is refused.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ __all__ = [
     "describe_sharing", "draw_demonstrations", "prompt_prior",
 ]  # fmt: skip
 
-LM_HEAD_CHUNK = 256  # rows of logits materialised at once (a 262k vocabulary, spec §9)
+LM_HEAD_CHUNK = 256  # rows of logits materialised at once (a 262k vocabulary, docs/method.md §9)
 
 
 class SharingError(ValueError):

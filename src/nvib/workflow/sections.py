@@ -288,8 +288,8 @@ class SearchSection:
     guard); ``seed``: shifts the TPE seed, which is derived from the dev data's name so different domains
     draw different candidates; ``heartbeat_interval`` / ``grace_period``: seconds between heartbeats of a
     running trial / of silence after which it is failed and re-queued (its process died); ``stdev_unit``: the unit
-    of ``stdev_tau`` (spec §12: ``prior`` = σ/s_0, ``bias`` = nats of score-bias spread; default: z-space sites
-    ``prior``, key-space sites ``bias``), which also picks the default ``stdev_tau`` range."""
+    of ``stdev_tau`` (docs/method.md §12: ``prior`` = σ/s_0, ``bias`` = nats of score-bias spread; default: z-space
+    sites ``prior``, key-space sites ``bias``), which also picks the default ``stdev_tau`` range."""
 
     n_trials: NonNegativeInt = 30
     slices: tuple[PositiveInt, ...] = (32, 128)

@@ -37,7 +37,7 @@ def check_prompt(inputs: RunInputs, run_dir: Path, prior: EmpiricalPrior) -> dic
     model = inputs.nv_model(prior)
     kinds = {layer.kind for layer in nv_layers(model).values()}
     knobs = {k: CHECK_KNOBS["alpha_tau" if k.startswith("alpha") else "stdev_tau"] for k in knob_names(kinds)}
-    with warnings.catch_warnings():  # a clamped stdev_tau (spec §12) is no news: the user did not choose it
+    with warnings.catch_warnings():  # a clamped stdev_tau (docs/method.md §12) is no news: the user did not choose it
         warnings.simplefilter("ignore", UserWarning)
         configure(model, base_knobs(cfg).replace(**knobs))
     try:

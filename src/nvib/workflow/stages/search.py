@@ -34,7 +34,7 @@ __all__ = ["search_knobs", "search_plan", "tuned_knobs"]
 
 def search_plan(cfg: RunConfig, model: nn.Module, n_trials: int) -> tuple[SearchSpace, list[dict[str, float]]]:
     """The knob ranges and start points of a run's search: stdev_tau's default range in the unit the model's sites
-    use (spec §12), and the prior-only points (stdev_tau = 0, alpha_tau in `PRIOR_ONLY_ALPHA_TAUS`) after the
+    use (docs/method.md §12), and the prior-only points (stdev_tau = 0, alpha_tau in `PRIOR_ONLY_ALPHA_TAUS`) after the
     config's start points, as many as the budget holds beside the equivalence point."""
     space = cfg.search.space()
     unit = cfg.search.stdev_unit or next(iter(nv_layers(model).values())).STDEV_UNIT

@@ -1,4 +1,4 @@
-"""Fine-tuning an NV model with the NVIB regularisers (spec §8), on the HuggingFace `Seq2SeqTrainer`.
+"""Fine-tuning an NV model with the NVIB regularisers (docs/method.md §8), on the HuggingFace `Seq2SeqTrainer`.
 
 Loss = task loss + λ_G(step)·Σ_sites KL_G + λ_D(step)·Σ_sites KL_D, where λ(step) follows a
 `LambdaSchedule`. The model is converted with the identity initialisation first (with the empirical

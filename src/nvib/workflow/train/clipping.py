@@ -1,5 +1,5 @@
-"""``kl_clip="separate"`` (spec §8): the regularisers' gradient (KL terms and penalties) taken by a backward pass of
-its own, accumulated over the micro-batches, then clipped alone and added to the task gradient after the Trainer
+"""``kl_clip="separate"`` (docs/method.md §8): the regularisers' gradient (KL terms and penalties) taken by a backward
+pass of its own, accumulated over the micro-batches, then clipped alone and added to the task gradient after the Trainer
 clipped that one, so a large regulariser gradient cannot shrink the task update."""
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ def prepare_model(
     given: then they are re-initialised with it (`nvib.configure`).
 
     `per_token_variance` adds W_σ (zero at first) so that training can give every token its own variance
-    (spec §2). None (the default) adds it when the starting knobs give the tokens a variance (some stdev_tau
+    (docs/method.md §2). None (the default) adds it when the starting knobs give the tokens a variance (some stdev_tau
     > 0) or the model has one already. From stdev_tau = 0 it would be dead weight: log σ² starts at
     log 1e-12, the gradients through the samples scale with σ, and AdamW moves log σ² by about the learning
     rate per step, so the variances stay negligible while evaluation pays for the general form. Hence, when
@@ -376,9 +376,9 @@ def finetune(
     towards those at the start) and, on a plain model only, `feature_mean` = μ (each attention input pulled towards
     the prior's mean; on an NV model KL_G's mean term is that pull), both in `trainer_options`.
     `train_nv` / `train_pretrained` choose what trains; `per_token_variance` lets training give every token its own
-    variance (W_σ; evaluation then takes the general form of spec §4, which costs more: see `nvib.core.attention`);
-    None decides as `prepare_model` does, and with True the site kinds whose knobs give no variance start from
-    τ_σ = `start_stdev_tau`.
+    variance (W_σ; evaluation then takes the general form of docs/method.md §4, which costs more: see
+    `nvib.core.attention`); None decides as `prepare_model` does, and with True the site kinds whose knobs give no
+    variance start from τ_σ = `start_stdev_tau`.
     `trainer_options` go to `build_trainer`: λ_G, λ_D and their `schedule`, `max_steps`, `batch_size`, `lr`,
     ... and any `Seq2SeqTrainingArguments`. Checkpoints go to ``output_dir/checkpoints`` every `save_steps` steps; with
     `resume` (the default) a rerun continues from the last one (with `resume=False` they are deleted and

@@ -1,5 +1,6 @@
 """The NVIB training loss on the HuggingFace Trainer: λ schedules, the KL terms and fine-tuning's own regularisers
-(L2-SP, feature-mean matching) in the loss and the logs, the separately clipped regulariser gradients (spec §8)."""
+(L2-SP, feature-mean matching) in the loss and the logs, the separately clipped regulariser
+gradients (docs/method.md §8)."""
 
 from __future__ import annotations
 
