@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -18,6 +17,7 @@ from runs import run_config, save_tiny_model, write_config
 from typer.testing import CliRunner
 
 from nvib.cli import app
+from nvib.core.config import NVConfig
 from nvib.workflow.run import Run
 from nvib.workflow.search import equivalence_point, knobs_of
 from nvib.workflow.settings import RunConfig
@@ -150,8 +150,8 @@ def test_two_workers_share_one_study(postgres: str, model_dir: Path, tmp_path: P
     assert all("skipped" in t.user_attrs for t in skipped)  # only a race's surplus, never evaluated
     best = knobs_of(study.best_trial.user_attrs["knobs"])
     for i in range(2):
-        saved = json.loads((tmp_path / f"w{i}" / "nv_config.json").read_text())
-        assert all(saved[k] == pytest.approx(v) for k, v in best.items())
+        saved = NVConfig.load(tmp_path / f"w{i}" / "nv_config.json")  # +inf is written as "inf"
+        assert all(getattr(saved, k) == pytest.approx(v) for k, v in best.items())
     # a worker with another objective is refused, in one line
     raw = run_config(model_dir, search={"storage": storage, "study_name": "shared", "metric": "rouge1"})
     other = write_config(tmp_path / "other.yaml", raw)

@@ -10,7 +10,7 @@ from typing import Literal
 __all__ = ["KL_CLIPS", "MODEL_KINDS", "SCHEDULES", "START_STDEV_TAU", "KLClip", "ModelKind"]
 
 KLClip = Literal["joint", "separate"]
-KL_CLIPS = ("joint", "separate")
+KL_CLIPS = ("separate", "joint")  # the default first
 START_STDEV_TAU = 0.1  # per-token variances asked for: the starting τ_σ of the kinds whose knobs give none
 ModelKind = Literal["auto", "seq2seq", "causal_lm", "bert2bert"]
 MODEL_KINDS = ("auto", "seq2seq", "causal_lm", "bert2bert")
