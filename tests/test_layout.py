@@ -103,3 +103,20 @@ def test_the_page_check_finds_a_new_module(tmp_path: Path) -> None:
         (tmp_path / name).write_text("")
     page = "| `nvib/__init__.py` | x |\n| `nvib/core/__init__.py` | x |\n| `nvib/core/old.py` | x |\n"
     assert _unlisted(tmp_path, page) == (["nvib/core/new.py"], ["nvib/core/old.py"])
+
+
+MAX_MODULE_LINES, MAX_CLASS_LINES = 500, 200  # one job per module and per class (docs/architecture.md)
+
+
+def test_no_module_or_class_outgrows_one_job() -> None:
+    """Every module under src/nvib has at most 500 lines and every class at most 200: a room that grows past that
+    holds more than one job and is split by job (as the prior, the run and the command line were)."""
+    too_long = []
+    for path in sorted(SRC.rglob("*.py")):
+        text = path.read_text()
+        if (n := len(text.splitlines())) > MAX_MODULE_LINES:
+            too_long.append(f"{path.relative_to(SRC)}: {n} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef) and (n := node.end_lineno - node.lineno + 1) > MAX_CLASS_LINES:
+                too_long.append(f"{path.relative_to(SRC)}: class {node.name} {n} lines")
+    assert not too_long, too_long
