@@ -9,7 +9,7 @@ temperature tuned post hoc, every system through the product's trainer (`nvib.wo
     python benchmarks/ood/finetune_regularisers.py --score pairs.jsonl   # every saved final model on a JSONL file
 
 Every run's final model goes to MODELS/issue40/SYSTEM-VALUE-seedS (plain: plain-seedS; KL_G runs are NV models,
-`nvib.load`; the others plain Hugging Face models) with its checkpoints, its dev NLL (dev.json) and, for the test
+`nvib.load`; the others plain Hugging Face models) with its dev NLL (dev.json) and, for the test
 seeds, its per-example test scores with and without the tuned temperature (test.json: summed NLL and target tokens,
 so NLL is token-weighted when bootstrapped, and ROUGE-L). A finished model is reused, a killed run resumes from its
 last checkpoint. `--score FILE.jsonl` scores {"document", "summary"} pairs with every saved final model (NLL per
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -37,7 +38,7 @@ from nvib.workflow.data import batches, load_examples
 from nvib.workflow.evaluate import Evaluator, GenerationArgs, metric
 from nvib.workflow.metrics import rouge_per_example
 from nvib.workflow.objectives import DevObjective
-from nvib.workflow.train import RUN_LOG, LambdaSchedule, finetune
+from nvib.workflow.train import CHECKPOINTS, RUN_LOG, LambdaSchedule, finetune
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
 import finetune_base  # noqa: E402
@@ -167,6 +168,7 @@ def train_one(ctx: Context, system: str, value: float | None, seed: int) -> Path
     """Fine-tune `system` at `value` from the base model with `seed` (unless finished; a killed run resumes)."""
     out = ctx.run_dir(system, value, seed)
     if (out / RUN_LOG).exists():
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # finished: the final model is kept, not the checkpoints
         return out
     r = ctx.recipe
     options = dict(
@@ -188,6 +190,7 @@ def train_one(ctx: Context, system: str, value: float | None, seed: int) -> Path
     t0 = time.time()
     finetune(ctx.base_model(), ctx.train, ctx.tokenizer, output_dir=out, **options)
     print(f"{out.name}: trained in {(time.time() - t0) / 60:.1f} min", flush=True)
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # they only serve resuming an unfinished run (~1 GB a run)
     return out
 
 
