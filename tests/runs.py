@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import transformers as tf
 import yaml
@@ -121,3 +122,13 @@ def run_config(model_dir: Path, **overrides: Any) -> dict[str, Any]:
 def write_config(path: Path, config: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread is as fast, and far faster on a CPU shared with other work (a module's tests use it
+    with `pytestmark = pytest.mark.usefixtures("one_thread")` after importing it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers as tf
 from cases import MINILM, REAL_WEIGHTS, TINY
+from runs import one_thread  # noqa: F401  (a fixture)
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from typer.testing import CliRunner
 
@@ -38,13 +39,7 @@ SPECIALS = {"bart": (0, 1, 2, 3), "bert2bert": (3, 0, 4, 1), "gpt2": (2, 0, 4, 1
 KL_KEYS = {f"kl_{w}{kind}" for w in ("", "g_", "d_") for kind in ("encoder", "cross", "decoder")}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is as fast, and far faster on a CPU shared with other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_tokenizer(name: str = "bart", vocab: int = 96) -> tf.PreTrainedTokenizerFast:

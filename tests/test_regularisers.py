@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 import transformers as tf
+from runs import one_thread  # noqa: F401  (a fixture)
 from test_finetune import BART, BERT2BERT, examples, first_batch, stock_model, tiny_tokenizer, trainer_for
 from typer.testing import CliRunner
 
@@ -18,13 +19,7 @@ from nvib.core.kl import feature_mean
 from nvib.workflow.train import RUN_LOG, Collator, LambdaSchedule, finetune, prepare_model, tokenise
 from nvib.workflow.train.regularisers import L2SP, FeatureMean
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def prior_of(model, name: str = "bert2bert") -> nvib.EmpiricalPrior:
