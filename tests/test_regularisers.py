@@ -35,6 +35,15 @@ def floored(var: torch.Tensor) -> torch.Tensor:
     return torch.maximum(var.double(), 1e-3 * median).clamp(min=1e-12)
 
 
+def losses_with_and_without(trainer, model, batch, weight: str) -> tuple[float, float]:
+    """The trainer's training loss on `batch`, then again with the regulariser `weight` set to 0 (same noise)."""
+    torch.manual_seed(0)
+    with_penalty = float(trainer.compute_loss(model, batch))
+    setattr(trainer, weight, 0.0)
+    torch.manual_seed(0)
+    return with_penalty, float(trainer.compute_loss(model, batch))
+
+
 # ---- L2-SP -----------------------------------------------------------------------------------
 
 
@@ -64,11 +73,7 @@ def test_l2sp_penalty_and_gradient_are_half_the_squared_distance_to_the_start(co
     # through the trainer's loss: task + α·penalty
     batch = first_batch(trainer)
     model.train()
-    torch.manual_seed(0)
-    with_penalty = float(trainer.compute_loss(model, batch))
-    trainer.l2sp = 0.0
-    torch.manual_seed(0)
-    without = float(trainer.compute_loss(model, batch))
+    with_penalty, without = losses_with_and_without(trainer, model, batch, "l2sp")
     assert with_penalty == pytest.approx(without + 0.3 * direct, rel=1e-4)
 
 
@@ -122,11 +127,7 @@ def test_feature_mean_penalty_matches_a_direct_computation_from_the_hidden_state
     assert float(penalty) == pytest.approx(direct, rel=1e-5)
     assert direct > 0
     # through the trainer's loss: task + μ·penalty
-    torch.manual_seed(0)
-    with_penalty = float(trainer.compute_loss(model, batch))
-    trainer.feature_mean = 0.0
-    torch.manual_seed(0)
-    without = float(trainer.compute_loss(model, batch))
+    with_penalty, without = losses_with_and_without(trainer, model, batch, "feature_mean")
     assert with_penalty == pytest.approx(without + 0.2 * direct, rel=1e-4)
 
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -25,7 +26,7 @@ __all__ = ["L2SP", "FeatureMean", "check_weight"]
 
 def check_weight(name: str, value: float) -> None:
     """A regulariser's weight: a finite number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0 or value == float("inf"):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}. Fix: pass a weight such as 0.01")
 
 

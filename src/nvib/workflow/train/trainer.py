@@ -5,7 +5,6 @@ gradients (docs/method.md §8)."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import weakref
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -279,5 +278,5 @@ def check_kl_clip(value: str) -> None:
 
 
 def check_lambda(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    """A KL weight: a finite number >= 0, as every regulariser's weight (`check_weight`)."""
+    check_weight(name, value)
