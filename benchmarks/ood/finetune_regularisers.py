@@ -4,6 +4,8 @@ temperature tuned post hoc, every system through the product's trainer (`nvib.wo
 
     python benchmarks/ood/finetune_regularisers.py --stage select   # seed 0, every grid value: dev NLL, the choice
     python benchmarks/ood/finetune_regularisers.py --stage test     # seeds 3-7 at the chosen values, test + T
+    python benchmarks/ood/finetune_regularisers.py --stage test --seeds 3 5 7 --threads 1 &   # or the test stage
+    python benchmarks/ood/finetune_regularisers.py --stage test --seeds 4 6 --threads 1       # shared by 2 processes
     python benchmarks/ood/finetune_regularisers.py --stage table    # intervals, the table and the verdict
     python benchmarks/ood/finetune_regularisers.py                  # all three
     python benchmarks/ood/finetune_regularisers.py --score pairs.jsonl   # every saved final model on a JSONL file
@@ -68,6 +70,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--domains", nargs="+", default=list(DOMAINS), help="the first is in domain")
     parser.add_argument("--score", type=Path, help="score a JSONL of document/summary pairs with every saved model")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 steps, 8 examples, 2 resamples")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="test only these of the protocol's test seeds (to "
+        "share the test stage between processes: give each its own seeds and --threads)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     args = parser.parse_args(argv)
@@ -101,6 +110,10 @@ class Context:
         self.prior_examples = quick.get("prior_examples", PRIOR_EXAMPLES)
         self.resamples, self.trials = quick.get("resamples", RESAMPLES), quick.get("trials", T_TRIALS)
         self.seeds = quick.get("seeds", TEST_SEEDS)
+        if args.seeds:
+            if unknown := sorted(set(args.seeds) - set(self.seeds)):
+                raise SystemExit(f"--seeds {unknown}: not test seeds of the protocol. Fix: choose from {self.seeds}")
+            self.seeds = tuple(s for s in self.seeds if s in args.seeds)
         self.grids = {s: grid[1:2] for s, grid in GRIDS.items()} if quick else GRIDS
         self._tokenizer = self._train = self._prior = None
 

@@ -1,5 +1,5 @@
-"""Fine-tuning runs: the model prepared (converted, variances, what trains; or left plain), examples tokenised and
-collated, the trainer built, checkpoints resumed, the fine-tuned model saved."""
+"""Fine-tuning runs: the model prepared (converted, variances, what trains; or left plain), the trainer built,
+checkpoints resumed, the fine-tuned model saved."""
 
 from __future__ import annotations
 
@@ -24,9 +24,10 @@ from nvib.core.convert import LAYERS, configure, convert, enable_per_token_varia
 from nvib.core.io import save
 from nvib.core.prior import EmpiricalPrior, weights_hash
 from nvib.workflow.choices import START_STDEV_TAU
-from nvib.workflow.data import BatchKind, Example, batches, fingerprint
+from nvib.workflow.data import Example, fingerprint
 from nvib.workflow.identity import check_prior_weights, refuse_changes
 from nvib.workflow.models import batch_kind
+from nvib.workflow.train.features import Collator, as_examples, pad_id, tokenise
 from nvib.workflow.train.regularisers import check_weight
 from nvib.workflow.train.trainer import (
     KLClip,
@@ -42,12 +43,10 @@ __all__ = [
     "RUN_ARGS",
     "RUN_LOG",
     "START_STDEV_TAU",
-    "Collator",
     "build_trainer",
     "finetune",
     "prepare_model",
     "set_trainable",
-    "tokenise",
 ]
 
 CHECKPOINTS = "checkpoints"  # under output_dir: the Trainer's checkpoints, for resuming
@@ -143,74 +142,6 @@ def set_trainable(model: nn.Module, *, train_nv: bool = True, train_pretrained: 
         param.requires_grad_(train_nv if id(param) in nv_ids else train_pretrained)
 
 
-def _as_examples(examples: Iterable[Example | Mapping[str, str] | Sequence[str]]) -> list[Example]:
-    out = []
-    for i, ex in enumerate(examples):
-        if isinstance(ex, Example):
-            out.append(ex)
-        elif isinstance(ex, Mapping) and "source" in ex:
-            out.append(Example(ex["source"], ex.get("target")))
-        elif isinstance(ex, Sequence) and not isinstance(ex, str) and 1 <= len(ex) <= 2:
-            out.append(Example(*ex))
-        else:
-            raise ValueError(
-                f"training example {i} is {type(ex).__name__}; give nvib.workflow.data.Example, (source, target) or "
-                '{"source": ..., "target": ...}'
-            )
-    if not out:
-        raise ValueError("no training examples. Fix: pass at least one example (check the data file)")
-    return out
-
-
-def tokenise(
-    examples: Iterable[Example],
-    tokenizer: Any,
-    kind: BatchKind,
-    max_source_len: int,
-    max_target_len: int,
-    *,
-    lm_separator: str = "\n",
-    chunk: int = 256,
-) -> list[dict[str, list[int]]]:
-    """One unpadded feature dict per example, tokenised exactly as `nvib.workflow.data.batches` does."""
-    features: list[dict[str, list[int]]] = []
-    for batch in batches(examples, tokenizer, chunk, max_source_len, max_target_len, kind, lm_separator=lm_separator):
-        lengths = batch["attention_mask"].sum(1).tolist()
-        for row, n in enumerate(lengths):
-            item = {"input_ids": batch["input_ids"][row, :n].tolist(), "attention_mask": [1] * n}
-            if "labels" in batch:
-                labels = batch["labels"][row]
-                if kind == "seq2seq":
-                    real = (labels != -100).nonzero()
-                    n = int(real[-1]) + 1 if len(real) else 0
-                item["labels"] = labels[:n].tolist()
-            features.append(item)
-    return features
-
-
-@dataclasses.dataclass
-class Collator:
-    """Right-pads features: input_ids with the pad id, attention_mask with 0, labels with -100."""
-
-    pad_id: int
-
-    def __call__(self, features: Sequence[Mapping[str, list[int]]]) -> dict[str, torch.Tensor]:
-        pads = {"input_ids": self.pad_id, "attention_mask": 0, "labels": -100}
-        out = {}
-        for key in features[0]:
-            width = max(len(f[key]) for f in features)
-            out[key] = torch.tensor([f[key] + [pads[key]] * (width - len(f[key])) for f in features], dtype=torch.long)
-        return out
-
-
-def _pad_id(tokenizer: Any, model: nn.Module) -> int:
-    for value in (getattr(tokenizer, "pad_token_id", None), getattr(model.config, "pad_token_id", None)):
-        if value is not None:
-            return int(value)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    return int(eos) if eos is not None else 0
-
-
 # ----------------------------------------------------------------------------------------------
 # the trainer and the run
 
@@ -285,7 +216,7 @@ def build_trainer(
     check_kl_clip(kl_clip)
     kind = batch_kind(model, generative=True)
     features = tokenise(
-        _as_examples(train_examples),
+        as_examples(train_examples),
         tokenizer,
         kind,
         max_source_len,
@@ -321,7 +252,7 @@ def build_trainer(
     return trainer(
         model=model,
         args=args,
-        data_collator=Collator(_pad_id(tokenizer, model)),
+        data_collator=Collator(pad_id(tokenizer, model)),
         train_dataset=features,
         processing_class=tokenizer,
         callbacks=callbacks,
@@ -410,7 +341,7 @@ def finetune(
             "feature_mean needs the model's empirical prior (its mean and variance per site). "
             "Fix: pass prior= (an EmpiricalPrior or its file; `nvib prior` estimates one, --prior)"
         )
-    examples = _as_examples(train_examples)
+    examples = as_examples(train_examples)
     out = Path(output_dir)
     if not convert:
         nv_settings = None
