@@ -166,6 +166,8 @@ def test_plain_finetune_with_each_regulariser_runs_logs_and_saves_a_plain_model(
         assert logs[-1][name] > 0
         reloaded = tf.EncoderDecoderModel.from_pretrained(out)
         assert torch.equal(next(reloaded.parameters()), next(tuned.parameters()))
+        mode = {(out / name).stat().st_mode & 0o777 for name in ("model.safetensors", "config.json")}
+        assert len(mode) == 1  # the weights readable like the config (safetensors 0.8 writes 0600)
     # L2-SP on an NV model too
     out = tmp_path / "nv"
     tuned = finetune(copy.deepcopy(model), examples(8), tok, output_dir=out, l2sp=0.1, prior=prior,

@@ -30,6 +30,7 @@ from test_cli import assert_user_error, invoke
 import nvib
 from nvib.core import files
 from nvib.core.prior import EmpiricalPrior
+from nvib.core.saving import NV_WEIGHTS
 from nvib.workflow import baselines
 from nvib.workflow.data import Example
 from nvib.workflow.objectives import DevObjective, Output
@@ -129,6 +130,12 @@ def test_prior_files_get_the_mode_of_every_other_output(model_dir: Path, tmp_pat
     assert prior_cmd(model_dir, out).exit_code == 0
     (tmp_path / "other.txt").write_text("x")  # what any new file gets here (0666 less the umask)
     assert out.stat().st_mode & 0o777 == (tmp_path / "other.txt").stat().st_mode & 0o777
+
+
+def test_saved_model_weights_get_the_mode_of_every_other_output(nv_dir: Path) -> None:
+    """safetensors 0.8 leaves what save_pretrained writes at 0600; a saved model is readable like its config."""
+    modes = {(nv_dir / name).stat().st_mode & 0o777 for name in ("config.json", "model.safetensors", NV_WEIGHTS)}
+    assert len(modes) == 1
 
 
 # ---- item 2: no remote code ------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["dumps", "json_safe", "replacing", "save_tensors", "write_json", "write_text"]
+__all__ = ["dumps", "json_safe", "replacing", "save_tensors", "usual_modes", "write_json", "write_text"]
 
 FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, quota or file size limit
 DISK_FIX = "Fix: free space on that disk (or write elsewhere), then rerun the same command"
@@ -29,6 +29,16 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def usual_modes(directory: str | os.PathLike[str], since: float) -> None:
+    """Give the ``*.safetensors`` files modified in ``directory`` since ``since`` (a `time.time()`) that are 0600 the
+    mode of any new file (0666 less the umask): safetensors 0.8 writes through a temporary file it leaves at 0600
+    (safetensors issue 782), so a model saved with transformers would be readable by its writer only."""
+    for path in Path(directory).glob("*.safetensors"):
+        info = path.stat()
+        if info.st_mtime >= since and info.st_mode & 0o777 == 0o600:
+            os.chmod(path, 0o666 & ~_umask())
 
 
 @contextlib.contextmanager

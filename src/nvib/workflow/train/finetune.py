@@ -8,6 +8,7 @@ import inspect
 import json
 import math
 import shutil
+import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -397,8 +398,10 @@ def finetune(
     if convert:
         save(model, out, tokenizer=tokenizer)
     else:
+        started = time.time() - 1
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
+        files.usual_modes(out, started)
     files.write_json(out / RUN_LOG, trainer.state.log_history)
     return model
 
