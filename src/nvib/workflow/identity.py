@@ -62,6 +62,12 @@ def prior_digest(prior: EmpiricalPrior) -> str:
     return digest.hexdigest()[:16]
 
 
+def changed_keys(stored: Mapping[str, Any], current: Mapping[str, Any], *, shared_only: bool = False) -> list[str]:
+    """The keys whose values differ between two records, sorted; with ``shared_only`` only the keys both hold."""
+    keys = set(stored) & set(current) if shared_only else set(stored) | set(current)
+    return [k for k in sorted(keys) if stored.get(k) != current.get(k)]
+
+
 def refuse_changes(
     path: Path,
     current: Mapping[str, Any],
@@ -86,9 +92,7 @@ def refuse_changes(
         if damaged_ok:
             return
         raise RunMismatchError(f"{path} is damaged ({err}). Fix: {fix}") from None
-    keys = set(stored) & set(current) if shared_keys_only else set(stored) | set(current)
-    changed = [k for k in sorted(keys) if stored.get(k) != current.get(k)]
-    if changed:
+    if changed := changed_keys(stored, current, shared_only=shared_keys_only):
         k = changed[0]
         detail = f"{k}: {stored.get(k)!r} then, {current.get(k)!r} now"
         message = refusal.format(dir=path.parent, changed=", ".join(changed), detail=detail)

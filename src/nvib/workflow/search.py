@@ -67,6 +67,7 @@ from tqdm.auto import tqdm
 
 from nvib.core.config import KNOBS
 from nvib.core.config import SUFFIX as KIND_SUFFIX
+from nvib.workflow.identity import changed_keys
 from nvib.workflow.objectives import TrialResult
 from nvib.workflow.settings import GRACE_PERIOD, HEARTBEAT_INTERVAL, SearchSpace
 from nvib.workflow.storage import StorageError, load_study, open_storage, safe_url
@@ -154,13 +155,13 @@ def _check_objective(study: optuna.Study, wanted: dict[str, Any], where: str) ->
     stored = study.user_attrs.get(OBJECTIVE_ATTR)
     if stored is None:
         return
-    for key in sorted(set(stored) | set(wanted), key=lambda k: (k != "metric", k)):  # a changed metric first
-        if stored.get(key) != wanted.get(key):
-            raise ObjectiveMismatchError(
-                f"the study {study.study_name!r} in {where} was created for {key}={stored.get(key)!r}, this run "
-                f"asks for {key}={wanted.get(key)!r}; its trials are not comparable. Fix: use a new study name "
-                "(search.study_name) or another run directory, or restore the original setting"
-            )
+    if changed := sorted(changed_keys(stored, wanted), key=lambda k: k != "metric"):  # a changed metric first
+        key = changed[0]
+        raise ObjectiveMismatchError(
+            f"the study {study.study_name!r} in {where} was created for {key}={stored.get(key)!r}, this run "
+            f"asks for {key}={wanted.get(key)!r}; its trials are not comparable. Fix: use a new study name "
+            "(search.study_name) or another run directory, or restore the original setting"
+        )
 
 
 def record_objective(study: optuna.Study, wanted: Mapping[str, Any], where: str) -> None:
