@@ -4,8 +4,9 @@ temperature tuned post hoc, every system through the product's trainer (`nvib.wo
 
     python benchmarks/ood/finetune_regularisers.py --stage select   # seed 0, every grid value: dev NLL, the choice
     python benchmarks/ood/finetune_regularisers.py --stage test     # seeds 3-7 at the chosen values, test + T
-    python benchmarks/ood/finetune_regularisers.py --stage test --seeds 3 5 7 --threads 1 &   # or the test stage
-    python benchmarks/ood/finetune_regularisers.py --stage test --seeds 4 6 --threads 1       # shared by 2 processes
+    python benchmarks/ood/finetune_regularisers.py --stage test --seeds 3 5 --threads 1 &   # or the test stage
+    python benchmarks/ood/finetune_regularisers.py --stage test --seeds 4 6 --threads 1     # shared by 2 processes
+    ... --stage test --seeds 7 --systems plain kl_g --threads 1     # (and l2sp feature_mean in the other)
     python benchmarks/ood/finetune_regularisers.py --stage table    # intervals, the table and the verdict
     python benchmarks/ood/finetune_regularisers.py                  # all three
     python benchmarks/ood/finetune_regularisers.py --score pairs.jsonl   # every saved final model on a JSONL file
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         help="test only these of the protocol's test seeds (to "
         "share the test stage between processes: give each its own seeds and --threads)",
     )
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, help="test only these systems (as --seeds)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     args = parser.parse_args(argv)
@@ -301,7 +303,8 @@ def test(ctx: Context) -> None:
     """The four systems at their chosen values on the test seeds, each scored with and without T."""
     for seed in ctx.seeds:
         for system, value in chosen_values(ctx).items():
-            test_scores(ctx, train_one(ctx, system, value, seed))
+            if system in (ctx.args.systems or SYSTEMS):
+                test_scores(ctx, train_one(ctx, system, value, seed))
 
 
 def score_file(ctx: Context, path: Path) -> None:
