@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> None:
         "--seeds",
         type=int,
         nargs="+",
-        help="test only these of the protocol's test seeds (to "
-        "share the test stage between processes: give each its own seeds and --threads)",
+        help="test only these of the protocol's test seeds (to share the test stage between processes: give each "
+        "its own seeds and --threads)",
     )
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, help="test only these systems (as --seeds)")
     parser.add_argument("--threads", type=int, default=2)

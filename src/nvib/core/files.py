@@ -13,6 +13,7 @@ import math
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,13 +32,16 @@ def _umask() -> int:
     return mask
 
 
-def usual_modes(directory: str | os.PathLike[str], since: float) -> None:
-    """Give the ``*.safetensors`` files modified in ``directory`` since ``since`` (a `time.time()`) that are 0600 the
-    mode of any new file (0666 less the umask): safetensors 0.8 writes through a temporary file it leaves at 0600
-    (safetensors issue 782), so a model saved with transformers would be readable by its writer only."""
+@contextlib.contextmanager
+def usual_modes(directory: str | os.PathLike[str]) -> Iterator[None]:
+    """Around a transformers ``save_pretrained`` into ``directory``: the ``*.safetensors`` files it wrote at 0600 get
+    the mode of any new file (0666 less the umask). safetensors 0.8 writes through a temporary file it leaves at 0600
+    (safetensors issue 782), so a saved model would be readable by its writer only."""
+    started = time.time() - 1  # file times may be coarser than time.time()
+    yield
     for path in Path(directory).glob("*.safetensors"):
         info = path.stat()
-        if info.st_mtime >= since and info.st_mode & 0o777 == 0o600:
+        if info.st_mtime >= started and info.st_mode & 0o777 == 0o600:
             os.chmod(path, 0o666 & ~_umask())
 
 

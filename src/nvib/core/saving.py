@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from torch import nn
@@ -27,9 +26,8 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None, **save_pretraine
     state = save_pretrained_kwargs.pop("state_dict", None)  # given (the Trainer's checkpoints): written as given
     if state is None:
         state = {k: v for k, v in model.state_dict().items() if not k.startswith(LAYERS + ".")}
-    started = time.time() - 1  # file times may be coarser than time.time()
-    type(model).save_pretrained(model, out, state_dict=state, **save_pretrained_kwargs)  # not the NV model's own
-    files.usual_modes(out, started)
+    with files.usual_modes(out):
+        type(model).save_pretrained(model, out, state_dict=state, **save_pretrained_kwargs)  # not the NV model's own
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     nv_state = {k: v.contiguous() for k, v in model._modules[LAYERS].state_dict().items()}

@@ -8,7 +8,6 @@ import inspect
 import json
 import math
 import shutil
-import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -398,10 +397,9 @@ def finetune(
     if convert:
         save(model, out, tokenizer=tokenizer)
     else:
-        started = time.time() - 1
-        model.save_pretrained(out)
+        with files.usual_modes(out):
+            model.save_pretrained(out)
         tokenizer.save_pretrained(out)
-        files.usual_modes(out, started)
     files.write_json(out / RUN_LOG, trainer.state.log_history)
     return model
 
