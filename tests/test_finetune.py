@@ -223,6 +223,26 @@ def test_kl_dirichlet_is_accurate_for_huge_pseudo_counts():
             assert float(got[b]) == pytest.approx(float(kl / K), rel=1e-9, abs=1e-9)
 
 
+def test_kl_terms_of_a_padded_batch_are_the_mean_of_its_examples_alone():
+    """Training batches carry the decoder's mask, so padded target positions enter no site's KL terms."""
+    nv = prepare_model(stock_model(BART))
+    feats, collate = tokenise(examples(4, seed=1), tiny_tokenizer(), "seq2seq", 64, 64), Collator(pad_id=1)
+    assert len({len(f["labels"]) for f in feats}) > 1  # the batch pads its targets
+    batch = collate(feats)
+    assert torch.equal(batch["decoder_attention_mask"].bool(), batch["labels"] != -100)
+
+    def terms(batch) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            nv.train()(**batch)
+        return {site: torch.stack(gd).double() for site, gd in nvib.kl_terms(nv).items()}
+
+    padded, alone = terms(batch), [terms(collate([f])) for f in feats]
+    for site, got in padded.items():
+        mean = sum(t[site] for t in alone) / len(alone)
+        assert torch.allclose(got, mean, rtol=1e-6), site
+
+
 def test_gradients_flow_through_gamma_sampling_into_alpha(tmp_path):
     """λ = 0: the task loss alone reaches alpha_* through the reparameterised Gamma draws of π."""
     knobs = nvib.NVConfig(alpha_tau_e=-5, alpha_tau_c=-5, alpha_tau_d=-5, stdev_tau_e=0.1, stdev_tau_c=0.1)

@@ -53,9 +53,10 @@ def tokenise(
             item = {"input_ids": batch["input_ids"][row, :n].tolist(), "attention_mask": [1] * n}
             if "labels" in batch:
                 labels = batch["labels"][row]
-                if kind == "seq2seq":
+                if kind == "seq2seq":  # the decoder's mask, so its NV sites' KL terms skip the padding
                     real = (labels != -100).nonzero()
                     n = int(real[-1]) + 1 if len(real) else 0
+                    item["decoder_attention_mask"] = [1] * n
                 item["labels"] = labels[:n].tolist()
             features.append(item)
     return features
@@ -63,12 +64,12 @@ def tokenise(
 
 @dataclasses.dataclass
 class Collator:
-    """Right-pads features: input_ids with the pad id, attention_mask with 0, labels with -100."""
+    """Right-pads features: input_ids with the pad id, the attention masks with 0, labels with -100."""
 
     pad_id: int
 
     def __call__(self, features: Sequence[Mapping[str, list[int]]]) -> dict[str, torch.Tensor]:
-        pads = {"input_ids": self.pad_id, "attention_mask": 0, "labels": -100}
+        pads = {"input_ids": self.pad_id, "attention_mask": 0, "decoder_attention_mask": 0, "labels": -100}
         out = {}
         for key in features[0]:
             width = max(len(f[key]) for f in features)
