@@ -4,7 +4,10 @@ citation of docs/method.md names a section that exists there."""
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -17,14 +20,19 @@ CITATION = re.compile(r"(?:docs/)?method\.md §(\d+)(?:[–-](\d+))?")
 LINK = re.compile(r"\]\(((?:\.\./)*(?:docs/)?method\.md)#([^)\s]+)\)")
 
 
-def tracked_text_files() -> dict[str, str]:
-    """Path -> text of every file git tracks in this checkout (binary files left out)."""
+def tracked_files() -> list[str]:
+    """Every path git tracks in this checkout (with those added but not committed)."""
     try:
         listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout: the tracked files are unknown")
+    return listed.stdout.splitlines()
+
+
+def tracked_text_files() -> dict[str, str]:
+    """Path -> text of every file git tracks in this checkout (binary files left out)."""
     files = {}
-    for name in listed.stdout.splitlines():
+    for name in tracked_files():
         path = ROOT / name
         try:
             files[name] = path.read_text(encoding="utf-8")
@@ -69,3 +77,19 @@ def test_every_cited_section_exists() -> None:
                 dead.append(f"{name}: {match.group(0)}")
     assert not missing, "no such section in docs/method.md:\n" + "\n".join(missing)
     assert not dead, "links that do not reach a section of docs/method.md:\n" + "\n".join(dead)
+
+
+def test_the_wheel_carries_the_docs_and_the_demo_data(tmp_path) -> None:
+    """A pip-installed nvib has its own account of the method (nvib/docs, a link to docs/ in the source tree).
+    Built from a copy of the tracked files, so that no earlier build's leftovers can stand in for them."""
+    source = tmp_path / "source"
+    for name in tracked_files():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, source / name, follow_symlinks=False)
+    build = "import sys; from setuptools import build_meta; print(build_meta.build_wheel(sys.argv[1]))"
+    done = subprocess.run([sys.executable, "-c", build, str(tmp_path)], cwd=source, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with zipfile.ZipFile(tmp_path / done.stdout.split()[-1]) as wheel:
+        for doc in sorted((ROOT / "docs").glob("*.md")):
+            assert wheel.read(f"nvib/docs/{doc.name}") == doc.read_bytes(), doc.name
+        assert "nvib/demo_data/demo.yaml" in wheel.namelist()

@@ -201,9 +201,9 @@ def finetune_cmd(
     Checkpoints go to OUTPUT_DIR/checkpoints every --save-steps steps: rerunning the same command after an
     interruption resumes from the last one (--no-resume deletes them and starts over).
 
-    Measured (benchmarks/RESULTS.md, "finetune regularisers": a fine-tuned summariser, 100 more steps, five
-    seeds): --lambda-g 0.003 --lambda-d 0 beat plain fine-tuning out of domain by 0.009-0.016 nats/token, a
-    temperature tuned afterwards did as much, and --no-nv --l2-sp 0.1 did more (0.018-0.028, in domain too).
+    Measured (the README's Fine-tuning section: a fine-tuned summariser, 100 more steps, five seeds):
+    --lambda-g 0.003 --lambda-d 0 beat plain fine-tuning out of domain by 0.009-0.016 nats/token, a temperature
+    tuned afterwards did as much, and --no-nv --l2-sp 0.1 did more (0.018-0.028, in domain too).
     """
     import transformers as tf
 
